@@ -133,3 +133,32 @@ def test_cli_rejects_bad_options(tmp_path):
     assert e.value.code == 2
     with pytest.raises(SystemExit):
         eval_cli.main(["eval", "--model", "tiny-random", "--tasks", "nope", "--out", str(tmp_path)])
+
+
+def test_shards_partition_the_cases(tiny, tmp_path):
+    model, tok = tiny
+    cases = {}
+    for k in range(3):
+        config = EvalConfig(tasks=OFFLINE_TASKS, lengths=[LENGTH], methods=["full"], out_dir=tmp_path, shard=(k, 3))
+        cases[k] = [c.case_id for c in Runner(model, tok, config, log=lambda m: None).cases()]
+    everything = Runner(model, tok, EvalConfig(tasks=OFFLINE_TASKS, lengths=[LENGTH], methods=["full"],
+                                               out_dir=tmp_path), log=lambda m: None).cases()
+    assert sorted(sum(cases.values(), [])) == sorted(c.case_id for c in everything)
+    assert all(cases[k] for k in cases) and not set(cases[0]) & set(cases[1])
+    with pytest.raises(ValueError, match="shard"):
+        EvalConfig(tasks=OFFLINE_TASKS, lengths=[LENGTH], methods=["full"], out_dir=tmp_path, shard=(3, 3))
+
+
+def test_merging_shards_keeps_one_row_per_case_and_prefers_ok_rows(tmp_path):
+    from zipkv.eval.workers import merge
+
+    shards = [tmp_path / "shards" / str(k) for k in range(2)]
+    ResultStore(shards[0]).append({"key": "a", "status": "ok", "score": 1.0})
+    ResultStore(shards[0]).append({"key": "b", "status": "error", "score": None})
+    ResultStore(shards[1]).append({"key": "b", "status": "ok", "score": 0.5})
+    ResultStore(shards[1]).append({"key": "c", "status": "ok", "score": 0.0})
+    rows = merge(tmp_path, shards)
+    assert {r["key"]: r["score"] for r in rows} == {"a": 1.0, "b": 0.5, "c": 0.0}
+    merge(tmp_path, shards)  # a rerun adds nothing
+    assert len(ResultStore(tmp_path).rows()) == 4  # a, b (error), b (ok), c
+    assert {r["key"]: r["status"] for r in ResultStore(tmp_path).latest()}["b"] == "ok"

@@ -132,11 +132,16 @@ class EvictingLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.logical_length
 
-    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        if isinstance(query_length, torch.Tensor):  # transformers < 5.4 passes cache_position
+            query_length = query_length.shape[0]
         held = self.physical_length()
         return held + query_length, self.logical_length - held
 
     def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # abstract in transformers < 5.3
         return -1
 
     def reset(self) -> None:

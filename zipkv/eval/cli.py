@@ -47,6 +47,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="model dtype (default: float32 on cpu, float16 on cuda)")
     p.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes sharing the device, each a shard of the cases (default: 1); "
+                   "their rows are merged into OUT/results.jsonl")
+    p.add_argument("--shard", default=None, help=argparse.SUPPRESS)  # k/n: set by --workers for each worker
     p.add_argument("--list", action="store_true", help="list tasks and groups, then exit")
     return p
 
@@ -84,6 +88,16 @@ def _load(args):
     return (model, tokenizer), name
 
 
+def _parse_shard(text):
+    if text is None:
+        return (0, 1)
+    try:
+        k, n = (int(x) for x in str(text).split("/"))
+    except ValueError:
+        raise ValueError(f"shard must look like k/n, got {text!r}") from None
+    return (k, n)
+
+
 def run(args) -> int:
     if args.list:
         _list_tasks()
@@ -91,7 +105,6 @@ def run(args) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from . import plots, summary
     from .methods import MethodSpec
     from .runner import EvalConfig, Runner
     from .sources import DataSourceMissing
@@ -105,17 +118,30 @@ def run(args) -> int:
             tasks=args.tasks, lengths=args.lengths, methods=specs, out_dir=out, seed=args.seed,
             modes=list(dict.fromkeys(args.modes)), count=args.count,
             depths=tuple(args.depths) if args.depths else DEFAULT_DEPTHS, model_name=_model_tag(args.model),
+            shard=_parse_shard(args.shard),
         )
+        if args.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {args.workers}")
         if args.threads is not None:
             if args.threads < 1:
                 raise ValueError(f"threads must be >= 1, got {args.threads}")
             import torch
 
             torch.set_num_threads(args.threads)
-        (model, tokenizer), config.model_name = _load(args)
+        if args.workers == 1:
+            (model, tokenizer), config.model_name = _load(args)
     except ValueError as e:
         args.parser.error(str(e))
         return 2
+    if args.workers > 1:
+        from .workers import run_workers
+
+        try:
+            rows, status = run_workers(args, out, console)
+        except KeyboardInterrupt:
+            console.print(f"interrupted: finished cases are in {out / 'shards'}; rerun the same command to resume")
+            return 130
+        return _report(args, rows, out, status, console)
 
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
@@ -138,7 +164,14 @@ def run(args) -> int:
         return 2
     from .results import ResultStore
 
-    rows = rows or ResultStore(out).latest()
+    return _report(args, rows or ResultStore(out).latest(), out, status, console)
+
+
+def _report(args, rows, out, status, console) -> int:
+    from rich.console import Console
+
+    from . import plots, summary
+
     if not rows:
         console.print("no results yet")
         return status

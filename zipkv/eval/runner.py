@@ -31,8 +31,12 @@ class EvalConfig:
     count: int | None = None  # cases per (task, length); None = each task's default
     depths: tuple[float, ...] = DEFAULT_DEPTHS
     model_name: str = "unknown"
+    shard: tuple[int, int] = (0, 1)  # (k, n): this process runs the cases whose index % n == k
 
     def __post_init__(self) -> None:
+        k, n = self.shard
+        if n < 1 or not 0 <= k < n:
+            raise ValueError(f"shard must be k/n with n >= 1 and 0 <= k < n, got {k}/{n}")
         self.tasks = expand(self.tasks)
         self.out_dir = Path(self.out_dir)
         if not self.lengths or any(int(n) < 64 for n in self.lengths):
@@ -93,7 +97,8 @@ class Runner:
         for task in self.config.tasks:
             for length in self.config.lengths:
                 out += TASKS[task].cases(self.tokenizer, length, self.config.seed, self.config.count, self.config.depths)
-        return out
+        k, n = self.config.shard
+        return [case for i, case in enumerate(out) if i % n == k]
 
     def _modes(self, case: Case) -> list[str]:
         return [MODE_AFTER] if case.kind == KIND_LM else list(self.config.modes)
