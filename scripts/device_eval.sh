@@ -33,7 +33,7 @@ case $step in
     python3 -c "import transformers, torch; print('transformers', transformers.__version__, 'torch', torch.__version__, torch.cuda.get_device_name())"
     python3 -c "from zipkv.models import load_default_model; load_default_model(device='cuda')" > /dev/null
     status=0
-    timeout "${LIMIT:-540}" python3 -m zipkv.eval.cli eval --out "$W/$name" "$@" || status=$?
+    timeout -s INT -k 30 "${LIMIT:-540}" python3 -m zipkv.eval.cli eval --out "$W/$name" "$@" || status=$?
     echo "eval exit status: $status"
     tar czf "$OUT/$name.tgz" -C $W "$name"
     ;;

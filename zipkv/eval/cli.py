@@ -136,11 +136,7 @@ def run(args) -> int:
     if args.workers > 1:
         from .workers import run_workers
 
-        try:
-            rows, status = run_workers(args, out, console)
-        except KeyboardInterrupt:
-            console.print(f"interrupted: finished cases are in {out / 'shards'}; rerun the same command to resume")
-            return 130
+        rows, status = run_workers(args, out, console)
         return _report(args, rows, out, status, console)
 
     progress = Progress(

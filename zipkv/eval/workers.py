@@ -63,17 +63,20 @@ def run_workers(args, out: Path, console) -> tuple[list[dict[str, Any]], int]:
                 running = sum(p.poll() is None for p, _ in procs)
                 progress.update(bar, description=f"eval: {rows} rows written, {running}/{n} workers running")
                 time.sleep(2.0)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C or `timeout -s INT`: stop the shards, keep what they finished
         for p, _ in procs:
             p.terminate()
-        raise
+        console.print("interrupted: merging the finished cases; rerun the same command to resume")
+        interrupted = True
+    else:
+        interrupted = False
     finally:
         for p, log in procs:
             p.wait()
             log.close()
-    status = 0
+    status = 130 if interrupted else 0
     for k, (p, _) in enumerate(procs):
-        if p.returncode != 0:
+        if p.returncode != 0 and not interrupted:
             console.print(f"worker {k} exited with {p.returncode}: see {folders[k] / 'log.txt'}")
             status = status or p.returncode
     return merge(out, folders), status
