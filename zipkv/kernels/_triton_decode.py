@@ -521,7 +521,21 @@ def _fp_split(
     tl.store(po_ptr + (row0 + offs_m)[:, None] * D + offs_d[None, :], acc / l_safe[:, None], mask=row_valid[:, None])
 
 
-@triton.jit
+# Arguments that change from one decode step to the next (token counts, split sizes, the
+# batch/head strides of tensors that grow by a token per step, the mask's row strides).
+# Triton specializes int arguments on "== 1" and "% 16 == 0" by default, so each of these
+# flipping would compile a new kernel variant while decoding (seconds per step until every
+# combination is cached). Row strides within one token (codes width, D) stay specialized.
+_PER_STEP_ARGS = [
+    "sqb", "sqh", "a_skc_b", "a_skc_h", "a_sks_b", "a_sks_h", "a_svc_b", "a_svc_h", "a_svs_b", "a_svs_h",
+    "a_svch_b", "a_svch_h", "c_skc_b", "c_skc_h", "c_sks_b", "c_sks_h", "c_svc_b", "c_svc_h", "c_svs_b",
+    "c_svs_h", "c_svch_b", "c_svch_h", "f_sk_b", "f_sk_h", "f_sv_b", "f_sv_h", "smb", "smt",
+    "NA", "NC", "NF", "GA", "GC", "TSA", "TSC", "TSF", "SA", "SC", "OFFA", "OFFC", "OFFF", "part_base",
+    "nt_total", "S_total",
+]
+
+
+@triton.jit(do_not_specialize=_PER_STEP_ARGS)
 def _decode_kernel(
     q_ptr, sqb, sqh, sqt, qk_scale,
     a_kc, a_skc_b, a_skc_h, a_skc_n, a_ks, a_km, a_sks_b, a_sks_h, a_sks_g, a_tg,
@@ -571,7 +585,7 @@ def _decode_kernel(
                       R, TQ, M, J, D, BLOCK_NF, MASK_KIND, MASK_ROWS, CAUSAL, F32_DOT)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["E"])
 def _merge_kernel(po_ptr, pl_ptr, out_ptr, sob, soh, sot, E, H,
                   R: tl.constexpr, TQ: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr):
     """out row = log-sum-exp merge of its E partials (splits x streams)."""

@@ -45,7 +45,8 @@ class KvpressMethod(Method):
             kvpress = importlib.import_module("kvpress")
         except ImportError as e:
             raise MethodUnavailable(
-                "kvpress is not installed; it needs transformers < 5.3 (see zipkv/eval/methods/kvpress_method.py)"
+                f"kvpress cannot be imported ({type(e).__name__}: {e}); it needs transformers < 5.3 "
+                "(see zipkv/eval/methods/kvpress_method.py)"
             ) from e
         params = dict(spec.params)
         inner = params.pop("press", None)

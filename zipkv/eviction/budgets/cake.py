@@ -104,7 +104,8 @@ class CakeCascade:
     def add_layer(self, preference) -> Tensor:
         if len(self._preferences) == self.num_layers:
             raise ValueError(f"all {self.num_layers} layers were already added")
-        self._preferences.append(torch.as_tensor(preference, dtype=torch.float64).reshape(-1))
+        # host-side bookkeeping (a few numbers per layer): preferences computed on the GPU come here
+        self._preferences.append(torch.as_tensor(preference).detach().to("cpu", torch.float64).reshape(-1))
         prefs = torch.stack(torch.broadcast_tensors(*self._preferences), dim=-1)  # [B or 1, l]
         prefs = prefs.expand(max(prefs.shape[0], self.cap.shape[0]), -1)
         budgets = cake_allocate(prefs, self.total, self.cap) + self.window
