@@ -38,6 +38,17 @@ METHODS = {
     "zipcache-K8-V4/2": ("zipcache", {"high_bits": 8, "low_bits": 8, "high_value_bits": 4, "low_value_bits": 2}),
     "zipcache-4/2-keygroups32": ("zipcache", {"key_group_size": 32}),
     "zipcache-K4-V2": ("zipcache", {"high_bits": 4, "low_bits": 4, "high_value_bits": 2, "low_value_bits": 2}),
+    # MiniCache: cross-layer merging from the middle layer on (t = 0.6, 5% retained), shared
+    # directions fp16 or 4-bit
+    "minicache": ("minicache", {}),
+    "minicache-dir4": ("minicache", {"direction_bits": 4}),
+    # how far merging carries on the embedded model: nothing merged (must equal full), only
+    # the last pair of layers, half of each pair's tokens retained
+    "minicache-retain100": ("minicache", {"retain_ratio": 1.0}),
+    "minicache-last-pair": ("minicache", {"start_layer": 28}),
+    "minicache-from20": ("minicache", {"start_layer": 20}),
+    "minicache-from24": ("minicache", {"start_layer": 24}),
+    "minicache-retain50": ("minicache", {"retain_ratio": 0.5}),
 }
 DEFAULT_METHODS = "full,zipcache-4/2,zipcache-4/2-sinks4,kivi-2,uniform-2"
 _RECORDED = {}
@@ -67,7 +78,8 @@ def fill_cache(cache, recorded):
     for idx, (query, key, value, mask, scaling) in recorded.items():
         layer = cache.layers[idx]
         layer.update(key, value)
-        if layer.settings.lossless:
+        settings = getattr(layer, "settings", None)
+        if settings is None or settings.lossless:  # MiniCache needs no queries: update is all
             continue
         if layer.settings.needs_queries:
             layer.observe(query, mask, scaling)
@@ -116,7 +128,7 @@ def main(argv=None):
                 end_stats = cache.stats()
                 rows.append(dict(
                     length=length, tokens=full.shape[1], depth=case.depth, key=case.answers[0], method=name,
-                    params=dict(zipkv.PRESETS[method], **params), answer=answer,
+                    params=dict(zipkv.PRESETS.get(method, {}), **params), answer=answer,
                     correct=case.answers[0] in answer,
                     context_bytes=context_stats.bytes_held, context_fp16_bytes=context_stats.fp16_bytes,
                     context_ratio=context_stats.ratio, end_bytes=end_stats.bytes_held,

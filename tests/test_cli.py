@@ -23,7 +23,8 @@ SENTENCES = [
 PROMPT = "the cat sat on the mat and the dog ran in the park"
 GENERATE_OPTIONS = [
     "--method", "--high-bits", "--low-bits", "--bits", "--salient-ratio", "--residual-length",
-    "--seed", "--max-new-tokens", "--model", "--dtype", "--device", "--chat", "--no-chat", "--json",
+    "--start-layer", "--retain-ratio", "--seed", "--max-new-tokens", "--model", "--dtype", "--device", "--chat",
+    "--no-chat", "--json",
 ]
 
 
@@ -104,6 +105,8 @@ def test_top_level_help_lists_generate(capsys):
     (["generate", "hi", "--dtype", "float64"], "invalid choice: 'float64'"),
     (["generate", "hi", "--device", "tpu"], "invalid choice: 'tpu'"),
     (["generate", "hi", "--bits", "4"], "--bits does not apply to --method zipcache"),
+    (["generate", "hi", "--retain-ratio", "1.5"], "--retain-ratio: must be a number in [0, 1]"),
+    (["generate", "hi", "--start-layer", "2"], "--start-layer does not apply to --method zipcache"),
     (["generate", "hi", "--method", "full", "--high-bits", "4"], "--high-bits does not apply to --method full"),
     (["generate", "hi", "--method", "kivi", "--salient-ratio", "0.5"], "--salient-ratio does not apply to --method kivi"),
     (["generate", "hi", "--model", "no/such/model"], "does not exist"),
@@ -210,6 +213,7 @@ def test_generate_full_matches_plain_greedy_decoding(tiny_model_dir, capsys):
     ("zipcache", ["--high-bits", "4", "--low-bits", "2", "--salient-ratio", "0.5"]),
     ("kivi", ["--bits", "2", "--residual-length", "4"]),
     ("uniform", ["--bits", "4"]),
+    ("minicache", ["--start-layer", "0", "--retain-ratio", "0.1"]),
 ])
 def test_generate_compressed_methods_hold_fewer_bytes(tiny_model_dir, capsys, method, extra):
     status, out, _ = run_cli(

@@ -29,7 +29,7 @@ import time
 # Subcommands owned by other rooms, imported only if present.
 SUBCOMMAND_MODULES = ("zipkv.eval.cli", "zipkv.kernels.bench_cli")
 
-METHODS = ("zipcache", "zipkv", "kivi", "full", "uniform")
+METHODS = ("zipcache", "zipkv", "kivi", "full", "uniform", "minicache")
 BIT_WIDTHS = (2, 4, 8)
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 DEVICES = ("cpu", "cuda")
@@ -43,6 +43,7 @@ METHOD_OPTIONS = {
     "uniform": ("bits", "residual_length"),
     "zipkv": ("residual_length",),
     "full": (),
+    "minicache": ("start_layer", "retain_ratio"),
 }
 
 
@@ -191,6 +192,14 @@ class GenerateCommand:
             "--residual-length", type=_int_at_least(0), metavar="N",
             help="zipcache, kivi, uniform: newest tokens always kept in fp16 "
                  "(preset: kivi 128, zipcache and uniform 0)",
+        )
+        cache.add_argument(
+            "--start-layer", type=_int_at_least(0), metavar="N",
+            help="minicache: first layer of the first merged layer pair (preset: the middle layer)",
+        )
+        cache.add_argument(
+            "--retain-ratio", type=_fraction, metavar="[0-1]",
+            help="minicache: fraction of prompt tokens kept unmerged in each pair (preset 0.05)",
         )
         cache.add_argument(
             "--seed", type=int, metavar="N",

@@ -1,9 +1,12 @@
-"""Named presets: `make_cache("zipcache" | "kivi" | "uniform" | "full", config, **overrides)`."""
+"""Named presets: `make_cache("zipcache" | "kivi" | "uniform" | "full" | "minicache", config, **overrides)`."""
 
 from __future__ import annotations
 
 from .cache import ZipCache
 from .cache.cache import head_dim
+from .cache.minicache import MiniCache
+
+MINICACHE = "minicache"  # cross-layer merging: its own cache class, not a CompressionConfig preset
 
 # Each preset is a set of CompressionConfig defaults; keyword arguments override them.
 PRESETS: dict[str, dict] = {
@@ -35,13 +38,16 @@ def make_cache(method: str, config, **params):
 
     Quantizing presets (PRESETS) give a ZipCache; eviction methods (StreamingLLM, H2O,
     SnapKV, PyramidKV, AdaKV, CAKE, ZipVL, ...: zipkv.eviction_cache) an EvictionCache and
-    take `budget=` (tokens) or `ratio=` (fraction kept)."""
+    take `budget=` (tokens) or `ratio=` (fraction kept); "minicache" a MiniCache (cross-layer
+    merging; `start_layer=`, `t=`, `retain_ratio=`, `direction_bits=`)."""
     from .eviction_cache import EVICTION_METHODS, make_eviction_cache
 
+    if method == MINICACHE:
+        return MiniCache(config, **params)
     if method in EVICTION_METHODS and method != "full":
         return make_eviction_cache(method, config, **params)
     if method not in PRESETS:
-        known = sorted(set(PRESETS) | set(EVICTION_METHODS))
+        known = sorted(set(PRESETS) | set(EVICTION_METHODS) | {MINICACHE})
         raise ValueError(f"method must be one of {known} (got {method!r})")
     settings = dict(PRESETS[method])
     bits = params.pop("bits", None)

@@ -45,3 +45,21 @@ class CacheStats:
 def fp16_equivalent(tokens: int, batch: int, heads: int, head_dim: int) -> int:
     """Bytes of keys + values for `tokens` tokens in fp16."""
     return 2 * tokens * batch * heads * head_dim * torch.finfo(torch.float16).bits // 8
+
+
+def layer_stats(layers) -> CacheStats:
+    """CacheStats of a list of cache layers: zipkv layers report their `held_tensors()`
+    (a tensor shared by several layers is listed by one of them only); transformers' own
+    layers (sliding windows) hold their keys and values."""
+    stats = CacheStats()
+    for layer in layers:
+        shape = layer.keys.shape if layer.is_initialized and getattr(layer.keys, "dim", lambda: 0)() == 4 else None
+        if hasattr(layer, "held_tensors"):
+            held, tokens = tensor_bytes(layer.held_tensors()), layer.get_seq_length()
+        else:
+            held = tensor_bytes([layer.keys, layer.values]) if shape else 0
+            tokens = shape[2] if shape else 0
+        stats.tokens_per_layer.append(tokens)
+        stats.bytes_per_layer.append(held)
+        stats.fp16_bytes_per_layer.append(fp16_equivalent(tokens, shape[0], shape[1], shape[3]) if shape else 0)
+    return stats
