@@ -22,6 +22,12 @@ and ZipVL in section 1):
 | zipvl_v2 | tau-important tokens high-bit, the rest evicted (cap: budget/ratio) | prefill + every 100 tokens |
 | three_tier | top high_ratio high-bit, next low_ratio low-bit, rest evicted; or a byte budget | prefill + every 100 tokens |
 | mikv | top `ratio` in fp16, every other token low-bit (2) | prefill + every 100 tokens |
+
+ZipVL's sparse prefill (zipvl and zipvl_v2 only, default off):
+
+| option | what it does |
+|---|---|
+| sparse_prefill=True | each layer's prompt attention runs on its important set T only, O = Attn(Q[T], K[T], V[T]) causal: the tau rule's tokens plus the recent probes and the last token; rows outside T get a zero attention output (residual and MLP still run). Decoding is unchanged. `cache.sparse_prefill_report()` (and `stats().sparse_prefill`) gives the kept fraction per layer and the attention FLOPs done vs dense. A live prefill only: it cannot be built from a recorded dense prefill. |
 """
 
 from __future__ import annotations
@@ -50,8 +56,8 @@ METHODS: dict[str, tuple[dict, tuple[str, ...]]] = {
              ("window", "kernel_size", "gamma", "tau1", "tau2")),
     "defensive_kv": (dict(window=32, kernel_size=5), ("window", "kernel_size")),
     "key_norm": ({}, ()),
-    "zipvl": (dict(tau=0.97, high_bits=4, low_bits=2), TIER_PARAMS + QUANT_PARAMS),
-    "zipvl_v2": (dict(tau=0.97, high_bits=4, low_bits=2), TIER_PARAMS + QUANT_PARAMS),
+    "zipvl": (dict(tau=0.97, high_bits=4, low_bits=2), TIER_PARAMS + QUANT_PARAMS + ("sparse_prefill",)),
+    "zipvl_v2": (dict(tau=0.97, high_bits=4, low_bits=2), TIER_PARAMS + QUANT_PARAMS + ("sparse_prefill",)),
     "three_tier": (dict(scorer="snapkv", window=32, kernel_size=7, pooling="max", high_bits=4, low_bits=2),
                    ("scorer", "high_ratio", "low_ratio", "byte_ratio", "high_share") + SCORER_PARAMS
                    + TIER_PARAMS + QUANT_PARAMS),
@@ -73,6 +79,9 @@ def make_eviction_cache(method: str, config, *, budget: int | None = None, ratio
     if method not in METHODS:
         raise ValueError(f"method must be one of {sorted(METHODS)} (got {method!r})")
     defaults, accepted = METHODS[method]
+    if "sparse_prefill" in params and "sparse_prefill" not in accepted:
+        raise ValueError(f"sparse_prefill needs ZipVL's important set (the tau rule); {method} has none: "
+                         "use zipvl or zipvl_v2")
     unknown = sorted(set(params) - set(accepted))
     if unknown:
         raise ValueError(f"{method} does not take {unknown}; it accepts {sorted(accepted)} plus budget / ratio")
@@ -105,6 +114,7 @@ def _tiered(method, config, budget, ratio, p):
     quant = CompressionConfig(**{k: p[k] for k in QUANT_PARAMS if k in p}, saliency="none")
     tier = {k: p[k] for k in TIER_PARAMS if k in p}
     if method in ("zipvl", "zipvl_v2"):
+        tier["sparse_prefill"] = p.get("sparse_prefill", False)
         if method == "zipvl" and (budget is not None or ratio is not None):
             raise ValueError("zipvl (v1) keeps every token (important ones high-bit); budget/ratio apply to zipvl_v2")
         layout = "zipvl_v1" if method == "zipvl" else "zipvl_v2"

@@ -46,6 +46,9 @@ def make_cache(method: str, config, **params):
         return MiniCache(config, **params)
     if method in EVICTION_METHODS and method != "full":
         return make_eviction_cache(method, config, **params)
+    if "sparse_prefill" in params:
+        raise ValueError(f"sparse_prefill needs ZipVL's important set (the tau rule); {method} has none: "
+                         "use zipvl or zipvl_v2")
     if method not in PRESETS:
         known = sorted(set(PRESETS) | set(EVICTION_METHODS) | {MINICACHE})
         raise ValueError(f"method must be one of {known} (got {method!r})")

@@ -20,7 +20,7 @@ from transformers.cache_utils import Cache
 
 from .cache import checked_layer_types, sliding_layer
 from ..attention import enable_zipkv_attention
-from .eviction_layer import EvictingLayer
+from .eviction_layer import EvictingLayer, SparsePrefillRecord
 from .eviction_policies import KeepPolicy
 from .stats import CacheStats, fp16_equivalent, tensor_bytes
 
@@ -34,19 +34,73 @@ class EvictionStats(CacheStats):
     kept_token_heads_per_layer is exact; token_bytes_per_layer is the kept tokens' storage
     alone (keys and values, or codes and quantization parameters), without layout offsets and
     scoring bookkeeping; peak_bytes is the most the cache held at any point (after a layer's
-    update, i.e. with that layer's new tokens not yet evicted)."""
+    update, i.e. with that layer's new tokens not yet evicted); sparse_prefill: what a ZipVL
+    sparse prefill kept and the attention FLOPs it did (see SparsePrefillReport), else None."""
 
     method: str = ""
     logical_tokens_per_layer: list[int] = field(default_factory=list)
     kept_token_heads_per_layer: list[int] = field(default_factory=list)
     token_bytes_per_layer: list[int] = field(default_factory=list)
     peak_bytes: int = 0
+    sparse_prefill: dict | None = None  # SparsePrefillReport.to_dict() of a ZipVL sparse prefill
 
     @property
     def kept_fraction(self) -> float:
         """Held (token, head) pairs / logical ones, over the evicting layers."""
         logical = sum(self.logical_tokens_per_layer)
         return sum(self.kept_token_heads_per_layer) / logical if logical else 1.0
+
+
+@dataclass
+class SparsePrefillReport:
+    """ZipVL sparse prefill, per layer and in total: the kept (important) fraction of the
+    prompt's real tokens and the attention FLOPs done vs dense causal attention over the
+    same real tokens (SparsePrefillRecord says how they are counted). flop_saving leaves
+    the probe attention out (ZipVL computes it for the cache with or without sparse
+    prefill); flop_saving_with_probes counts it against the sparse side."""
+
+    layers: list[SparsePrefillRecord]
+
+    @property
+    def kept_fraction_per_layer(self) -> list[float]:
+        return [r.kept_fraction for r in self.layers]
+
+    @property
+    def kept_fraction(self) -> float:
+        """Kept tokens / real tokens, over every layer and row."""
+        real = sum(sum(r.real) for r in self.layers)
+        return sum(sum(r.kept) for r in self.layers) / real if real else 1.0
+
+    @property
+    def dense_flops(self) -> int:
+        return sum(r.dense_flops for r in self.layers)
+
+    @property
+    def sparse_flops(self) -> int:
+        return sum(r.sparse_flops for r in self.layers)
+
+    @property
+    def probe_flops(self) -> int:
+        return sum(r.probe_flops for r in self.layers)
+
+    @property
+    def flop_saving(self) -> float:
+        return 1.0 - self.sparse_flops / self.dense_flops if self.dense_flops else 0.0
+
+    @property
+    def flop_saving_with_probes(self) -> float:
+        return 1.0 - (self.sparse_flops + self.probe_flops) / self.dense_flops if self.dense_flops else 0.0
+
+    def to_dict(self) -> dict:
+        return dict(kept_fraction=self.kept_fraction, kept_fraction_per_layer=self.kept_fraction_per_layer,
+                    dense_flops=self.dense_flops, sparse_flops=self.sparse_flops, probe_flops=self.probe_flops,
+                    flop_saving=self.flop_saving, flop_saving_with_probes=self.flop_saving_with_probes,
+                    layers=[r.to_dict() for r in self.layers])
+
+    def __str__(self) -> str:
+        return (f"sparse prefill over {len(self.layers)} layers: kept {100 * self.kept_fraction:.1f}% of the prompt "
+                f"tokens, attention FLOPs {0.0 - 100 * self.flop_saving:+.1f}% vs dense causal "
+                f"({0.0 - 100 * self.flop_saving_with_probes:+.1f}% counting the probe attention)")
 
 
 @dataclass
@@ -101,8 +155,17 @@ class EvictionCache(Cache):
     def note_bytes(self) -> None:
         self.peak_bytes = max(self.peak_bytes, self.bytes_held())
 
+    def sparse_prefill_report(self) -> SparsePrefillReport | None:
+        """What ZipVL's sparse prefill kept and saved per layer (None if this cache did not
+        prefill sparsely), e.g. print(cache.sparse_prefill_report())."""
+        records = [layer.sparse_prefill_record for layer in self.evicting_layers()
+                   if layer.sparse_prefill_record is not None]
+        return SparsePrefillReport(records) if records else None
+
     def stats(self) -> EvictionStats:
-        stats = EvictionStats(method=self.method, peak_bytes=self.peak_bytes)
+        report = self.sparse_prefill_report()
+        stats = EvictionStats(method=self.method, peak_bytes=self.peak_bytes,
+                              sparse_prefill=report.to_dict() if report is not None else None)
         for layer in self.layers:
             if isinstance(layer, EvictingLayer):
                 init = layer.is_initialized

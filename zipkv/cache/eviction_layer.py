@@ -21,6 +21,8 @@ queries after every forward through `observe`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 from transformers.cache_utils import CacheLayerMixin
@@ -47,6 +49,8 @@ class EvictingLayer(CacheLayerMixin):
         self.keep_model_dtype = keep_model_dtype
         self.owner = None  # the cache, told after each update (peak-memory tracking)
         self.memo = None  # while built from a recorded prefill: that record's shared results
+        self.prefill_selection = None  # ZipVL sparse prefill: the selection, from before attention to after
+        self.sparse_prefill_record = None  # SparsePrefillRecord of the sparse prompt forward
         self.parts: list = []
         self.recent_keys = self.recent_values = self.recent_real = None
         # per recent token: summed attention of later queries [B, H, r] and how many saw it [B, 1, r]
@@ -209,6 +213,10 @@ class EvictingLayer(CacheLayerMixin):
         before anything is dropped, so a prefill is exact), then the policy scores and evicts."""
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         mask = self.attention_mask(attention_mask, query.shape[2])  # bool [B, 1 or Hkv, q, K]
+        if self.forwards == 0 and self.policy.sparse_prefill:
+            output = self._sparse_prefill(query, key, value, scaling)
+            self.observe(query, scaling)
+            return output.transpose(1, 2).contiguous(), None
         groups = query.shape[1] // key.shape[1]
         output = F.scaled_dot_product_attention(
             query, repeat_heads(key, groups), repeat_heads(value, groups),
@@ -217,6 +225,29 @@ class EvictingLayer(CacheLayerMixin):
         )
         self.observe(query, scaling)
         return output.transpose(1, 2).contiguous(), None
+
+    def _sparse_prefill(self, query, key, value, scaling) -> torch.Tensor:
+        """ZipVL sparse prefill of the prompt (the layer's first forward): the policy selects
+        the important set T of each row from the probe queries BEFORE attention, then
+        attention is computed only for the query rows in T over the keys in T, causal:
+        O = Attn(Q[T], K[T], V[T]). Rows not in T get an output of exactly zero (their
+        attention is skipped; their hidden states still go through the residual and the MLP).
+        Rows of a left-padded batch keep different counts: their index lists are padded at
+        the end, which the kept-order causal mask hides from every real row
+        (kernels.sparse_prefill.sparse_prefill_scatter). Returns [B, Hq, q, D]."""
+        from ..kernels.sparse_prefill import pad_keep_indices, sparse_prefill_scatter
+
+        if key.shape[2] != query.shape[2]:
+            raise RuntimeError("sparse prefill runs on a layer's first forward, which holds no earlier tokens")
+        important = self.policy.sparse_prefill_plan(self, query, scaling)  # bool [B, q]
+        keep_idx, counts = pad_keep_indices(important)
+        output = sparse_prefill_scatter(query, key, value, keep_idx, counts, scale=scaling)
+        probes = len(self.prefill_selection.positions) if self.prefill_selection is not None else 0
+        self.sparse_prefill_record = SparsePrefillRecord(
+            layer_idx=self.layer_idx, kept=counts.tolist(), real=self.recent_real.sum(1).tolist(),
+            query_heads=query.shape[1], head_dim=query.shape[3], width=query.shape[2], probes=probes,
+            important=important)
+        return output
 
     def observe(self, query: torch.Tensor, scaling: float) -> None:
         """After attention: the policy scores with the queries and evicts what is due."""
@@ -232,6 +263,12 @@ class EvictingLayer(CacheLayerMixin):
         """Feed one forward's states recorded elsewhere (keys/values [B, H, q, D] after RoPE,
         query [B, Hq, q, D], real [B, q] padding flags): the same path as a live forward, minus
         computing the attention output."""
+        if self.policy.sparse_prefill:
+            raise ValueError(
+                "sparse prefill changes the prompt forward itself (rows outside the important set get no "
+                "attention), so it cannot be built from states recorded by a dense prefill: run the model "
+                "on the prompt with this cache instead"
+            )
         self.update(keys, values)
         forget(self)
         self.attention_mask(None, keys.shape[2], new_real=real.to(torch.bool))
@@ -279,6 +316,51 @@ class EvictingLayer(CacheLayerMixin):
         return sum(part.token_bytes() for part in self.parts) + tensor_bytes([self.recent_keys, self.recent_values])
 
 
+@dataclass
+class SparsePrefillRecord:
+    """What one layer's sparse prefill did. Attention FLOPs count the two matrix products
+    (Q K^T and P V, 2 FLOPs per multiply-add, softmax left out) of causal attention: a row of
+    n tokens costs 2 * Hq * D * n * (n + 1) (query i sees i keys, 4 * D FLOPs each per head).
+    dense: over each row's real tokens; sparse: over its kept tokens (the batched path also
+    computes the end padding up to the longest row, whose outputs are thrown away; not
+    counted); probe: the probe queries against every key (Q K^T only, 2 * Hq * D * P * S
+    per row), which ZipVL computes with or without sparse prefill."""
+
+    layer_idx: int
+    kept: list  # kept (important) tokens per row
+    real: list  # real (not padding) prompt tokens per row
+    query_heads: int
+    head_dim: int
+    width: int  # prompt length incl. padding
+    probes: int
+    important: torch.Tensor = field(repr=False, default=None)  # bool [B, S]: the rows' important sets
+
+    @staticmethod
+    def causal_flops(n: int, heads: int, head_dim: int) -> int:
+        return 2 * heads * head_dim * n * (n + 1)
+
+    @property
+    def kept_fraction(self) -> float:
+        total = sum(self.real)
+        return sum(self.kept) / total if total else 1.0
+
+    @property
+    def dense_flops(self) -> int:
+        return sum(self.causal_flops(n, self.query_heads, self.head_dim) for n in self.real)
+
+    @property
+    def sparse_flops(self) -> int:
+        return sum(self.causal_flops(n, self.query_heads, self.head_dim) for n in self.kept)
+
+    @property
+    def probe_flops(self) -> int:
+        return 2 * self.query_heads * self.head_dim * self.probes * self.width * len(self.real)
+
+    def to_dict(self) -> dict:
+        return dict(layer_idx=self.layer_idx, kept=self.kept, real=self.real, kept_fraction=self.kept_fraction,
+                    dense_flops=self.dense_flops, sparse_flops=self.sparse_flops, probe_flops=self.probe_flops)
+
+
 def _new_token_padding(incoming, q_len: int, batch: int, device) -> torch.Tensor:
     """bool [B, q]: real (not padding) flags of the new tokens, from the model's 4-D mask: the
     last query row (a real token under left padding) sees every real new token."""
@@ -290,4 +372,4 @@ def _new_token_padding(incoming, q_len: int, batch: int, device) -> torch.Tensor
     return row.expand(batch, -1).to(device)
 
 
-__all__ = ["EvictingLayer"]
+__all__ = ["EvictingLayer", "SparsePrefillRecord"]

@@ -13,7 +13,9 @@ assignment); it never re-implements a scoring or budget rule.
   to its budget, so the budget holds at every decoding step.
 - `TieredPolicy`: ZipVL v1 / v2, 3-tier, MiKV: tokens go to a high-bit store, a low-bit
   store or nowhere; while decoding, every `stream_interval` tokens form a block that is
-  scored with the attention they received and split the same way.
+  scored with the attention they received and split the same way. ZipVL can also make the
+  prompt's attention sparse (sparse_prefill=True): the layer asks `sparse_prefill_plan`
+  BEFORE attention, and the same selection then splits the tiers after it.
 
 Budgets: `budget` (tokens per layer and sequence) or `ratio` (of each sequence's real
 prompt tokens, so sequences of a left-padded batch keep different counts). Padding is
@@ -27,8 +29,8 @@ from dataclasses import dataclass, field
 import torch
 
 from ..eviction import (HIGH, LOW, CakeCascade, H2OScorer, StreamingLLMScorer, ZipCacheScorer,
-                        adakv_head_budgets, assign_tiers, cake_preference, pyramid_budgets, select_tokens,
-                        zipvl_important_count)
+                        adakv_head_budgets, assign_tiers, cake_preference, pyramid_budgets, rank_tokens,
+                        select_tokens, zipvl_important_count)
 from ..eviction.scorers.base import window_attention
 from ..eviction.validation import check_budget, check_int, check_ratio
 from .eviction_store import Fp16Store, make_store
@@ -44,6 +46,7 @@ class Policy:
     ratio: float | None = None
     needs_queries = True
     tracks_recent = False
+    sparse_prefill = False  # only ZipVL (TieredPolicy) has an important set to attend over
     layers: list = field(default_factory=list, repr=False)
 
     @property
@@ -259,6 +262,20 @@ class ContinuousPolicy(Policy):
 
 
 @dataclass
+class ZipVLSelection:
+    """One layer's ZipVL prefill selection, computed once from the probe queries.
+
+    scores: float32 [B, Hkv, T] normalized probe score (which tokens, per KV head; -inf padding);
+    high: int64 [B] important count (tau rule, capped at budget / ratio);
+    important: bool [B, T] the row's important set T for sparse prefill (None when off)."""
+
+    positions: torch.Tensor
+    scores: torch.Tensor
+    high: torch.Tensor
+    important: torch.Tensor | None = None
+
+
+@dataclass
 class TieredPolicy(Policy):
     """High-bit / low-bit / evicted per token.
 
@@ -270,6 +287,13 @@ class TieredPolicy(Policy):
     'three_tier' (high, then low, the rest evicted).
     While decoding, each block of stream_interval tokens is split by the same rule, scored
     with the normalized attention the block received from the queries since it arrived.
+
+    sparse_prefill (rule 'zipvl' only): the prompt's attention is computed for the query rows
+    of the important set T only, over the keys of T (ZipVL's O = Attn(Q[T], K[T], V[T])).
+    T of a row = its `high` best tokens by the normalized score averaged over KV heads, plus
+    the recent probe positions and the last token (always real: the one that predicts the
+    next token); never padding. The selection is computed once, before attention
+    (`sparse_prefill_plan`), and reused by the tier split after it.
     """
 
     rule: str = "zipvl"
@@ -283,6 +307,7 @@ class TieredPolicy(Policy):
     probe_random: int = 64
     seed: int = 0
     stream_interval: int = 100
+    sparse_prefill: bool = False
     tracks_recent = True
 
     def __post_init__(self):
@@ -306,6 +331,10 @@ class TieredPolicy(Policy):
         if self.rule == "ratios" and self.scorer is None:
             raise ValueError("rule 'ratios' needs a scorer")
         self.needs_queries = self.rule == "zipvl" or bool(getattr(self.scorer, "needs_queries", True))
+        if not isinstance(self.sparse_prefill, bool):
+            raise ValueError(f"sparse_prefill must be True or False (got {self.sparse_prefill!r})")
+        if self.sparse_prefill and self.rule != "zipvl":
+            raise ValueError(f"sparse_prefill needs ZipVL's important set (rule 'zipvl'); rule {self.rule!r} has none")
 
     @property
     def protected(self) -> int:
@@ -320,16 +349,39 @@ class TieredPolicy(Policy):
             self._block(layer)
 
     # -- prefill --------------------------------------------------------------------------------
+    def zipvl_selection(self, layer, query, scaling, important: bool = False) -> ZipVLSelection:
+        """The probe attention of the layer's prompt (recent + random probes against every
+        key), its normalized scores and the tau-important count; with important=True also
+        the row's important set T for sparse prefill."""
+        keys, real = layer.recent_keys, layer.recent_real
+        positions = probe_positions(real, self.probe_recent, self.probe_random, self.seed)
+        att = window_attention(query[:, :, positions], keys, real, query_positions=positions, scaling=scaling)
+        scores = ZipCacheScorer().score_attention(att)
+        high = zipvl_important_count(att, self.tau).to(torch.int64)
+        if self.budget is not None or self.ratio is not None:
+            high = torch.minimum(high, self.row_budgets(real).to(high.device))
+        selection = ZipVLSelection(positions, scores, high)
+        if important:
+            selection.important = important_set(scores, high, real, recent_probe_positions(real, self.probe_recent))
+        return selection
+
+    def sparse_prefill_plan(self, layer, query, scaling) -> torch.Tensor:
+        """bool [B, T]: the query rows (and keys) the layer's prompt attention is computed
+        for. Called before attention on the first forward; the selection is kept on the
+        layer for the tier split after attention (never computed twice)."""
+        selection = self.zipvl_selection(layer, query, scaling, important=True)
+        layer.prefill_selection = selection
+        return selection.important
+
     def _prefill(self, layer, query, scaling):
         keys, real = layer.recent_keys, layer.recent_real
         lengths = real.sum(1).to(torch.int64)
         if self.rule == "zipvl":
-            positions = probe_positions(real, self.probe_recent, self.probe_random, self.seed)
-            att = window_attention(query[:, :, positions], keys, real, query_positions=positions, scaling=scaling)
-            scores = ZipCacheScorer().score_attention(att)
-            high = zipvl_important_count(att, self.tau).to(torch.int64)
-            if self.budget is not None or self.ratio is not None:
-                high = torch.minimum(high, self.row_budgets(real).to(high.device))
+            selection = layer.prefill_selection
+            layer.prefill_selection = None
+            if selection is None:
+                selection = self.zipvl_selection(layer, query, scaling)
+            scores, high = selection.scores, selection.high
             low = lengths - high if self.layout == "zipvl_v1" else torch.zeros_like(high)
         else:
             scores = self.scorer.score(keys, query, real, scaling=scaling)
@@ -403,6 +455,19 @@ class TieredPolicy(Policy):
         self._split(layer, keys, values, scores, high, low, initial=False)
 
 
+def important_set(scores: torch.Tensor, high: torch.Tensor, real: torch.Tensor,
+                  recent: torch.Tensor) -> torch.Tensor:
+    """bool [B, T]: ZipVL's important set T of each row for sparse prefill: the high[b] best
+    real tokens by the normalized score averaged over KV heads (scores [B, Hkv, T], padding
+    -inf), plus the recent probe positions `recent` [R] and the last token; padding never."""
+    row = scores.mean(dim=1)  # padding stays -inf (it is -inf in every head)
+    ranks = rank_tokens(row)
+    important = ranks < high.to(row.device)[:, None]
+    important[:, recent.to(row.device)] = True
+    important[:, -1] = True
+    return important & real.to(row.device)
+
+
 def memoized(layer, key, compute):
     """compute(), or its value from the recorded prefill the layer is being built from (see
     EvictionCache.prefill_from_states): pure, budget-independent work such as H2O's prefill
@@ -416,13 +481,21 @@ def memoized(layer, key, compute):
     return memo[key]
 
 
+def recent_probe_positions(real: torch.Tensor, recent: int) -> torch.Tensor:
+    """int64 [R]: the recent probe positions, the last `recent` positions that are real in
+    every row of real [B, T] (fewer when the shortest row is shorter)."""
+    t = real.shape[1]
+    first_real = int((~real).sum(1).max())
+    return torch.arange(t - min(recent, t - first_real), t, device=real.device)
+
+
 def probe_positions(real: torch.Tensor, recent: int, random: int, seed: int) -> torch.Tensor:
     """int64 [P]: probe query positions shared by every row: the `recent` last positions
     plus `random` seeded positions among the earlier ones that are real in every row."""
     t = real.shape[1]
     first_real = int((~real).sum(1).max())
-    n_recent = min(recent, t - first_real)
-    recent_pos = torch.arange(t - n_recent, t)
+    recent_pos = recent_probe_positions(real, recent).cpu()
+    n_recent = len(recent_pos)
     pool = t - n_recent - first_real
     n_random = min(random, max(pool, 0))
     if n_random <= 0:
@@ -442,5 +515,5 @@ def bytes_per_token(bits: int, head_dim: int, value_group_size: int | None, para
     return 2 * head_dim * bits / 8 + 2 * groups * param_bytes
 
 
-__all__ = ["Policy", "KeepPolicy", "SelectPolicy", "ContinuousPolicy", "TieredPolicy", "probe_positions",
-           "bytes_per_token"]
+__all__ = ["Policy", "KeepPolicy", "SelectPolicy", "ContinuousPolicy", "TieredPolicy", "ZipVLSelection",
+           "important_set", "probe_positions", "bytes_per_token"]

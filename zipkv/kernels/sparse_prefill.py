@@ -7,6 +7,12 @@ measures both):
 - "gather": gather Q/K/V rows, then SDPA (is_causal, enable_gqa): the kept order is the
   position order, so causal in kept order is causal in positions.
 - "triton": one flash-attention kernel reading rows through the indices (no copies).
+
+Every implementation is causal in the KEPT order (slot i sees slots 0..i). A batch whose rows
+keep different counts is therefore padded at the END of each row's index list (with the
+row's last kept index, so rows stay sorted): a padding slot comes after every real slot of
+its row, no real slot can see it, and its output is discarded. `sparse_prefill_scatter` does
+that and returns the full-length output, zero for the rows not kept.
 """
 
 from __future__ import annotations
@@ -56,4 +62,30 @@ def sparse_prefill_attention(q, k, v, keep_idx, scale=None, impl: str = "auto", 
                                           is_causal=True, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
-__all__ = ["sparse_prefill_attention", "sparse_prefill_reference"]
+def pad_keep_indices(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """bool [B, S] kept flags -> (keep_idx int64 [B, n] ascending, end-padded with the row's
+    last kept index; counts int64 [B]), n = the largest count (at least 1)."""
+    b = keep.shape[0]
+    counts = keep.sum(1).to(torch.int64)
+    n = max(int(counts.max()) if b else 0, 1)
+    # kept positions first, ascending (stable sort on "not kept"), then the rest
+    order = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices[:, :n]
+    last = order.gather(1, (counts - 1).clamp(min=0)[:, None])
+    slots = torch.arange(n, device=keep.device)[None, :]
+    return torch.where(slots < counts[:, None], order, last), counts
+
+
+def sparse_prefill_scatter(q, k, v, keep_idx, counts, scale=None, impl: str = "auto", **tuning):
+    """[B, Hq, S, D]: sparse_prefill_attention's outputs put back at their positions; the rows
+    not kept (and the slots past counts[b], the end padding) get exactly zero."""
+    b, hq, s, d = q.shape
+    rows = sparse_prefill_attention(q, k, v, keep_idx, scale, impl=impl, **tuning)  # [B, Hq, n, D]
+    n = keep_idx.shape[1]
+    real = torch.arange(n, device=q.device)[None, :] < counts.to(q.device)[:, None]
+    target = torch.where(real, keep_idx.to(q.device).long(), s)  # padding slots go to a scratch row S
+    out = rows.new_zeros(b, hq, s + 1, d)
+    out.scatter_(2, target[:, None, :, None].expand(-1, hq, -1, d), rows)
+    return out[:, :, :s]
+
+
+__all__ = ["sparse_prefill_attention", "sparse_prefill_reference", "sparse_prefill_scatter", "pad_keep_indices"]
