@@ -32,6 +32,7 @@ case $step in
     export PYTHONPATH=$SITE:$PWD PYTHONUNBUFFERED=1
     python3 -c "import transformers, torch; print('transformers', transformers.__version__, 'torch', torch.__version__, torch.cuda.get_device_name())"
     python3 -c "from zipkv.models import load_default_model; load_default_model(device='cuda')" > /dev/null
+    if [ -n "${BEFORE:-}" ]; then python3 "$BEFORE" || true; fi  # e.g. a speed probe, same environment
     status=0
     timeout -s INT -k 30 "${LIMIT:-540}" python3 -m zipkv.eval.cli eval --out "$W/$name" "$@" || status=$?
     echo "eval exit status: $status"
