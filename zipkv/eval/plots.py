@@ -2,6 +2,9 @@
 
 - score_vs_ratio.png: per task, mean score against mean real compression ratio, one
   point per method (averaged over lengths); points of one method name joined by a line.
+- overview.png: per length, the mean score over tasks against the mean real ratio, one point
+  per method setting; only methods that ran every task at that length (like with like);
+  settings of one method name joined by a line.
 - heatmap_<task>.png: for tasks whose cases have a depth, mean score by depth x length,
   one panel per method.
 """
@@ -80,6 +83,68 @@ def score_vs_ratio(rows: Iterable[dict[str, Any]], path: Path) -> Path | None:
     return path
 
 
+def _family(name: str) -> tuple[str, str]:
+    """(family label, colour) of a method name: who made it, for the overview's legend."""
+    if name.startswith("kvpress-"):
+        return "kvpress (NVIDIA)", "tab:red"
+    if name.startswith("hf-"):
+        return "HF QuantizedCache", "tab:green"
+    if name in ("full",):
+        return "full cache", "black"
+    if name in ("zipkv", "zipcache", "kivi", "uniform"):
+        return "zipkv quantization", "tab:blue"
+    return "zipkv eviction / tiers", "tab:orange"
+
+
+def overview(rows: Iterable[dict[str, Any]], path: Path) -> Path | None:
+    rows = [r for r in rows if r.get("status") == STATUS_OK and r.get("ratio") is not None and r["mode"] == "after"]
+    if not rows:
+        return None
+    plt = _pyplot()
+    lengths = sorted({r["length"] for r in rows})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(6.2 * len(lengths), 5.2), squeeze=False)
+    for ax, length in zip(axes[0], lengths):
+        here = [r for r in rows if r["length"] == length]
+        tasks = {r["task"] for r in here}
+        by_label: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for r in here:
+            by_label[r["method_label"]].append(r)
+        lines: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
+        for label, rs in by_label.items():
+            if {r["task"] for r in rs} != tasks:
+                continue  # a method that missed a task would be averaged over easier ones
+            per_task = defaultdict(list)
+            for r in rs:
+                per_task[r["task"]].append(r)
+            score = _mean([_mean([r["score"] for r in t]) for t in per_task.values()])
+            ratio = _mean([_mean([r["ratio"] for r in t]) for t in per_task.values()])
+            lines[rs[0]["method"]].append((ratio, score, label))
+        for name, pts in sorted(lines.items()):
+            family, color = _family(name)
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-", color=color, alpha=0.5)
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], color=color, s=28, zorder=3, label=family)
+            for x, y, label in pts:
+                short = label.replace("kvpress-", "kvp-").replace(":compression_ratio=", "@").replace(":ratio=", "@")
+                ax.annotate(short.replace(":bits=", "-").replace(":nbits=", "-"), (x, y), fontsize=6,
+                            xytext=(3, 2), textcoords="offset points")
+        ax.set_title(f"{length} tokens: mean score over {len(tasks)} tasks", fontsize=10)
+        ax.set_xlabel("real compression ratio (fp16 bytes / bytes held)")
+        ax.set_ylabel("mean score")
+        ax.set_ylim(-0.05, 1.05)
+        ax.grid(alpha=0.3)
+    handles, labels = [], []
+    for h, l in zip(*axes[0][0].get_legend_handles_labels()):
+        if l not in labels:
+            handles.append(h)
+            labels.append(l)
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def _depth_rows(depths: list[float], bins: int) -> tuple[list[str], callable]:
     """Row labels and a depth -> row function: the exact depths when there are few
     (passkey, NIAH), else `bins` equal bins (reading tasks, whose depths vary)."""
@@ -126,6 +191,6 @@ def depth_heatmaps(rows: Iterable[dict[str, Any]], out_dir: Path, bins: int = 5)
 def plot_all(rows: list[dict[str, Any]], out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    made = [score_vs_ratio(rows, out_dir / "score_vs_ratio.png")]
+    made = [score_vs_ratio(rows, out_dir / "score_vs_ratio.png"), overview(rows, out_dir / "overview.png")]
     made += depth_heatmaps(rows, out_dir)
     return [p for p in made if p is not None]
