@@ -67,7 +67,7 @@ def test_segment_dequantization_matches_quant_module():
         (64, dict(bits=2, cs=True, pieces=2), dict(bits=4, key_group=32, value_group=32, cs=False), 1, 20),
         (128, dict(bits=2, key_group=32, value_group=32, cs=False), dict(bits=8, cs=True, pieces=3), 2, 9),
         (64, dict(bits=4, value_group=16, cs=False, pieces=3), None, 3, 0),
-        # key groups of 4 tokens: a 32-token block spans more groups than streams (slow path)
+        # key groups of 4 tokens: a 32-token block spans more than two groups (general path)
         (64, dict(bits=4, key_group=4, cs=True, pieces=2), dict(bits=2, key_group=8, cs=False), 1, 5),
     ],
 )
