@@ -156,80 +156,45 @@ def _key_scores(q0, q1, q2, q3, kb, srow, mrow, offs_w,
 
 
 @triton.jit
-def _key_plane_general(s, q, kb, p: tl.constexpr, srows, mrows, vm2,
-                       BITS: tl.constexpr, W: tl.constexpr, USE_ASM: tl.constexpr):
-    c = _unpack(kb, p, BITS, USE_ASM).to(tl.float32)
-    sc = tl.load(srows + p * W, mask=vm2, other=0.0).to(tl.float32)
-    mn = tl.load(mrows + p * W, mask=vm2, other=0.0).to(tl.float32)
-    return tl.dot(q.to(tl.float16), tl.trans((c * sc + mn).to(tl.float16)), s)
-
-
-@triton.jit
-def _key_scores_general(q0, q1, q2, q3, kb, grp, ks_base, km_base, sks_g, offs_w, valid_n,
-                        M: tl.constexpr, BLOCK_N: tl.constexpr, BITS: tl.constexpr, W: tl.constexpr,
-                        USE_ASM: tl.constexpr):
-    """Any number of key groups in the block: keys dequantized per token (scale/min rows
-    gathered by token), then q @ k^T."""
-    P: tl.constexpr = 8 // BITS
-    vm2 = valid_n[:, None]
-    goff = grp[:, None] * sks_g + offs_w[None, :]
-    s = tl.zeros([M, BLOCK_N], tl.float32)
-    s = _key_plane_general(s, q0, kb, 0, ks_base + goff, km_base + goff, vm2, BITS, W, USE_ASM)
-    if P > 1:
-        s = _key_plane_general(s, q1, kb, 1, ks_base + goff, km_base + goff, vm2, BITS, W, USE_ASM)
-    if P > 2:
-        s = _key_plane_general(s, q2, kb, 2, ks_base + goff, km_base + goff, vm2, BITS, W, USE_ASM)
-        s = _key_plane_general(s, q3, kb, 3, ks_base + goff, km_base + goff, vm2, BITS, W, USE_ASM)
-    return s
-
-
-@triton.jit
-def _v_unit(acc, u: tl.constexpr, p, vb, offs_n, valid_n, offs_wu, vs_base, vm_base, svs_n, frow, fgen,
+def _v_unit(acc, u: tl.constexpr, p, vb, offs_n, valid_n, offs_wu, vs_base, vm_base, svs_n, frow,
             BITS: tl.constexpr, WU: tl.constexpr, VG: tl.constexpr, CPP: tl.constexpr, USE_ASM: tl.constexpr,
-            MODE: tl.constexpr):
-    """acc += p @ values of unit u (channels [u*WU, (u+1)*WU): one plane slice, one value group).
-    MODE 0: (p * s_n) @ codes + p . m_n; 1: the same times the block's channel-factor row frow;
-    2: values dequantized per token with gathered channel-factor rows fgen [BLOCK_N, WU]."""
+            SCALE_F: tl.constexpr):
+    """acc += p @ values of unit u (channels [u*WU, (u+1)*WU): one plane slice, one value group):
+    (p * s_n) @ codes + p . m_n, times the chunk's channel-factor row frow (SCALE_F)."""
     code = _unpack(vb, u // CPP, BITS, USE_ASM)
     vs = tl.load(vs_base + offs_n * svs_n + (u * WU) // VG, mask=valid_n, other=0.0).to(tl.float32)
     vm = tl.load(vm_base + offs_n * svs_n + (u * WU) // VG, mask=valid_n, other=0.0).to(tl.float32)
-    if MODE == 2:
-        f = tl.load(fgen + u * WU, mask=valid_n[:, None], other=0.0).to(tl.float32)
-        vd = (code.to(tl.float32) * vs[:, None] + vm[:, None]) * f
-        acc = tl.dot(p.to(tl.float16), vd.to(tl.float16), acc)
-    else:
-        contrib = tl.dot((p * vs[None, :]).to(tl.float16), code)
-        contrib += tl.sum(p * vm[None, :], 1)[:, None]
-        if MODE == 1:
-            contrib = contrib * tl.load(frow + u * WU + offs_wu).to(tl.float32)[None, :]
-        acc += contrib
-    return acc
+    contrib = tl.dot((p * vs[None, :]).to(tl.float16), code)
+    contrib += tl.sum(p * vm[None, :], 1)[:, None]
+    if SCALE_F:
+        contrib = contrib * tl.load(frow + u * WU + offs_wu).to(tl.float32)[None, :]
+    return acc + contrib
 
 
 @triton.jit
 def _v_update(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, p, vb0, vb1, vb2, vb3,
-              offs_n, valid_n, offs_wu, vs_base, vm_base, svs_n, frow, fgen,
+              offs_n, valid_n, offs_wu, vs_base, vm_base, svs_n, frow,
               BITS: tl.constexpr, WU: tl.constexpr, VG: tl.constexpr, U: tl.constexpr, CPP: tl.constexpr,
-              USE_ASM: tl.constexpr, MODE: tl.constexpr):
+              USE_ASM: tl.constexpr, SCALE_F: tl.constexpr):
     acc0 = _v_unit(acc0, 0, p, _pick(0 % CPP, vb0, vb1, vb2, vb3), offs_n, valid_n, offs_wu, vs_base, vm_base,
-                   svs_n, frow, fgen, BITS, WU, VG, CPP, USE_ASM, MODE)
+                   svs_n, frow, BITS, WU, VG, CPP, USE_ASM, SCALE_F)
     if U > 1:
         acc1 = _v_unit(acc1, 1, p, _pick(1 % CPP, vb0, vb1, vb2, vb3), offs_n, valid_n, offs_wu, vs_base, vm_base,
-                       svs_n, frow, fgen, BITS, WU, VG, CPP, USE_ASM, MODE)
+                       svs_n, frow, BITS, WU, VG, CPP, USE_ASM, SCALE_F)
     if U > 2:
         acc2 = _v_unit(acc2, 2, p, _pick(2 % CPP, vb0, vb1, vb2, vb3), offs_n, valid_n, offs_wu, vs_base, vm_base,
-                       svs_n, frow, fgen, BITS, WU, VG, CPP, USE_ASM, MODE)
+                       svs_n, frow, BITS, WU, VG, CPP, USE_ASM, SCALE_F)
         acc3 = _v_unit(acc3, 3, p, _pick(3 % CPP, vb0, vb1, vb2, vb3), offs_n, valid_n, offs_wu, vs_base, vm_base,
-                       svs_n, frow, fgen, BITS, WU, VG, CPP, USE_ASM, MODE)
+                       svs_n, frow, BITS, WU, VG, CPP, USE_ASM, SCALE_F)
     if U > 4:
         acc4 = _v_unit(acc4, 4, p, _pick(4 % CPP, vb0, vb1, vb2, vb3), offs_n, valid_n, offs_wu, vs_base, vm_base,
-                       svs_n, frow, fgen, BITS, WU, VG, CPP, USE_ASM, MODE)
+                       svs_n, frow, BITS, WU, VG, CPP, USE_ASM, SCALE_F)
         acc5 = _v_unit(acc5, 5, p, _pick(5 % CPP, vb0, vb1, vb2, vb3), offs_n, valid_n, offs_wu, vs_base, vm_base,
-                       svs_n, frow, fgen, BITS, WU, VG, CPP, USE_ASM, MODE)
+                       svs_n, frow, BITS, WU, VG, CPP, USE_ASM, SCALE_F)
         acc6 = _v_unit(acc6, 6, p, _pick(6 % CPP, vb0, vb1, vb2, vb3), offs_n, valid_n, offs_wu, vs_base, vm_base,
-                       svs_n, frow, fgen, BITS, WU, VG, CPP, USE_ASM, MODE)
+                       svs_n, frow, BITS, WU, VG, CPP, USE_ASM, SCALE_F)
         acc7 = _v_unit(acc7, 7, p, _pick(7 % CPP, vb0, vb1, vb2, vb3), offs_n, valid_n, offs_wu, vs_base, vm_base,
-                       svs_n, frow, fgen, BITS, WU, VG, CPP, USE_ASM, MODE)
+                       svs_n, frow, BITS, WU, VG, CPP, USE_ASM, SCALE_F)
     return acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7
 
 
@@ -270,9 +235,8 @@ def _packed_split(
     """One split of one packed tier (BITS constexpr: no branching over tiers in the loop).
     Rows of the [M, BLOCK_N] score tile are the R*TQ query rows (padded to M >= 16).
     Keys: a block inside one key group costs one dot per plane against q * s; a block that
-    straddles two groups costs two (selected per token); more groups take the general path
-    (keys dequantized per token). Values: one dot per unit against p * s_n; a block that
-    straddles channel-factor chunks takes the per-token general path."""
+    straddles groups repeats it per group (selected per token). Values: one dot per unit
+    against p * s_n; a block that straddles channel-factor chunks repeats it per chunk."""
     P: tl.constexpr = 8 // BITS
     W: tl.constexpr = D * BITS // 8
     U: tl.constexpr = D // WU
@@ -335,26 +299,25 @@ def _packed_split(
             vb2 = tl.load(vrow + 2 * WU, mask=vm2, other=0)
             vb3 = tl.load(vrow + 3 * WU, mask=vm2, other=0)
 
-        # ---- keys
+        # ---- keys: one dot per plane for the block's first key group; a block that straddles
+        # groups loops over the others (selecting per token), at the same register cost.
         g_lo = tl.min(tl.where(valid_n, grp, 2147483647), 0)
         g_hi = tl.max(tl.where(valid_n, grp, -1), 0)
-        if g_hi - g_lo <= 1:
-            s = _key_scores(q0, q1, q2, q3, kb, ks_base + g_lo * sks_g, km_base + g_lo * sks_g, offs_w,
-                            BITS, W, USE_ASM)
-            if g_hi > g_lo:
-                s2 = _key_scores(q0, q1, q2, q3, kb, ks_base + g_hi * sks_g, km_base + g_hi * sks_g, offs_w,
+        s = _key_scores(q0, q1, q2, q3, kb, ks_base + g_lo * sks_g, km_base + g_lo * sks_g, offs_w,
+                        BITS, W, USE_ASM)
+        if g_hi > g_lo:
+            for g in range(g_lo + 1, g_hi + 1):
+                s2 = _key_scores(q0, q1, q2, q3, kb, ks_base + g * sks_g, km_base + g * sks_g, offs_w,
                                  BITS, W, USE_ASM)
-                s = tl.where((grp == g_hi)[None, :], s2, s)
-        else:
-            s = _key_scores_general(q0, q1, q2, q3, kb, grp, ks_base, km_base, sks_g, offs_w, valid_n,
-                                    M, BLOCK_N, BITS, W, USE_ASM)
+                s = tl.where((grp == g)[None, :], s2, s)
         s = _masked_scores(s, offs_n, valid_n, t, row_valid, b, key_offset, nt_total,
                            mask_ptr, smb, smt, smn, TQ, MASK_KIND, MASK_ROWS, CAUSAL)
         p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
         acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _scale_accs(
             acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, alpha, U)
 
-        # ---- values
+        # ---- values: channel factors are per chunk of tokens; a block that straddles chunks
+        # loops over them with p masked to each chunk's tokens.
         if HAS_VCH:
             ch = tl.load(tc_ptr + offs_n, mask=valid_n, other=0)
             c_lo = tl.min(tl.where(valid_n, ch, 2147483647), 0)
@@ -362,19 +325,19 @@ def _packed_split(
             if c_lo == c_hi:
                 acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _v_update(
                     acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, p, vb0, vb1, vb2, vb3,
-                    offs_n, valid_n, offs_wu, vs_base, vm_base, svs_n, vch_base + c_lo * svch_c, vch_base,
-                    BITS, WU, VG, U, CPP, USE_ASM, 1)
+                    offs_n, valid_n, offs_wu, vs_base, vm_base, svs_n, vch_base + c_lo * svch_c,
+                    BITS, WU, VG, U, CPP, USE_ASM, True)
             else:
-                fgen = vch_base + ch[:, None] * svch_c + offs_wu[None, :]
-                acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _v_update(
-                    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, p, vb0, vb1, vb2, vb3,
-                    offs_n, valid_n, offs_wu, vs_base, vm_base, svs_n, vch_base, fgen,
-                    BITS, WU, VG, U, CPP, USE_ASM, 2)
+                for c in range(c_lo, c_hi + 1):
+                    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _v_update(
+                        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, tl.where((ch == c)[None, :], p, 0.0),
+                        vb0, vb1, vb2, vb3, offs_n, valid_n, offs_wu, vs_base, vm_base, svs_n,
+                        vch_base + c * svch_c, BITS, WU, VG, U, CPP, USE_ASM, True)
         else:
             acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _v_update(
                 acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, p, vb0, vb1, vb2, vb3,
-                offs_n, valid_n, offs_wu, vs_base, vm_base, svs_n, vch_base, vch_base,
-                BITS, WU, VG, U, CPP, USE_ASM, 0)
+                offs_n, valid_n, offs_wu, vs_base, vm_base, svs_n, vch_base,
+                BITS, WU, VG, U, CPP, USE_ASM, False)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     row0 = ((b * H + h) * S_total + part) * RT
