@@ -542,7 +542,7 @@ def _bytes_per_token(seg: PackedSegment | None, d: int, fp_elem: int = 2) -> flo
 def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, causal,
                             block_n: int | None = None, block_n_fp: int = 64, num_warps: int = 4,
                             num_stages: int = 1, programs_per_sm: float = 8.0, maxnreg: int | None = None,
-                            use_asm: bool | None = None):
+                            use_asm: bool | None = None, tiers_per_launch: int = 2):
     """Defaults are the fastest measured on the H100 (benchmarks/NOTES.md, v5 sweep)."""
     from ._runtime import sm_count
 
@@ -590,7 +590,10 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, ca
 
     packed = [p for p in plan if p[0] is not None]
     fp_part = next((p for p in plan if p[0] is None), None)
-    launches = [packed[i:i + 2] for i in range(0, len(packed), 2)] or [[]]
+    # One launch holds up to two tiers (its registers are the larger branch's); tiers_per_launch=1
+    # gives each tier its own launch and register count.
+    step = 2 if tiers_per_launch >= 2 else 1
+    launches = [packed[i:i + step] for i in range(0, len(packed), step)] or [[]]
     part_base = 0
     for li, pair in enumerate(launches):
         a = pair[0] if len(pair) > 0 else None
