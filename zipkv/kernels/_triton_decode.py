@@ -541,7 +541,7 @@ def _bytes_per_token(seg: PackedSegment | None, d: int, fp_elem: int = 2) -> flo
 
 def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, causal,
                             block_n: int | None = None, block_n_fp: int = 64, num_warps: int = 4,
-                            num_stages: int = 1, programs_per_sm: float = 8.0, maxnreg: int | None = None,
+                            num_stages: int = 1, programs_per_sm: float = 16.0, maxnreg: int | None = 128,
                             use_asm: bool | None = None, tiers_per_launch: int = 2):
     """Defaults are the fastest measured on the H100 (benchmarks/NOTES.md, v5 sweep)."""
     from ._runtime import sm_count
