@@ -541,9 +541,9 @@ def _bytes_per_token(seg: PackedSegment | None, d: int, fp_elem: int = 2) -> flo
 
 def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, causal,
                             block_n: int | None = None, block_n_fp: int = 64, num_warps: int = 4,
-                            num_stages: int = 1, programs_per_sm: float = 16.0, maxnreg: int | None = 128,
+                            num_stages: int = 2, programs_per_sm: float = 32.0, maxnreg: int | None = 128,
                             use_asm: bool | None = None, tiers_per_launch: int = 2):
-    """Defaults are the fastest measured on the H100 (benchmarks/NOTES.md, v5 sweep)."""
+    """Defaults are the fastest measured on the H100 (benchmarks/NOTES.md, v5; results/v5.json)."""
     from ._runtime import sm_count
 
     b, hq, tq, d = query.shape
