@@ -86,7 +86,8 @@ def main():
     rec = Recorder(td._decode_kernel)
     merge = Recorder(td._merge_kernel)
     td._decode_kernel, td._merge_kernel = rec, merge
-    variants = [dict(block_n=bn, num_warps=w, num_stages=s) for bn in (64, 128) for w in (4, 8) for s in (1, 3)]
+    # use_asm: the CPU-side launch would otherwise pick the plain-shift unpack (no GPU here)
+    variants = [dict(block_n=bn, num_warps=w, num_stages=s, use_asm=True) for bn in (32, 64) for w in (4, 8) for s in (1, 2)]
     for recipe in sys.argv[1:] or ["zipcache42", "kivi2"]:
         segs, kf, vf = bd.make_cache(recipe, 1, 2, 4096, 128, device="cpu")
         q = torch.randn(1, 8, 1, 128).half()

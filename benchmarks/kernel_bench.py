@@ -24,14 +24,16 @@ import traceback
 
 
 DEFAULT_SWEEP = [
-    dict(block_n=64, num_warps=4),
     dict(block_n=64, num_warps=8),
-    dict(block_n=64, num_warps=8, use_asm=False),
-    dict(block_n=64, num_warps=8, programs_per_sm=8),
-    dict(block_n=64, num_warps=8, programs_per_sm=2),
-    dict(block_n=128, num_warps=8),
+    dict(block_n=64, num_warps=4),
     dict(block_n=32, num_warps=4),
+    dict(block_n=128, num_warps=8),
+    dict(block_n=64, num_warps=8, num_stages=2),
+    dict(block_n=64, num_warps=8, programs_per_sm=4),
+    dict(block_n=64, num_warps=8, programs_per_sm=16),
+    dict(block_n=64, num_warps=4, maxnreg=128),
     dict(block_n=32, num_warps=2),
+    dict(block_n=64, num_warps=8, use_asm=False),
 ]
 
 

@@ -67,7 +67,7 @@ def test_segment_dequantization_matches_quant_module():
         (64, dict(bits=2, cs=True, pieces=2), dict(bits=4, key_group=32, value_group=32, cs=False), 1, 20),
         (128, dict(bits=2, key_group=32, value_group=32, cs=False), dict(bits=8, cs=True, pieces=3), 2, 9),
         (64, dict(bits=4, value_group=16, cs=False, pieces=3), None, 3, 0),
-        # key groups of 4 tokens: a 32-token block spans more groups than streams (slow path)
+        # key groups of 4 tokens: a 32-token block spans more than two groups (general path)
         (64, dict(bits=4, key_group=4, cs=True, pieces=2), dict(bits=2, key_group=8, cs=False), 1, 5),
     ],
 )
@@ -142,3 +142,20 @@ def test_cpu_auto_falls_back_to_reference_and_validates():
         decode_attention(q, segs, impl="cuda")
     with pytest.raises(ValueError, match="mask"):
         decode_attention(q, segs, mask=torch.ones(1, 11, dtype=torch.bool))
+
+
+def test_decode_one_launch_per_tier_three_tiers():
+    """Three tiers (two launches by default, three with tiers_per_launch=1), blocks that
+    straddle key groups of 24 tokens and channel-factor chunks."""
+    g = torch.Generator().manual_seed(13)
+    b, hkv, r, d = 1, 2, 4, 64
+    segs = [make_segment(b, hkv, 50, d, 2, key_group=24, cs=True, pieces=2, gen=g),
+            make_segment(b, hkv, 40, d, 4, key_group=24, cs=True, pieces=1, gen=g),
+            make_segment(b, hkv, 20, d, 8, cs=False, gen=g)]
+    kf = torch.randn(b, hkv, 7, d, generator=g).half()
+    vf = torch.randn(b, hkv, 7, d, generator=g).half()
+    q = torch.randn(b, hkv * r, 1, d, generator=g).half()
+    ref = decode_attention_reference(q, segs, kf, vf)
+    for tpl in (1, 2):
+        out = decode_attention(q, segs, kf, vf, impl="triton", block_n=32, block_n_fp=16, tiers_per_launch=tpl)
+        assert rel_err(out, ref) < 3e-3

@@ -1,15 +1,16 @@
-"""Triton split-K decode attention over packed tiers + the fp16 part (flash-decoding).
+"""Triton split-K decode attention over packed tiers + the fp16 part (flash-decoding), v5.
 
 One launch: program (s, b*Hkv + h) takes one split (a contiguous token range) of one tier of
 one KV head and all its R*Tq query rows (GQA: the R query heads of that KV head share every
 byte read). Up to two packed tiers and the fp16 part go in one launch (program ranges
-[0, S0) -> tier 0, [S0, S0+S1) -> tier 1, the rest -> fp16); more tiers take more launches.
-Each program writes its normalized partial output and log2-sum-exp; a second small launch
-merges the splits.
+[0, S0) -> tier 0, [S0, S0+S1) -> tier 1, the rest -> fp16), each range a separate
+constexpr-specialized code path (bits, value group, channel factors); more tiers take more
+launches. Each program writes its normalized partial output and log2-sum-exp; a second
+small launch merges the splits.
 
 Why the packed path never dequantizes keys: with channelwise keys, q . k = sum_c (q_c s_c)
 code_c + sum_c q_c m_c for the token's key group, so the codes go straight into a tensor-core
-dot against q*s (one small [M, D] product per group in the block), plus one scalar per row.
+dot against q*s (one [M, W] x [W, BLOCK_N] product per plane), plus one scalar per row.
 Values likewise: p @ (code * s_n + m_n) = (p * s_n) @ code + sum_n p_n m_n per value group,
 times the chunk's channel factors. Codes are exact in fp16 (0..255).
 Plane layout: plane p of a row is (bytes >> p*bits) & mask and holds the contiguous channels
@@ -128,43 +129,89 @@ def _online_softmax(s, m_i, l_i):
 
 
 @triton.jit
-def _col(t, offs_g, gv: tl.constexpr):
-    """Column gv of a [BLOCK_N, NGV] tile (NGV tiny), as [BLOCK_N]."""
-    return tl.sum(tl.where(offs_g[None, :] == gv, t, 0.0), 1)
+def _key_scores(q0, q1, q2, q3, kb, srow, mrow, offs_w,
+                BITS: tl.constexpr, W: tl.constexpr, USE_ASM: tl.constexpr):
+    """Scores of a block whose tokens all lie in one key group (scale row srow, min row mrow):
+    per plane (q_p * s_p) @ codes_p^T, plus q . m (one scalar per row)."""
+    P: tl.constexpr = 8 // BITS
+    sc = tl.load(srow + offs_w).to(tl.float32)
+    mn = tl.load(mrow + offs_w).to(tl.float32)
+    s = tl.dot((q0 * sc[None, :]).to(tl.float16), tl.trans(_unpack(kb, 0, BITS, USE_ASM)))
+    qm = tl.sum(q0 * mn[None, :], 1)
+    if P > 1:
+        sc = tl.load(srow + W + offs_w).to(tl.float32)
+        mn = tl.load(mrow + W + offs_w).to(tl.float32)
+        s = tl.dot((q1 * sc[None, :]).to(tl.float16), tl.trans(_unpack(kb, 1, BITS, USE_ASM)), s)
+        qm += tl.sum(q1 * mn[None, :], 1)
+    if P > 2:
+        sc = tl.load(srow + 2 * W + offs_w).to(tl.float32)
+        mn = tl.load(mrow + 2 * W + offs_w).to(tl.float32)
+        s = tl.dot((q2 * sc[None, :]).to(tl.float16), tl.trans(_unpack(kb, 2, BITS, USE_ASM)), s)
+        qm += tl.sum(q2 * mn[None, :], 1)
+        sc = tl.load(srow + 3 * W + offs_w).to(tl.float32)
+        mn = tl.load(mrow + 3 * W + offs_w).to(tl.float32)
+        s = tl.dot((q3 * sc[None, :]).to(tl.float16), tl.trans(_unpack(kb, 3, BITS, USE_ASM)), s)
+        qm += tl.sum(q3 * mn[None, :], 1)
+    return s + qm[:, None]
 
 
 @triton.jit
-def _v_unit(acc, u: tl.constexpr, pc, vs_t, vm_t, offs_g, vb, f,
+def _v_unit(acc, u: tl.constexpr, p, vb, offs_n, valid_n, offs_wu, vs_base, vm_base, svs_n, frow,
             BITS: tl.constexpr, WU: tl.constexpr, VG: tl.constexpr, CPP: tl.constexpr, USE_ASM: tl.constexpr,
             SCALE_F: tl.constexpr):
     """acc += p @ values of unit u (channels [u*WU, (u+1)*WU): one plane slice, one value group):
-    (p * s_n) @ codes + p . m_n, optionally times per-row channel factors f [M, WU]."""
+    (p * s_n) @ codes + p . m_n, times the chunk's channel-factor row frow (SCALE_F)."""
     code = _unpack(vb, u // CPP, BITS, USE_ASM)
-    vs = _col(vs_t.to(tl.float32), offs_g, (u * WU) // VG)
-    vm = _col(vm_t.to(tl.float32), offs_g, (u * WU) // VG)
-    contrib = tl.dot((pc * vs[None, :]).to(tl.float16), code)
-    contrib += tl.sum(pc * vm[None, :], 1)[:, None]
+    vs = tl.load(vs_base + offs_n * svs_n + (u * WU) // VG, mask=valid_n, other=0.0).to(tl.float32)
+    vm = tl.load(vm_base + offs_n * svs_n + (u * WU) // VG, mask=valid_n, other=0.0).to(tl.float32)
+    contrib = tl.dot((p * vs[None, :]).to(tl.float16), code)
+    contrib += tl.sum(p * vm[None, :], 1)[:, None]
     if SCALE_F:
-        contrib = contrib * f.to(tl.float32)
+        contrib = contrib * tl.load(frow + u * WU + offs_wu).to(tl.float32)[None, :]
     return acc + contrib
 
 
 @triton.jit
-def _v_update(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, pc, vs_t, vm_t, offs_g,
-              vb0, vb1, vb2, vb3, f0, f1, f2, f3,
+def _v_update(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, p, vb0, vb1, vb2, vb3,
+              offs_n, valid_n, offs_wu, vs_base, vm_base, svs_n, frow,
               BITS: tl.constexpr, WU: tl.constexpr, VG: tl.constexpr, U: tl.constexpr, CPP: tl.constexpr,
               USE_ASM: tl.constexpr, SCALE_F: tl.constexpr):
-    acc0 = _v_unit(acc0, 0, pc, vs_t, vm_t, offs_g, _pick(0 % CPP, vb0, vb1, vb2, vb3), f0, BITS, WU, VG, CPP, USE_ASM, SCALE_F)
+    acc0 = _v_unit(acc0, 0, p, _pick(0 % CPP, vb0, vb1, vb2, vb3), offs_n, valid_n, offs_wu, vs_base, vm_base,
+                   svs_n, frow, BITS, WU, VG, CPP, USE_ASM, SCALE_F)
     if U > 1:
-        acc1 = _v_unit(acc1, 1, pc, vs_t, vm_t, offs_g, _pick(1 % CPP, vb0, vb1, vb2, vb3), f1, BITS, WU, VG, CPP, USE_ASM, SCALE_F)
+        acc1 = _v_unit(acc1, 1, p, _pick(1 % CPP, vb0, vb1, vb2, vb3), offs_n, valid_n, offs_wu, vs_base, vm_base,
+                       svs_n, frow, BITS, WU, VG, CPP, USE_ASM, SCALE_F)
     if U > 2:
-        acc2 = _v_unit(acc2, 2, pc, vs_t, vm_t, offs_g, _pick(2 % CPP, vb0, vb1, vb2, vb3), f2, BITS, WU, VG, CPP, USE_ASM, SCALE_F)
-        acc3 = _v_unit(acc3, 3, pc, vs_t, vm_t, offs_g, _pick(3 % CPP, vb0, vb1, vb2, vb3), f3, BITS, WU, VG, CPP, USE_ASM, SCALE_F)
-    if U > 4:  # only without channel factors (checked on the host): f is unused
-        acc4 = _v_unit(acc4, 4, pc, vs_t, vm_t, offs_g, _pick(4 % CPP, vb0, vb1, vb2, vb3), f0, BITS, WU, VG, CPP, USE_ASM, SCALE_F)
-        acc5 = _v_unit(acc5, 5, pc, vs_t, vm_t, offs_g, _pick(5 % CPP, vb0, vb1, vb2, vb3), f0, BITS, WU, VG, CPP, USE_ASM, SCALE_F)
-        acc6 = _v_unit(acc6, 6, pc, vs_t, vm_t, offs_g, _pick(6 % CPP, vb0, vb1, vb2, vb3), f0, BITS, WU, VG, CPP, USE_ASM, SCALE_F)
-        acc7 = _v_unit(acc7, 7, pc, vs_t, vm_t, offs_g, _pick(7 % CPP, vb0, vb1, vb2, vb3), f0, BITS, WU, VG, CPP, USE_ASM, SCALE_F)
+        acc2 = _v_unit(acc2, 2, p, _pick(2 % CPP, vb0, vb1, vb2, vb3), offs_n, valid_n, offs_wu, vs_base, vm_base,
+                       svs_n, frow, BITS, WU, VG, CPP, USE_ASM, SCALE_F)
+        acc3 = _v_unit(acc3, 3, p, _pick(3 % CPP, vb0, vb1, vb2, vb3), offs_n, valid_n, offs_wu, vs_base, vm_base,
+                       svs_n, frow, BITS, WU, VG, CPP, USE_ASM, SCALE_F)
+    if U > 4:
+        acc4 = _v_unit(acc4, 4, p, _pick(4 % CPP, vb0, vb1, vb2, vb3), offs_n, valid_n, offs_wu, vs_base, vm_base,
+                       svs_n, frow, BITS, WU, VG, CPP, USE_ASM, SCALE_F)
+        acc5 = _v_unit(acc5, 5, p, _pick(5 % CPP, vb0, vb1, vb2, vb3), offs_n, valid_n, offs_wu, vs_base, vm_base,
+                       svs_n, frow, BITS, WU, VG, CPP, USE_ASM, SCALE_F)
+        acc6 = _v_unit(acc6, 6, p, _pick(6 % CPP, vb0, vb1, vb2, vb3), offs_n, valid_n, offs_wu, vs_base, vm_base,
+                       svs_n, frow, BITS, WU, VG, CPP, USE_ASM, SCALE_F)
+        acc7 = _v_unit(acc7, 7, p, _pick(7 % CPP, vb0, vb1, vb2, vb3), offs_n, valid_n, offs_wu, vs_base, vm_base,
+                       svs_n, frow, BITS, WU, VG, CPP, USE_ASM, SCALE_F)
+    return acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7
+
+
+@triton.jit
+def _scale_accs(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, alpha, U: tl.constexpr):
+    a = alpha[:, None]
+    acc0 = acc0 * a
+    if U > 1:
+        acc1 = acc1 * a
+    if U > 2:
+        acc2 = acc2 * a
+        acc3 = acc3 * a
+    if U > 4:
+        acc4 = acc4 * a
+        acc5 = acc5 * a
+        acc6 = acc6 * a
+        acc7 = acc7 * a
     return acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7
 
 
@@ -174,110 +221,30 @@ def _store_unit(acc, u: tl.constexpr, prow, offs_wu, l_safe, row_valid, WU: tl.c
 
 
 @triton.jit
-def _block_groups(grp, valid_n, G):
-    g_lo = tl.min(tl.where(valid_n, grp, G - 1), 0)
-    g_hi = tl.max(tl.where(valid_n, grp, 0), 0)
-    return g_lo, g_hi
-
-
-@triton.jit
-def _prefetch(start, n_end, grp, ch, offs_b, offs_w, offs_wu, offs_g, row_j,
-              k_base, v_base, vs_base, vm_base, ks_base, km_base, vch_base,
-              skc_n, svc_n, svs_n, sks_g, svch_c, G,
-              M: tl.constexpr, BITS: tl.constexpr, D: tl.constexpr, WU: tl.constexpr, U: tl.constexpr,
-              NGV: tl.constexpr, HAS_VCH: tl.constexpr):
-    """Issue every load of one block (codes, value parameters, the key-scale rows of the
-    block's groups as [M, W] tiles, one row per stream, and the streams' channel factors).
-    grp/ch were loaded an iteration earlier, so no load here waits on another."""
-    P: tl.constexpr = 8 // BITS
-    W: tl.constexpr = D * BITS // 8
-    CPP: tl.constexpr = W // WU
-    offs_n = start + offs_b
-    valid_n = offs_n < n_end
-    vm2 = valid_n[:, None]
-    kb = tl.load(k_base + offs_n[:, None] * skc_n + offs_w[None, :], mask=vm2, other=0)
-    vrow = v_base + offs_n[:, None] * svc_n + offs_wu[None, :]
-    vb0 = tl.load(vrow, mask=vm2, other=0)
-    vb1 = vb0
-    vb2 = vb0
-    vb3 = vb0
-    if CPP > 1:
-        vb1 = tl.load(vrow + WU, mask=vm2, other=0)
-    if CPP > 2:
-        vb2 = tl.load(vrow + 2 * WU, mask=vm2, other=0)
-        vb3 = tl.load(vrow + 3 * WU, mask=vm2, other=0)
-    vsp = offs_n[:, None] * svs_n + offs_g[None, :]
-    vs_t = tl.load(vs_base + vsp, mask=vm2, other=0.0)
-    vm_t = tl.load(vm_base + vsp, mask=vm2, other=0.0)
-    g_lo, g_hi = _block_groups(grp, valid_n, G)
-    g_rows = tl.minimum(g_lo + row_j, G - 1)
-    srow = g_rows[:, None] * sks_g + offs_w[None, :]
-    sc0 = tl.load(ks_base + srow)
-    mn0 = tl.load(km_base + srow)
-    sc1 = sc0
-    mn1 = mn0
-    sc2 = sc0
-    mn2 = mn0
-    sc3 = sc0
-    mn3 = mn0
-    if P > 1:
-        sc1 = tl.load(ks_base + srow + W)
-        mn1 = tl.load(km_base + srow + W)
-    if P > 2:
-        sc2 = tl.load(ks_base + srow + 2 * W)
-        mn2 = tl.load(km_base + srow + 2 * W)
-        sc3 = tl.load(ks_base + srow + 3 * W)
-        mn3 = tl.load(km_base + srow + 3 * W)
-    f0 = tl.zeros([M, WU], vch_base.dtype.element_ty)
-    f1 = f0
-    f2 = f0
-    f3 = f0
-    vch_ok = 1
-    if HAS_VCH:
-        # The chunk of each stream's tokens: one chunk per stream is the fast-path condition.
-        match = (row_j[:, None] == (grp - g_lo)[None, :]) & valid_n[None, :]
-        c_max = tl.max(tl.where(match, ch[None, :], -1), 1)
-        c_min = tl.min(tl.where(match, ch[None, :], 2147483647), 1)
-        vch_ok = tl.min(((c_min == c_max) | (c_max < 0)).to(tl.int32), 0)
-        frow = vch_base + tl.maximum(c_max, 0)[:, None] * svch_c + offs_wu[None, :]
-        f0 = tl.load(frow)
-        if U > 1:
-            f1 = tl.load(frow + WU)
-        if U > 2:
-            f2 = tl.load(frow + 2 * WU)
-            f3 = tl.load(frow + 3 * WU)
-    return kb, vb0, vb1, vb2, vb3, vs_t, vm_t, sc0, mn0, sc1, mn1, sc2, mn2, sc3, mn3, f0, f1, f2, f3, vch_ok
-
-
-@triton.jit
 def _packed_split(
     q_ptr, sqb, sqh, sqt, qk_scale,
     kc_ptr, skc_b, skc_h, skc_n, ks_ptr, km_ptr, sks_b, sks_h, sks_g, tg_ptr,
     vc_ptr, svc_b, svc_h, svc_n, vs_ptr, vm_ptr, svs_b, svs_h, svs_n,
     vch_ptr, svch_b, svch_h, svch_c, tc_ptr,
     mask_ptr, smb, smt, smn, po_ptr, pl_ptr,
-    b, h, split, part, N, G, tokens_per_split, key_offset, nt_total, H, S_total,
-    R: tl.constexpr, TQ: tl.constexpr, M: tl.constexpr, J: tl.constexpr, D: tl.constexpr,
+    b, h, split, part, N, tokens_per_split, key_offset, nt_total, H, S_total,
+    R: tl.constexpr, TQ: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
     BITS: tl.constexpr, VG: tl.constexpr, WU: tl.constexpr, HAS_VCH: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, CAUSAL: tl.constexpr, USE_ASM: tl.constexpr,
-    PREFETCH: tl.constexpr,
 ):
-    """One split of one packed tier. Rows of the [M, BLOCK_N] score tile are J streams x RT
-    query rows (RT = R*TQ): in each block, stream j takes the tokens of key group g_lo + j, so
-    one tensor-core dot against per-row scaled queries covers up to J groups with no select,
-    and each stream keeps its own softmax state (merged with the splits at the end). A block
-    that spans more than J groups (or a stream more than one value chunk) takes the slow
-    path: a loop over its groups/chunks on stream 0."""
+    """One split of one packed tier (BITS constexpr: no branching over tiers in the loop).
+    Rows of the [M, BLOCK_N] score tile are the R*TQ query rows (padded to M >= 16).
+    Keys: a block inside one key group costs one dot per plane against q * s; a block that
+    straddles groups repeats it per group (selected per token). Values: one dot per unit
+    against p * s_n; a block that straddles channel-factor chunks repeats it per chunk."""
     P: tl.constexpr = 8 // BITS
     W: tl.constexpr = D * BITS // 8
     U: tl.constexpr = D // WU
     CPP: tl.constexpr = W // WU
-    NGV: tl.constexpr = D // VG
     RT: tl.constexpr = R * TQ
     offs_m = tl.arange(0, M)
-    row_j = offs_m // RT
+    row_valid = offs_m < RT
     row_r = offs_m % RT
-    row_valid = offs_m < J * RT
     t = row_r % TQ
     q_row = q_ptr + b * sqb + (h * R + row_r // TQ) * sqh + t * sqt
     offs_w = tl.arange(0, W)
@@ -293,7 +260,6 @@ def _packed_split(
         q3 = tl.load(q_row[:, None] + 3 * W + offs_w[None, :], mask=qmask, other=0.0).to(tl.float32) * qk_scale
 
     offs_wu = tl.arange(0, WU)
-    offs_g = tl.arange(0, NGV)
     m_i = tl.full([M], _NEG_INF, tl.float32)
     l_i = tl.zeros([M], tl.float32)
     acc0 = tl.zeros([M, WU], tl.float32)
@@ -316,146 +282,65 @@ def _packed_split(
     n_end = tl.minimum(n_begin + tokens_per_split, N)
     offs_b = tl.arange(0, BLOCK_N)
 
-    # Software pipeline (PREFETCH): group/chunk ids two blocks ahead, everything else one block
-    # ahead, so no load waits on another and the next block streams in during this one.
-    grp = tl.load(tg_ptr + n_begin + offs_b, mask=n_begin + offs_b < n_end, other=0)
-    grp_n = tl.load(tg_ptr + n_begin + BLOCK_N + offs_b, mask=n_begin + BLOCK_N + offs_b < n_end, other=0)
-    ch = grp
-    ch_n = grp_n
-    if HAS_VCH:
-        ch = tl.load(tc_ptr + n_begin + offs_b, mask=n_begin + offs_b < n_end, other=0)
-        ch_n = tl.load(tc_ptr + n_begin + BLOCK_N + offs_b, mask=n_begin + BLOCK_N + offs_b < n_end, other=0)
-    kb, vb0, vb1, vb2, vb3, vs_t, vm_t, sc0, mn0, sc1, mn1, sc2, mn2, sc3, mn3, f0, f1, f2, f3, vch_ok = _prefetch(
-        n_begin, n_end, grp, ch, offs_b, offs_w, offs_wu, offs_g, row_j,
-        k_base, v_base, vs_base, vm_base, ks_base, km_base, vch_base,
-        skc_n, svc_n, svs_n, sks_g, svch_c, G, M, BITS, D, WU, U, NGV, HAS_VCH)
-
     for start in range(n_begin, n_end, BLOCK_N):
-        nxt = start + BLOCK_N
-        if PREFETCH:
-            grp_nn = tl.load(tg_ptr + nxt + BLOCK_N + offs_b, mask=nxt + BLOCK_N + offs_b < n_end, other=0)
-            ch_nn = grp_nn
-            if HAS_VCH:
-                ch_nn = tl.load(tc_ptr + nxt + BLOCK_N + offs_b, mask=nxt + BLOCK_N + offs_b < n_end, other=0)
-            (n_kb, n_vb0, n_vb1, n_vb2, n_vb3, n_vs_t, n_vm_t, n_sc0, n_mn0, n_sc1, n_mn1, n_sc2, n_mn2, n_sc3, n_mn3,
-             n_f0, n_f1, n_f2, n_f3, n_vch_ok) = _prefetch(
-                nxt, n_end, grp_n, ch_n, offs_b, offs_w, offs_wu, offs_g, row_j,
-                k_base, v_base, vs_base, vm_base, ks_base, km_base, vch_base,
-                skc_n, svc_n, svs_n, sks_g, svch_c, G, M, BITS, D, WU, U, NGV, HAS_VCH)
-        else:
-            if start > n_begin:
-                grp = tl.load(tg_ptr + start + offs_b, mask=start + offs_b < n_end, other=0)
-                if HAS_VCH:
-                    ch = tl.load(tc_ptr + start + offs_b, mask=start + offs_b < n_end, other=0)
-                kb, vb0, vb1, vb2, vb3, vs_t, vm_t, sc0, mn0, sc1, mn1, sc2, mn2, sc3, mn3, f0, f1, f2, f3, vch_ok = _prefetch(
-                    start, n_end, grp, ch, offs_b, offs_w, offs_wu, offs_g, row_j,
-                    k_base, v_base, vs_base, vm_base, ks_base, km_base, vch_base,
-                    skc_n, svc_n, svs_n, sks_g, svch_c, G, M, BITS, D, WU, U, NGV, HAS_VCH)
-
-        # ---- this block
         offs_n = start + offs_b
         valid_n = offs_n < n_end
-        g_lo, g_hi = _block_groups(grp, valid_n, G)
-        fast = (g_hi - g_lo) < J
-        c0 = _unpack(kb, 0, BITS, USE_ASM)
-        c1 = c0
-        c2 = c0
-        c3 = c0
-        if P > 1:
-            c1 = _unpack(kb, 1, BITS, USE_ASM)
-        if P > 2:
-            c2 = _unpack(kb, 2, BITS, USE_ASM)
-            c3 = _unpack(kb, 3, BITS, USE_ASM)
-        if fast:
-            # stream j scores its group's tokens: (q * s_row) @ codes^T + q . m_row
-            s = tl.dot((q0 * sc0.to(tl.float32)).to(tl.float16), tl.trans(c0))
-            qm = tl.sum(q0 * mn0.to(tl.float32), 1)
-            if P > 1:
-                s += tl.dot((q1 * sc1.to(tl.float32)).to(tl.float16), tl.trans(c1))
-                qm += tl.sum(q1 * mn1.to(tl.float32), 1)
-            if P > 2:
-                s += tl.dot((q2 * sc2.to(tl.float32)).to(tl.float16), tl.trans(c2))
-                qm += tl.sum(q2 * mn2.to(tl.float32), 1)
-                s += tl.dot((q3 * sc3.to(tl.float32)).to(tl.float16), tl.trans(c3))
-                qm += tl.sum(q3 * mn3.to(tl.float32), 1)
-            s = tl.where(row_j[:, None] == (grp - g_lo)[None, :], s + qm[:, None], _NEG_INF)
-        else:
-            s = tl.full([M, BLOCK_N], _NEG_INF, tl.float32)
-            for g in range(g_lo, g_hi + 1):
-                sp = ks_base + g * sks_g + offs_w
-                mp = km_base + g * sks_g + offs_w
-                sc = tl.load(sp).to(tl.float32)
-                mn = tl.load(mp).to(tl.float32)
-                kpart = tl.dot((q0 * sc[None, :]).to(tl.float16), tl.trans(c0))
-                qm = tl.sum(q0 * mn[None, :], 1)
-                if P > 1:
-                    sc = tl.load(sp + W).to(tl.float32)
-                    mn = tl.load(mp + W).to(tl.float32)
-                    kpart += tl.dot((q1 * sc[None, :]).to(tl.float16), tl.trans(c1))
-                    qm += tl.sum(q1 * mn[None, :], 1)
-                if P > 2:
-                    sc = tl.load(sp + 2 * W).to(tl.float32)
-                    mn = tl.load(mp + 2 * W).to(tl.float32)
-                    kpart += tl.dot((q2 * sc[None, :]).to(tl.float16), tl.trans(c2))
-                    qm += tl.sum(q2 * mn[None, :], 1)
-                    sc = tl.load(sp + 3 * W).to(tl.float32)
-                    mn = tl.load(mp + 3 * W).to(tl.float32)
-                    kpart += tl.dot((q3 * sc[None, :]).to(tl.float16), tl.trans(c3))
-                    qm += tl.sum(q3 * mn[None, :], 1)
-                s = tl.where((row_j == 0)[:, None] & (grp == g)[None, :], kpart + qm[:, None], s)
+        vm2 = valid_n[:, None]
+        grp = tl.load(tg_ptr + offs_n, mask=valid_n, other=0)
+        kb = tl.load(k_base + offs_n[:, None] * skc_n + offs_w[None, :], mask=vm2, other=0)
+        vrow = v_base + offs_n[:, None] * svc_n + offs_wu[None, :]
+        vb0 = tl.load(vrow, mask=vm2, other=0)
+        vb1 = vb0
+        vb2 = vb0
+        vb3 = vb0
+        if CPP > 1:
+            vb1 = tl.load(vrow + WU, mask=vm2, other=0)
+        if CPP > 2:
+            vb2 = tl.load(vrow + 2 * WU, mask=vm2, other=0)
+            vb3 = tl.load(vrow + 3 * WU, mask=vm2, other=0)
 
+        # ---- keys: one dot per plane for the block's first key group; a block that straddles
+        # groups loops over the others (selecting per token), at the same register cost.
+        g_lo = tl.min(tl.where(valid_n, grp, 2147483647), 0)
+        g_hi = tl.max(tl.where(valid_n, grp, -1), 0)
+        s = _key_scores(q0, q1, q2, q3, kb, ks_base + g_lo * sks_g, km_base + g_lo * sks_g, offs_w,
+                        BITS, W, USE_ASM)
+        if g_hi > g_lo:
+            for g in range(g_lo + 1, g_hi + 1):
+                s2 = _key_scores(q0, q1, q2, q3, kb, ks_base + g * sks_g, km_base + g * sks_g, offs_w,
+                                 BITS, W, USE_ASM)
+                s = tl.where((grp == g)[None, :], s2, s)
         s = _masked_scores(s, offs_n, valid_n, t, row_valid, b, key_offset, nt_total,
                            mask_ptr, smb, smt, smn, TQ, MASK_KIND, MASK_ROWS, CAUSAL)
         p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
-        acc0 = acc0 * alpha[:, None]
-        if U > 1:
-            acc1 = acc1 * alpha[:, None]
-        if U > 2:
-            acc2 = acc2 * alpha[:, None]
-            acc3 = acc3 * alpha[:, None]
-        if U > 4:
-            acc4 = acc4 * alpha[:, None]
-            acc5 = acc5 * alpha[:, None]
-            acc6 = acc6 * alpha[:, None]
-            acc7 = acc7 * alpha[:, None]
+        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _scale_accs(
+            acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, alpha, U)
 
-        # ---- values
+        # ---- values: channel factors are per chunk of tokens; a block that straddles chunks
+        # loops over them with p masked to each chunk's tokens.
         if HAS_VCH:
-            if fast and vch_ok != 0:
+            ch = tl.load(tc_ptr + offs_n, mask=valid_n, other=0)
+            c_lo = tl.min(tl.where(valid_n, ch, 2147483647), 0)
+            c_hi = tl.max(tl.where(valid_n, ch, -1), 0)
+            if c_lo == c_hi:
                 acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _v_update(
-                    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, p, vs_t, vm_t, offs_g,
-                    vb0, vb1, vb2, vb3, f0, f1, f2, f3, BITS, WU, VG, U, CPP, USE_ASM, True)
+                    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, p, vb0, vb1, vb2, vb3,
+                    offs_n, valid_n, offs_wu, vs_base, vm_base, svs_n, vch_base + c_lo * svch_c,
+                    BITS, WU, VG, U, CPP, USE_ASM, True)
             else:
-                c_lo = tl.min(tl.where(valid_n, ch, 2147483647), 0)
-                c_hi = tl.max(tl.where(valid_n, ch, -1), 0)
                 for c in range(c_lo, c_hi + 1):
-                    pc = tl.where((ch == c)[None, :], p, 0.0)
-                    frow = vch_base + c * svch_c + offs_wu
-                    g0 = tl.load(frow)[None, :]
-                    g1 = g0
-                    g2 = g0
-                    g3 = g0
-                    if U > 1:
-                        g1 = tl.load(frow + WU)[None, :]
-                    if U > 2:
-                        g2 = tl.load(frow + 2 * WU)[None, :]
-                        g3 = tl.load(frow + 3 * WU)[None, :]
                     acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _v_update(
-                        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, pc, vs_t, vm_t, offs_g,
-                        vb0, vb1, vb2, vb3, g0, g1, g2, g3, BITS, WU, VG, U, CPP, USE_ASM, True)
+                        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, tl.where((ch == c)[None, :], p, 0.0),
+                        vb0, vb1, vb2, vb3, offs_n, valid_n, offs_wu, vs_base, vm_base, svs_n,
+                        vch_base + c * svch_c, BITS, WU, VG, U, CPP, USE_ASM, True)
         else:
             acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _v_update(
-                acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, p, vs_t, vm_t, offs_g,
-                vb0, vb1, vb2, vb3, f0, f1, f2, f3, BITS, WU, VG, U, CPP, USE_ASM, False)
-
-        if PREFETCH:
-            kb, vb0, vb1, vb2, vb3, vs_t, vm_t = n_kb, n_vb0, n_vb1, n_vb2, n_vb3, n_vs_t, n_vm_t
-            sc0, mn0, sc1, mn1, sc2, mn2, sc3, mn3 = n_sc0, n_mn0, n_sc1, n_mn1, n_sc2, n_mn2, n_sc3, n_mn3
-            f0, f1, f2, f3, vch_ok = n_f0, n_f1, n_f2, n_f3, n_vch_ok
-            grp, grp_n, ch, ch_n = grp_n, grp_nn, ch_n, ch_nn
+                acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, p, vb0, vb1, vb2, vb3,
+                offs_n, valid_n, offs_wu, vs_base, vm_base, svs_n, vch_base,
+                BITS, WU, VG, U, CPP, USE_ASM, False)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
-    row0 = ((b * H + h) * S_total + part) * (J * RT)
+    row0 = ((b * H + h) * S_total + part) * RT
     tl.store(pl_ptr + row0 + offs_m, tl.where(l_i > 0, m_i + tl.log2(l_safe), _NEG_INF), mask=row_valid)
     prow = po_ptr + (row0 + offs_m) * D
     _store_unit(acc0, 0, prow, offs_wu, l_safe, row_valid, WU)
@@ -477,16 +362,14 @@ def _fp_split(
     k_ptr, sk_b, sk_h, sk_n, v_ptr, sv_b, sv_h, sv_n,
     mask_ptr, smb, smt, smn, po_ptr, pl_ptr,
     b, h, split, part, N, tokens_per_split, key_offset, nt_total, H, S_total,
-    R: tl.constexpr, TQ: tl.constexpr, M: tl.constexpr, J: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
+    R: tl.constexpr, TQ: tl.constexpr, M: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, CAUSAL: tl.constexpr, F32_DOT: tl.constexpr,
 ):
-    """One split of the fp16 part: plain flash-decoding on stream 0 (rows of streams j > 0
-    stay empty and are written as such, so the partial layout matches the packed tiers)."""
+    """One split of the fp16 part: plain flash-decoding."""
     RT: tl.constexpr = R * TQ
     offs_m = tl.arange(0, M)
-    row_j = offs_m // RT
     row_r = offs_m % RT
-    row_valid = offs_m < J * RT
+    row_valid = offs_m < RT
     t = row_r % TQ
     q_row = q_ptr + b * sqb + (h * R + row_r // TQ) * sqh + t * sqt
     offs_d = tl.arange(0, D)
@@ -510,13 +393,12 @@ def _fp_split(
             k = k.to(tl.float32)
             v = v.to(tl.float32)
         s = tl.dot(q, tl.trans(k))
-        s = tl.where((row_j == 0)[:, None], s, _NEG_INF)
         s = _masked_scores(s, offs_n, valid_n, t, row_valid, b, key_offset, nt_total,
                            mask_ptr, smb, smt, smn, TQ, MASK_KIND, MASK_ROWS, CAUSAL)
         p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
-    row0 = ((b * H + h) * S_total + part) * (J * RT)
+    row0 = ((b * H + h) * S_total + part) * RT
     tl.store(pl_ptr + row0 + offs_m, tl.where(l_i > 0, m_i + tl.log2(l_safe), _NEG_INF), mask=row_valid)
     tl.store(po_ptr + (row0 + offs_m)[:, None] * D + offs_d[None, :], acc / l_safe[:, None], mask=row_valid[:, None])
 
@@ -546,13 +428,13 @@ def _decode_kernel(
     c_vch, c_svch_b, c_svch_h, c_svch_c, c_tc,
     f_k, f_sk_b, f_sk_h, f_sk_n, f_v, f_sv_b, f_sv_h, f_sv_n,
     mask_ptr, smb, smt, smn, po_ptr, pl_ptr,
-    NA, NC, NF, GA, GC, TSA, TSC, TSF, SA, SC, OFFA, OFFC, OFFF, part_base, nt_total, H, S_total,
-    R: tl.constexpr, TQ: tl.constexpr, M: tl.constexpr, J: tl.constexpr, D: tl.constexpr,
+    NA, NC, NF, TSA, TSC, TSF, SA, SC, OFFA, OFFC, OFFF, part_base, nt_total, H, S_total,
+    R: tl.constexpr, TQ: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
     HAS_A: tl.constexpr, BITS_A: tl.constexpr, VG_A: tl.constexpr, WU_A: tl.constexpr, VCH_A: tl.constexpr,
     HAS_C: tl.constexpr, BITS_C: tl.constexpr, VG_C: tl.constexpr, WU_C: tl.constexpr, VCH_C: tl.constexpr,
     HAS_F: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NF: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, CAUSAL: tl.constexpr, F32_DOT: tl.constexpr,
-    USE_ASM: tl.constexpr, PREFETCH: tl.constexpr,
+    USE_ASM: tl.constexpr,
 ):
     sid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -565,8 +447,8 @@ def _decode_kernel(
                           a_vc, a_svc_b, a_svc_h, a_svc_n, a_vs, a_vm, a_svs_b, a_svs_h, a_svs_n,
                           a_vch, a_svch_b, a_svch_h, a_svch_c, a_tc,
                           mask_ptr, smb, smt, smn, po_ptr, pl_ptr,
-                          b, h, sid, part_base + sid, NA, GA, TSA, OFFA, nt_total, H, S_total,
-                          R, TQ, M, J, D, BITS_A, VG_A, WU_A, VCH_A, BLOCK_N, MASK_KIND, MASK_ROWS, CAUSAL, USE_ASM, PREFETCH)
+                          b, h, sid, part_base + sid, NA, TSA, OFFA, nt_total, H, S_total,
+                          R, TQ, M, D, BITS_A, VG_A, WU_A, VCH_A, BLOCK_N, MASK_KIND, MASK_ROWS, CAUSAL, USE_ASM)
     elif sid < SA + SC:
         if HAS_C:
             _packed_split(q_ptr, sqb, sqh, sqt, qk_scale,
@@ -574,21 +456,21 @@ def _decode_kernel(
                           c_vc, c_svc_b, c_svc_h, c_svc_n, c_vs, c_vm, c_svs_b, c_svs_h, c_svs_n,
                           c_vch, c_svch_b, c_svch_h, c_svch_c, c_tc,
                           mask_ptr, smb, smt, smn, po_ptr, pl_ptr,
-                          b, h, sid - SA, part_base + sid, NC, GC, TSC, OFFC, nt_total, H, S_total,
-                          R, TQ, M, J, D, BITS_C, VG_C, WU_C, VCH_C, BLOCK_N, MASK_KIND, MASK_ROWS, CAUSAL, USE_ASM, PREFETCH)
+                          b, h, sid - SA, part_base + sid, NC, TSC, OFFC, nt_total, H, S_total,
+                          R, TQ, M, D, BITS_C, VG_C, WU_C, VCH_C, BLOCK_N, MASK_KIND, MASK_ROWS, CAUSAL, USE_ASM)
     else:
         if HAS_F:
             _fp_split(q_ptr, sqb, sqh, sqt, qk_scale,
                       f_k, f_sk_b, f_sk_h, f_sk_n, f_v, f_sv_b, f_sv_h, f_sv_n,
                       mask_ptr, smb, smt, smn, po_ptr, pl_ptr,
                       b, h, sid - SA - SC, part_base + sid, NF, TSF, OFFF, nt_total, H, S_total,
-                      R, TQ, M, J, D, BLOCK_NF, MASK_KIND, MASK_ROWS, CAUSAL, F32_DOT)
+                      R, TQ, M, D, BLOCK_NF, MASK_KIND, MASK_ROWS, CAUSAL, F32_DOT)
 
 
 @triton.jit(do_not_specialize=["E"])
 def _merge_kernel(po_ptr, pl_ptr, out_ptr, sob, soh, sot, E, H,
                   R: tl.constexpr, TQ: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr):
-    """out row = log-sum-exp merge of its E partials (splits x streams)."""
+    """out row = log-sum-exp merge of its E partials (one per split)."""
     bh = tl.program_id(0)
     row = tl.program_id(1)
     b = bh // H
@@ -638,8 +520,6 @@ def supported(query, segs) -> str | None:
             return f"{s.bits}-bit rows of {w} bytes are too narrow for tensor-core dots (need >= 16)"
         if wu < 16 or (w // wu) > 4 or d // wu > 8 or s.value_group % wu:
             return f"value_group {s.value_group} with {s.bits}-bit codes needs unit width >= 16 and <= 8 units"
-        if s.v_channel is not None and d // wu > 4:
-            return f"channel factors with value_group {s.value_group} at {s.bits} bits need <= 4 units"
         for name in ("k_codes", "v_codes", "k_scale", "k_min", "v_scale", "v_min", "v_channel"):
             t = getattr(s, name)
             if t is not None and t.stride(-1) != 1:
@@ -663,9 +543,8 @@ def _seg_args(seg: PackedSegment | None, dummy: torch.Tensor):
 
 def _seg_consts(seg: PackedSegment | None, d: int):
     if seg is None:
-        return dict(has=False, bits=2, vg=d, wu=16, vch=False, g=1)
-    return dict(has=True, bits=seg.bits, vg=seg.value_group, wu=unit_width(seg, d), vch=seg.v_channel is not None,
-                g=seg.k_scale.shape[2])
+        return dict(has=False, bits=2, vg=d, wu=16, vch=False)
+    return dict(has=True, bits=seg.bits, vg=seg.value_group, wu=unit_width(seg, d), vch=seg.v_channel is not None)
 
 
 def _bytes_per_token(seg: PackedSegment | None, d: int, fp_elem: int = 2) -> float:
@@ -676,9 +555,9 @@ def _bytes_per_token(seg: PackedSegment | None, d: int, fp_elem: int = 2) -> flo
 
 def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, causal,
                             block_n: int | None = None, block_n_fp: int = 64, num_warps: int = 4,
-                            num_stages: int = 1, programs_per_sm: float = 8.0, maxnreg: int | None = None,
-                            use_asm: bool | None = None, prefetch: bool = False):
-    """Defaults are the fastest measured on the H100 (benchmarks/NOTES.md, v4 sweep)."""
+                            num_stages: int = 2, programs_per_sm: float = 32.0, maxnreg: int | None = 128,
+                            use_asm: bool | None = None, tiers_per_launch: int = 2):
+    """Defaults are the fastest measured on the H100 (benchmarks/NOTES.md, v5; results/v5.json)."""
     from ._runtime import sm_count
 
     b, hq, tq, d = query.shape
@@ -686,7 +565,6 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, ca
     r = hq // heads
     rt = r * tq
     m_rows = max(16, _pow2(rt))
-    streams = m_rows // rt  # softmax streams per program (see _packed_split)
     dev = query.device
     segs = [s for s in segs if s.num_tokens > 0]
     segs = [dataclasses.replace(s, token_group=s.token_group.to(torch.int32),
@@ -712,8 +590,8 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, ca
         plan.append((seg, n, ts, -(-n // ts), offset))
         offset += n
     s_total = sum(p[3] for p in plan)
-    po = torch.empty((b * heads, s_total * streams, rt, d), device=dev, dtype=torch.float32)
-    pl = torch.empty((b * heads, s_total * streams, rt), device=dev, dtype=torch.float32)
+    po = torch.empty((b * heads, s_total, rt, d), device=dev, dtype=torch.float32)
+    pl = torch.empty((b * heads, s_total, rt), device=dev, dtype=torch.float32)
 
     if mask3 is None:
         mask_t, smb, smt, smn, mask_rows = query, 0, 0, 0, False
@@ -726,7 +604,10 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, ca
 
     packed = [p for p in plan if p[0] is not None]
     fp_part = next((p for p in plan if p[0] is None), None)
-    launches = [packed[i:i + 2] for i in range(0, len(packed), 2)] or [[]]
+    # One launch holds up to two tiers (its registers are the larger branch's); tiers_per_launch=1
+    # gives each tier its own launch and register count.
+    step = 2 if tiers_per_launch >= 2 else 1
+    launches = [packed[i:i + step] for i in range(0, len(packed), step)] or [[]]
     part_base = 0
     for li, pair in enumerate(launches):
         a = pair[0] if len(pair) > 0 else None
@@ -749,25 +630,25 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, ca
             *_seg_args(a[0] if a else None, dummy), *_seg_args(c[0] if c else None, dummy),
             fk, *fks, fv, *fvs,
             mask_t, smb, smt, smn, po, pl,
-            a[1] if a else 0, c[1] if c else 0, nf if f else 0, ca["g"], cc["g"],
+            a[1] if a else 0, c[1] if c else 0, nf if f else 0,
             a[2] if a else 1, c[2] if c else 1, f[2] if f else 1,
             sa, sc, a[4] if a else 0, c[4] if c else 0, f[4] if f else 0,
             part_base, nt, heads, s_total,
-            R=r, TQ=tq, M=m_rows, J=streams, D=d,
+            R=r, TQ=tq, M=m_rows, D=d,
             HAS_A=ca["has"], BITS_A=ca["bits"], VG_A=ca["vg"], WU_A=ca["wu"], VCH_A=ca["vch"],
             HAS_C=cc["has"], BITS_C=cc["bits"], VG_C=cc["vg"], WU_C=cc["wu"], VCH_C=cc["vch"],
             HAS_F=f is not None, BLOCK_N=block_n, BLOCK_NF=block_n_fp,
             MASK_KIND=mask_kind, MASK_ROWS=mask_rows, CAUSAL=bool(causal),
             F32_DOT=dev.type != "cuda" and k_fp is not None and k_fp.dtype == torch.bfloat16,
-            USE_ASM=(dev.type == "cuda") if use_asm is None else bool(use_asm), PREFETCH=bool(prefetch),
+            USE_ASM=(dev.type == "cuda") if use_asm is None else bool(use_asm),
             num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
         )
         part_base += grid[0]
         LAST_LAUNCH.update(n_regs=getattr(kernel, "n_regs", None), n_spills=getattr(kernel, "n_spills", None),
-                           grid=list(grid), block_n=block_n, num_warps=num_warps, streams=streams)
+                           grid=list(grid), block_n=block_n, num_warps=num_warps, num_stages=num_stages)
 
     out = torch.empty((b, hq, tq, d), device=dev, dtype=query.dtype)
-    e = s_total * streams
+    e = s_total
     _merge_kernel[(b * heads, rt)](po, pl, out, out.stride(0), out.stride(1), out.stride(2), e, heads,
                                    R=r, TQ=tq, D=d, BLOCK_S=min(64, _pow2(e)), num_warps=4)
     return out

@@ -7,7 +7,8 @@ GQA with Hq = R * Hkv (query head i reads KV head i // R).
 - `decode_attention_reference`: dequantize everything to float32, softmax in float32.
 - `decode_attention`: on CUDA (or with impl="triton" under TRITON_INTERPRET=1) one split-K
   Triton launch over all tiers reading codes + scales directly (no fp16 copy of the cache),
-  then a log-sum-exp merge launch. Elsewhere it falls back to the reference.
+  then a log-sum-exp merge launch (v5: one code path per tier, see benchmarks/NOTES.md).
+  Elsewhere it falls back to the reference.
 
 mask: bool (True = attend) or additive float, shaped [B, Nt], [B, Tq, Nt] or [B, 1, Tq, Nt]
 (Nt = all tokens). causal=True additionally hides from query t the keys after its own
@@ -102,7 +103,7 @@ def decode_attention(query, tiers=(), k_fp=None, v_fp=None, mask=None, scale=Non
                      impl: str = "auto", **tuning):
     """Attention output [B, Hq, Tq, D] in query's dtype. `tiers`: PackedTier-like objects in
     key order; `k_fp`/`v_fp`: the fp16 part [B, Hkv, Nf, D] or None. `tuning` (Triton path):
-    block_n, num_warps, num_stages, programs_per_sm."""
+    block_n, block_n_fp, num_warps, num_stages, programs_per_sm, maxnreg, use_asm, tiers_per_launch."""
     segs, heads = _check_inputs(query, tiers, k_fp, v_fp)
     if not use_triton(query.device, impl):
         return decode_attention_reference(query, segs, k_fp, v_fp, mask, scale, causal)
