@@ -159,3 +159,15 @@ def test_decode_one_launch_per_tier_three_tiers():
     for tpl in (1, 2):
         out = decode_attention(q, segs, kf, vf, impl="triton", block_n=32, block_n_fp=16, tiers_per_launch=tpl)
         assert rel_err(out, ref) < 3e-3
+
+
+def test_per_step_arguments_name_real_kernel_arguments():
+    """The unspecialized argument list must follow the kernel's signature when it changes
+    (a stale name is ignored or rejected depending on the Triton version)."""
+    import inspect
+
+    from zipkv.kernels import _triton_decode as kernel
+
+    names = inspect.signature(kernel._decode_kernel.fn).parameters
+    assert [a for a in kernel._PER_STEP_ARGS if a not in names] == []
+    assert {"NA", "NC", "NF", "nt_total", "f_sk_h"} <= set(kernel._PER_STEP_ARGS)

@@ -412,7 +412,7 @@ _PER_STEP_ARGS = [
     "sqb", "sqh", "a_skc_b", "a_skc_h", "a_sks_b", "a_sks_h", "a_svc_b", "a_svc_h", "a_svs_b", "a_svs_h",
     "a_svch_b", "a_svch_h", "c_skc_b", "c_skc_h", "c_sks_b", "c_sks_h", "c_svc_b", "c_svc_h", "c_svs_b",
     "c_svs_h", "c_svch_b", "c_svch_h", "f_sk_b", "f_sk_h", "f_sv_b", "f_sv_h", "smb", "smt",
-    "NA", "NC", "NF", "GA", "GC", "TSA", "TSC", "TSF", "SA", "SC", "OFFA", "OFFC", "OFFF", "part_base",
+    "NA", "NC", "NF", "TSA", "TSC", "TSF", "SA", "SC", "OFFA", "OFFC", "OFFF", "part_base",
     "nt_total", "S_total",
 ]
 
