@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import torch
-from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
+from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 
 from ..attention import enable_zipkv_attention
 from .config import CompressionConfig

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from transformers.cache_utils import CacheLayerMixin
+from .layer_base import ZipkvLayer, query_length_of
 
 from ..attention import forget, hand_queries_to
 from .layer import to_store_dtype
@@ -37,10 +37,7 @@ def repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=1)
 
 
-class EvictingLayer(CacheLayerMixin):
-    is_sliding = False
-    is_compileable = False
-    is_croppable = False
+class EvictingLayer(ZipkvLayer):
 
     def __init__(self, policy, layer_idx: int, keep_model_dtype: bool = False):
         super().__init__()
@@ -137,16 +134,9 @@ class EvictingLayer(CacheLayerMixin):
         return self.logical_length
 
     def get_mask_sizes(self, query_length) -> tuple[int, int]:
-        if isinstance(query_length, torch.Tensor):  # transformers < 5.4 passes cache_position
-            query_length = query_length.shape[0]
+        query_length = query_length_of(query_length)
         held = self.physical_length()
         return held + query_length, self.logical_length - held
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def get_max_cache_shape(self) -> int:  # abstract in transformers < 5.3
-        return -1
 
     def reset(self) -> None:
         owner = self.owner
@@ -169,15 +159,8 @@ class EvictingLayer(CacheLayerMixin):
                 setattr(self, name, tensor.index_select(0, index))
         self.batch_size = int(index.numel())
 
-    def reorder_cache(self, beam_idx):
-        self._select_batch(beam_idx)
-
-    def batch_select_indices(self, indices):
-        self._select_batch(indices)
-
-    def batch_repeat_interleave(self, repeats: int):
-        if self.is_initialized:
-            self._select_batch(torch.arange(self.batch_size, device=self.device).repeat_interleave(repeats))
+    def batch_rows(self) -> int:
+        return self.batch_size
 
     def missing_attention_error(self) -> RuntimeError:
         return RuntimeError(

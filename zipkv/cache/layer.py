@@ -16,7 +16,7 @@ over by zipkv's attention function through `observe()`.
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import CacheLayerMixin
+from .layer_base import ZipkvLayer
 
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -98,10 +98,7 @@ def _overwrite_padding(keys, values, is_real):
     return torch.where(pad, keys.gather(2, index), keys), torch.where(pad, values.gather(2, index), values)
 
 
-class ZipCacheLayer(CacheLayerMixin):
-    is_sliding = False
-    is_compileable = False
-    is_croppable = False
+class ZipCacheLayer(ZipkvLayer):
 
     def __init__(self, settings: CompressionConfig, layer_idx: int):
         super().__init__()
@@ -218,17 +215,6 @@ class ZipCacheLayer(CacheLayerMixin):
             return 0
         return sum(t.num_tokens for t in self.tiers()) + self.keys.shape[2]
 
-    def get_mask_sizes(self, query_length) -> tuple[int, int]:
-        if isinstance(query_length, torch.Tensor):  # transformers < 5.4 passes cache_position
-            query_length = query_length.shape[0]
-        return self.get_seq_length() + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def get_max_cache_shape(self) -> int:  # transformers < 5.3 names get_max_length so
-        return -1
-
     def reset(self) -> None:
         owner = self.owner
         self.__init__(self.settings, self.layer_idx)
@@ -244,15 +230,8 @@ class ZipCacheLayer(CacheLayerMixin):
         for tier in self.tiers():
             tier.select_batch(index)
 
-    def reorder_cache(self, beam_idx):
-        self._select_batch(beam_idx)
-
-    def batch_select_indices(self, indices):
-        self._select_batch(indices)
-
-    def batch_repeat_interleave(self, repeats: int):
-        if self.is_initialized:
-            self._select_batch(torch.arange(self.keys.shape[0], device=self.device).repeat_interleave(repeats))
+    def batch_rows(self) -> int:
+        return self.keys.shape[0]
 
     def crop(self, tokens_to_remove: int):
         raise NotImplementedError("zipkv caches cannot be cropped (quantized tokens are not re-materialized)")

@@ -14,16 +14,13 @@ merges nothing (lossless by design), which keeps the model's dtype and equals Dy
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import CacheLayerMixin
+from .layer_base import ZipkvLayer
 
 from .layer import to_store_dtype
 from .merged_pair import MergedPair
 
 
-class MiniCacheLayer(CacheLayerMixin):
-    is_sliding = False
-    is_compileable = False
-    is_croppable = False
+class MiniCacheLayer(ZipkvLayer):
 
     def __init__(
         self, layer_idx: int, keep_model_dtype: bool = False, pair: MergedPair | None = None, side: str | None = None
@@ -77,17 +74,6 @@ class MiniCacheLayer(CacheLayerMixin):
     def get_seq_length(self) -> int:
         return self.prefill_length + self.keys.shape[2] if self.is_initialized else 0
 
-    def get_mask_sizes(self, query_length) -> tuple[int, int]:
-        if isinstance(query_length, torch.Tensor):  # transformers < 5.4 passes cache_position
-            query_length = query_length.shape[0]
-        return self.get_seq_length() + query_length, 0
-
-    def get_max_length(self) -> int:
-        return -1
-
-    def get_max_cache_shape(self) -> int:  # transformers < 5.3 names get_max_length so
-        return -1
-
     def reset(self) -> None:
         if self.pair is not None:
             self.pair.reset()  # idempotent: both layers of the pair may call it
@@ -103,15 +89,8 @@ class MiniCacheLayer(CacheLayerMixin):
         if self.pair is not None and self.side == "a":
             self.pair.select_batch(index)
 
-    def reorder_cache(self, beam_idx):
-        self._select_batch(beam_idx)
-
-    def batch_select_indices(self, indices):
-        self._select_batch(indices)
-
-    def batch_repeat_interleave(self, repeats: int):
-        if self.is_initialized:
-            self._select_batch(torch.arange(self.keys.shape[0], device=self.device).repeat_interleave(repeats))
+    def batch_rows(self) -> int:
+        return self.keys.shape[0]
 
     def crop(self, tokens_to_remove: int):
         raise NotImplementedError("MiniCache cannot be cropped (merged tokens are not re-materialized)")

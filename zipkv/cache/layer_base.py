@@ -1,0 +1,50 @@
+"""What every zipkv per-layer cache shares: transformers' layer interface around two methods.
+
+A subclass implements `get_seq_length()`, `batch_rows()` and `_select_batch(index)` (keep the
+batch rows `index`, in that order); beam search reordering, batch selection and repetition,
+the mask sizes of an append-only layer and the "no maximum length" answers follow from them.
+"""
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+
+def query_length_of(query_length) -> int:
+    """transformers >= 5.4 passes the query length, older versions the cache_position tensor."""
+    return query_length.shape[0] if isinstance(query_length, torch.Tensor) else int(query_length)
+
+
+class ZipkvLayer(CacheLayerMixin):
+    is_sliding = False
+    is_compileable = False
+    is_croppable = False
+
+    def get_mask_sizes(self, query_length) -> tuple[int, int]:
+        """(kv_length, kv_offset) for the model's mask: every held token plus the new ones."""
+        return self.get_seq_length() + query_length_of(query_length), 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:  # abstract in transformers < 5.3
+        return -1
+
+    def batch_rows(self) -> int:
+        raise NotImplementedError
+
+    def _select_batch(self, index: torch.Tensor) -> None:
+        raise NotImplementedError
+
+    def reorder_cache(self, beam_idx):
+        self._select_batch(beam_idx)
+
+    def batch_select_indices(self, indices):
+        self._select_batch(indices)
+
+    def batch_repeat_interleave(self, repeats: int):
+        if self.is_initialized:
+            self._select_batch(torch.arange(self.batch_rows(), device=self.device).repeat_interleave(repeats))
+
+
+__all__ = ["ZipkvLayer", "query_length_of"]
