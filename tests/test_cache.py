@@ -6,16 +6,12 @@ from transformers import DynamicCache
 
 import zipkv
 from zipkv.cache.layer import ZipCacheLayer
-from tiny_models import ARCHS, tiny_model
+from tiny_models import ARCHS, tiny_model, padded_batch
 
 
-def _padded_batch(seed=1, length=48, pad=9):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 250, (2, length), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :pad] = 0
-    ids[1, :pad] = 0
-    return ids, mask
+
+def _padded_batch(length=48, pad=9, seed=1, batch=2):
+    return padded_batch(length=length, pad=pad, seed=seed, batch=batch)
 
 
 def _generate(model, cache, ids, mask, n=12):

@@ -11,7 +11,7 @@ from zipkv.eviction import adakv_head_budgets, pyramid_budgets, zipvl_important_
 from zipkv.eviction.scorers.base import window_attention
 from zipkv.eviction_cache import make_eviction_cache
 from test_eviction_cache_positions import held_positions
-from tiny_models import tiny_model
+from tiny_models import tiny_model, padded_batch
 
 D, HKV, HQ = 16, 2, 4  # tiny models: head dim 16, 2 KV heads, 4 query heads
 
@@ -24,13 +24,9 @@ def one_thread():
     torch.set_num_threads(previous)
 
 
+
 def _batch(length=48, pad=6, seed=1, batch=2):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 250, (batch, length), generator=g)
-    mask = torch.ones_like(ids)
-    if batch > 1:
-        ids[1, :pad], mask[1, :pad] = 0, 0
-    return ids, mask
+    return padded_batch(length=length, pad=pad, seed=seed, batch=batch)
 
 
 def _prefill(model, cache, ids, mask=None):

@@ -10,7 +10,7 @@ import zipkv
 from zipkv.cache.minicache import MiniCache, merged_pairs
 from zipkv.cache.minicache_layer import MiniCacheLayer
 from zipkv.merge import angular_distance, merge_states, restore_states, retained_count, slerp
-from tiny_models import tiny_model
+from tiny_models import tiny_model, padded_batch
 
 
 def _restore(merged, side):
@@ -105,13 +105,9 @@ def test_merge_rejects_bad_fractions(kwargs, match):
 
 # ---- the cache -----------------------------------------------------------------------------
 
-def _padded_batch(seed=1, length=48, pad=9):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 250, (2, length), generator=g)
-    mask = torch.ones_like(ids)
-    mask[1, :pad] = 0
-    ids[1, :pad] = 0
-    return ids, mask
+
+def _padded_batch(length=48, pad=9, seed=1, batch=2):
+    return padded_batch(length=length, pad=pad, seed=seed, batch=batch)
 
 
 def _generate(model, cache, ids, mask, n=12, **kwargs):

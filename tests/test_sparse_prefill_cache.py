@@ -15,19 +15,15 @@ from zipkv.eviction import ZipCacheScorer, rank_tokens, zipvl_important_count
 from zipkv.eviction.scorers.base import window_attention
 from zipkv.eviction_cache import make_eviction_cache
 from zipkv.kernels.sparse_prefill import pad_keep_indices, sparse_prefill_reference, sparse_prefill_scatter
-from tiny_models import tiny_model
+from tiny_models import tiny_model, padded_batch
 
 D, HKV, HQ = 16, 2, 4  # tiny models: head dim 16, 2 KV heads, 4 query heads
 PROBES = dict(probe_recent=4, probe_random=4)
 
 
+
 def _batch(length=40, pad=6, seed=1, batch=2):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, 250, (batch, length), generator=g)
-    mask = torch.ones_like(ids)
-    if batch > 1:
-        ids[1, :pad], mask[1, :pad] = 0, 0
-    return ids, mask
+    return padded_batch(length=length, pad=pad, seed=seed, batch=batch)
 
 
 @pytest.mark.parametrize("method", ["zipvl", "zipvl_v2"])

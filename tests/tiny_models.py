@@ -40,3 +40,13 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
 
 
 ARCHS = ("llama", "qwen2", "mistral", "gemma3")
+
+
+def padded_batch(length: int = 48, pad: int = 6, seed: int = 1, batch: int = 2):
+    """(input_ids, attention_mask) of random tokens; row 1 left-padded by `pad` tokens."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 250, (batch, length), generator=g)
+    mask = torch.ones_like(ids)
+    if batch > 1:
+        ids[1, :pad], mask[1, :pad] = 0, 0
+    return ids, mask
