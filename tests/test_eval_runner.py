@@ -127,12 +127,30 @@ def test_cli_end_to_end_writes_results_summary_and_plots(tmp_path, capsys):
     assert "uniform:bits=4" in capsys.readouterr().out
 
 
+def test_cli_workers_split_the_cases_and_merge_what_one_process_would_write(tmp_path):
+    args = ["eval", "--model", "tiny-random", "--tasks", "passkey", "--methods", "hf-dynamic", "uniform:bits=4",
+            "--lengths", "600", "--count", "3", "--seed", "3", "--threads", "1", "--no-plots"]
+    assert eval_cli.main(args + ["--out", str(tmp_path / "one")]) == 0
+    assert eval_cli.main(args + ["--out", str(tmp_path / "two"), "--workers", "2"]) == 0
+    shard_rows = [len(ResultStore(tmp_path / "two" / "shards" / k).rows()) for k in "01"]
+    assert shard_rows == [4, 2]  # cases 0 and 2 in shard 0, case 1 in shard 1, two methods each
+
+    def outcome(folder):
+        return {(r["case_id"], r["method_label"]): (r["score"], r["bytes_held"])
+                for r in ResultStore(tmp_path / folder).latest()}
+
+    assert outcome("two") == outcome("one") and len(outcome("one")) == 6
+    assert (tmp_path / "two" / "summary.csv").stat().st_size > 0
+
+
 def test_cli_rejects_bad_options(tmp_path):
     with pytest.raises(SystemExit) as e:
         eval_cli.main(["eval", "--model", "tiny-random", "--lengths", "10", "--out", str(tmp_path)])
     assert e.value.code == 2
     with pytest.raises(SystemExit):
         eval_cli.main(["eval", "--model", "tiny-random", "--tasks", "nope", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        eval_cli.main(["eval", "--model", "tiny-random", "--workers", "0", "--out", str(tmp_path)])
 
 
 def test_shards_partition_the_cases(tiny, tmp_path):
