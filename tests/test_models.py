@@ -313,3 +313,23 @@ def test_embedded_model_zipkv_preset_keeps_the_pass_key_compressed(converted_and
         model.config._attn_implementation = attn
     assert "58213" in tokenizer.decode(out[0, full.shape[1]:])
     assert ratio > 4.0  # keys 4-bit + values 2-bit + their scales, measured on the tensors held
+
+
+@pytest.mark.slow
+def test_readme_python_example_runs_as_written(converted_and_cached, capsys, monkeypatch):
+    """The README's Python block, executed verbatim (docs that match the code)."""
+    import re
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"## Python\n\n```python\n(.*?)```", readme, re.S).group(1)
+    _, model, tokenizer, _ = converted_and_cached
+    attn = model.config._attn_implementation
+    monkeypatch.setattr(models, "load_default_model", lambda *a, **k: (model, tokenizer))
+    try:
+        exec(compile(block, "README.md", "exec"), {})
+    finally:
+        model.config._attn_implementation = attn
+    printed = capsys.readouterr().out.strip().splitlines()
+    held, fp16, ratio = printed[-1].split()
+    assert 0 < int(held) < int(fp16) and float(ratio.rstrip("x")) > 1.0
