@@ -141,6 +141,9 @@ def test_cli_workers_split_the_cases_and_merge_what_one_process_would_write(tmp_
 
     assert outcome("two") == outcome("one") and len(outcome("one")) == 6
     assert (tmp_path / "two" / "summary.csv").stat().st_size > 0
+    # a single-process run resumed with workers runs nothing again
+    assert eval_cli.main(args + ["--out", str(tmp_path / "one"), "--workers", "3"]) == 0
+    assert len(ResultStore(tmp_path / "one").rows()) == 6
 
 
 def test_cli_rejects_bad_options(tmp_path):

@@ -8,6 +8,7 @@ from which the summary and plots are made as in a single-process run.
 """
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import time
@@ -49,8 +50,12 @@ def run_workers(args, out: Path, console) -> tuple[list[dict[str, Any]], int]:
     n = args.workers
     folders = [out / SHARDS_DIR / str(k) for k in range(n)]
     procs = []
+    parent_rows = out / RESULTS_FILE
     for k, folder in enumerate(folders):
         folder.mkdir(parents=True, exist_ok=True)
+        if parent_rows.exists() and not (folder / RESULTS_FILE).exists():
+            # rows finished earlier (one process, or other shard counts) are not run again
+            shutil.copyfile(parent_rows, folder / RESULTS_FILE)
         log = (folder / "log.txt").open("a", encoding="utf-8")
         cmd = [sys.executable, "-m", "zipkv.eval.cli", *child_argv(args, k, n, folder)]
         procs.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), log))
