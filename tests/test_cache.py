@@ -7,6 +7,7 @@ from transformers import DynamicCache
 import zipkv
 from zipkv.cache.layer import ZipCacheLayer
 from tiny_models import ARCHS, tiny_model, padded_batch
+from held_tensors import held_bytes, reachable_tensors
 
 
 
@@ -66,23 +67,6 @@ def test_padded_row_matches_its_unpadded_run():
     assert torch.equal(both[1, 40:], alone[0, 33:])
 
 
-def _all_tensors(obj, seen=None):
-    """Every tensor reachable from obj's attributes (lists included)."""
-    seen = set() if seen is None else seen
-    found = []
-    if id(obj) in seen:
-        return found
-    seen.add(id(obj))
-    items = vars(obj).values() if hasattr(obj, "__dict__") else obj
-    for value in items:
-        if isinstance(value, torch.Tensor):
-            if id(value) not in seen:
-                seen.add(id(value))
-                found.append(value)
-        elif isinstance(value, (list, tuple)) or type(value).__module__.startswith("zipkv.cache."):
-            found += _all_tensors(value, seen)
-    return found
-
 
 @pytest.mark.parametrize("method", ["zipcache", "zipkv", "kivi", "uniform", "full"])
 def test_stats_count_every_tensor_held(method):
@@ -91,7 +75,7 @@ def test_stats_count_every_tensor_held(method):
     cache = zipkv.make_cache(method, model.config)
     _generate(model, cache, ids, mask, n=5)
     layer = cache.layers[0]
-    reachable = _all_tensors(layer)
+    reachable = reachable_tensors(layer)
     assert sum(t.numel() * t.element_size() for t in reachable) == cache.stats().bytes_held
     tokens = 154
     assert cache.stats().fp16_bytes == 2 * tokens * 2 * 2 * 16 * 2  # K+V, batch 2, 2 heads, dim 16, 2 bytes
@@ -212,6 +196,6 @@ def test_values_can_use_fewer_bits_than_keys():
     tier = layer.low if layer.low.num_tokens else layer.high
     assert tier.k_codes.shape[-1] == 16 * 4 // 8 and tier.v_codes.shape[-1] == 16 * 2 // 8
     assert not cache.settings.needs_queries  # one tier format for every token: nothing to score
-    assert sum(t.numel() * t.element_size() for t in _all_tensors(layer)) == cache.stats().bytes_held
+    assert held_bytes(layer) == cache.stats().bytes_held
     with pytest.raises(ValueError, match="value_bits"):
         zipkv.make_cache("zipcache", model.config, low_value_bits=3)

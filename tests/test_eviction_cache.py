@@ -12,17 +12,9 @@ from zipkv.eviction.scorers.base import window_attention
 from zipkv.eviction_cache import make_eviction_cache
 from test_eviction_cache_positions import held_positions
 from tiny_models import tiny_model, padded_batch
+from held_tensors import reachable_tensors
 
 D, HKV, HQ = 16, 2, 4  # tiny models: head dim 16, 2 KV heads, 4 query heads
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 
 
 def _batch(length=48, pad=6, seed=1, batch=2):
@@ -87,23 +79,6 @@ def test_packed_bytes_equal_kept_tokens_storage():
         assert layer.nbytes() < 0.5 * 2 * int(n.sum()) * HKV * 2 * D * 2  # far below fp16 for those tokens
 
 
-def _all_tensors(obj, seen):
-    found = []
-    items = vars(obj).items() if hasattr(obj, "__dict__") else enumerate(obj)
-    for name, value in items:
-        if name in ("policy", "owner", "recorded", "tier_stores"):  # shared / aliases of parts
-            continue
-        if isinstance(value, torch.Tensor):
-            if id(value) not in seen:
-                seen.add(id(value))
-                found.append(value)
-        elif isinstance(value, (list, tuple, dict)):
-            found += _all_tensors(value.values() if isinstance(value, dict) else value, seen) if not isinstance(
-                value, dict) else _all_tensors(list(value.values()), seen)
-        elif hasattr(value, "__dict__") and type(value).__module__.startswith("zipkv"):
-            found += _all_tensors(value, seen)
-    return found
-
 
 @pytest.mark.parametrize("method,params", [
     ("h2o", dict(ratio=0.3)), ("adakv", dict(ratio=0.3, **SNAP)), ("zipvl", dict(stream_interval=4)),
@@ -117,7 +92,7 @@ def test_stats_count_every_tensor_held(method, params):
         model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=7, do_sample=False,
                        pad_token_id=0)
     for i, layer in enumerate(cache.evicting_layers()):
-        reachable = _all_tensors(layer, set())
+        reachable = reachable_tensors(layer)
         assert sum(t.numel() * t.element_size() for t in reachable) == cache.stats().bytes_per_layer[i]
     assert not cache.stats().masked_only
 

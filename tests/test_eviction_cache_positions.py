@@ -12,16 +12,6 @@ from zipkv.eviction_cache import make_eviction_cache
 from tiny_models import tiny_model
 
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models on a busy 2-core machine: one thread avoids oversubscription (10x faster)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 REFERENCE = "masked_reference"
 _KEEP = {}  # layer_idx -> bool [B, Hkv, L]: which cached positions the reference may attend
 

@@ -11,6 +11,7 @@ from zipkv.cache.minicache import MiniCache, merged_pairs
 from zipkv.cache.minicache_layer import MiniCacheLayer
 from zipkv.merge import angular_distance, merge_states, restore_states, retained_count, slerp
 from tiny_models import tiny_model, padded_batch
+from held_tensors import reachable_tensors
 
 
 def _restore(merged, side):
@@ -182,27 +183,6 @@ def test_hybrid_sliding_model_generates():
     assert torch.equal(_generate(model, cache, ids, mask, n=6), expected)
 
 
-def _all_tensors(obj, seen):
-    """Every tensor reachable from obj's attributes (lists, tuples, dicts, zipkv.cache objects)."""
-    found = []
-    if id(obj) in seen:
-        return found
-    seen.add(id(obj))
-    if isinstance(obj, dict):
-        items = obj.values()
-    elif isinstance(obj, (list, tuple)):
-        items = obj
-    else:
-        items = vars(obj).values()
-    for value in items:
-        if isinstance(value, torch.Tensor):
-            if id(value) not in seen:
-                seen.add(id(value))
-                found.append(value)
-        elif isinstance(value, (list, tuple, dict)) or type(value).__module__.startswith("zipkv.cache."):
-            found += _all_tensors(value, seen)
-    return found
-
 
 @pytest.mark.parametrize("direction_bits", [16, 4])
 def test_stats_count_every_tensor_held_once(direction_bits):
@@ -211,7 +191,7 @@ def test_stats_count_every_tensor_held_once(direction_bits):
     cache = zipkv.make_cache("minicache", model.config, start_layer=1, direction_bits=direction_bits)
     _generate(model, cache, ids, mask, n=5)
     seen = set()
-    reachable = [t for layer in cache.layers for t in _all_tensors(layer, seen)]
+    reachable = [t for layer in cache.layers for t in reachable_tensors(layer, seen)]
     assert sum(t.numel() * t.element_size() for t in reachable) == cache.stats().bytes_held
     # by hand: batch 2, 2 KV heads, head dim 16, 40 prompt tokens (2 retained), 4 decoded
     b, h, d, n, k, new = 2, 2, 16, 40, 2, 4

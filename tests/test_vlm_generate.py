@@ -3,6 +3,7 @@ Qwen2-VL, Qwen2.5-VL; generate(), batch 2 with left padding, text + image inputs
 
 import pytest
 import torch
+from held_tensors import held_bytes
 from transformers import DynamicCache
 
 import zipkv
@@ -10,15 +11,6 @@ from zipkv.cache.layer import ZipCacheLayer
 from zipkv.vlm.tiny import ARCHS, greedy, image_prompts, tiny_vlm
 
 pytest.importorskip("PIL")  # the LLaVA processors' image backend
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls: one thread is faster, and much faster on a busy 2-core runner.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # LLaVA-NeXT's image token count depends on the image size (anyres tiles): rows differ
@@ -118,26 +110,6 @@ def _expected_tiers(prompt, real_min, new_tokens, ratio=0.6, interval=100):
     return low + blocks * (interval - block_high), high + blocks * block_high, fed - blocks * interval
 
 
-def _all_tensors(obj, seen=None):
-    """Every distinct tensor reachable from obj through zipkv objects, lists and dicts (each
-    object visited once: layers point back at their cache)."""
-    seen = set() if seen is None else seen
-    if id(obj) in seen:
-        return []
-    seen.add(id(obj))
-    found = []
-    items = obj.values() if isinstance(obj, dict) else vars(obj).values() if hasattr(obj, "__dict__") else obj
-    for value in items:
-        if isinstance(value, torch.Tensor):
-            if id(value) not in seen:
-                seen.add(id(value))
-                found.append(value)
-        elif isinstance(value, (list, tuple, dict)) or (
-            hasattr(value, "__dict__") and type(value).__module__.startswith("zipkv")
-        ):
-            found += _all_tensors(value, seen)
-    return found
-
 
 @pytest.mark.parametrize("arch", ["llava", "qwen2_vl"])
 def test_zipcache_decodes_200_tokens(arch):
@@ -155,7 +127,7 @@ def test_zipcache_decodes_200_tokens(arch):
         assert layer.low.k_codes.shape == (2, 2, low, 16 * 2 // 8)
         assert layer.high.v_codes.shape == (2, 2, high, 16 * 4 // 8)
     stats = cache.stats()
-    held = sum(t.numel() * t.element_size() for t in _all_tensors(cache))
+    held = held_bytes(cache)
     assert stats.bytes_held == held
     assert stats.fp16_bytes == 2 * 2 * (prompt + 209) * 2 * 16 * 2 * 2  # layers, K+V, tokens, B, H, D, bytes
     assert stats.ratio > 3.0

@@ -3,6 +3,7 @@ bits and ratio (fixed or ZipVL's tau), and stats split by modality."""
 
 import pytest
 import torch
+from held_tensors import held_bytes
 from transformers import DynamicCache
 
 from zipkv.vlm import IMAGE, TEXT, VIDEO, VisualCompressionConfig, make_vlm_cache, token_modality, visual_spans
@@ -11,38 +12,6 @@ from zipkv.vlm.tiny import SPECIAL, greedy, image_prompts, tiny_vlm
 
 pytest.importorskip("PIL")  # the LLaVA processors' image backend
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-def _all_tensors(obj, seen=None):
-    """Every distinct tensor reachable from obj through zipkv objects, lists and dicts (each
-    object visited once: layers point back at their cache)."""
-    seen = set() if seen is None else seen
-    if id(obj) in seen:
-        return []
-    seen.add(id(obj))
-    found = []
-    items = obj.values() if isinstance(obj, dict) else vars(obj).values() if hasattr(obj, "__dict__") else obj
-    for value in items:
-        if isinstance(value, torch.Tensor):
-            if id(value) not in seen:
-                seen.add(id(value))
-                found.append(value)
-        elif isinstance(value, (list, tuple, dict)) or (
-            hasattr(value, "__dict__") and type(value).__module__.startswith("zipkv")
-        ):
-            found += _all_tensors(value, seen)
-    return found
-
-
-def _held(cache):
-    return sum(t.numel() * t.element_size() for t in _all_tensors(cache))
 
 
 # -- which positions are visual ---------------------------------------------------------------------
@@ -85,7 +54,7 @@ def test_lossless_visual_cache_equals_dynamic_cache_and_counts_modalities(arch):
     assert stats.tokens["visual"] == [n_visual] * 2
     assert stats.tokens["padding"] == [n_padding] * 2
     assert stats.tokens["text"] == [total - n_visual - n_padding] * 2
-    assert stats.bytes_held == cache.stats().bytes_held == _held(cache)
+    assert stats.bytes_held == cache.stats().bytes_held == held_bytes(cache)
 
 
 def test_visual_tokens_get_their_own_tiers_and_bits():
@@ -121,7 +90,7 @@ def test_visual_tokens_get_their_own_tiers_and_bits():
     head_dim, heads = 16, 2
     assert stats.bits_per_value("visual", head_dim, heads) >= 16
     assert stats.bits_per_value("text", head_dim, heads) < 12
-    assert stats.bytes_held == cache.stats().bytes_held == _held(cache)
+    assert stats.bytes_held == cache.stats().bytes_held == held_bytes(cache)
 
 
 def test_visual_salient_ratio_and_surplus_visual_tokens():
@@ -148,7 +117,7 @@ def test_visual_salient_ratio_and_surplus_visual_tokens():
     stats = cache.modality_stats()
     assert stats.tokens["visual"] == [sum(per_row)] * 2
     assert stats.high_fraction["visual"] == [round(0.25 * v) / v] * 2
-    assert stats.bytes_held == cache.stats().bytes_held == _held(cache)
+    assert stats.bytes_held == cache.stats().bytes_held == held_bytes(cache)
 
 
 def test_padded_row_matches_its_unpadded_run():
@@ -229,7 +198,7 @@ def test_zipvl_preset_reports_important_fractions():
         out = greedy(model, inputs, cache, 5)
         assert out.shape == (2, inputs["input_ids"].shape[1] + 5)
         fractions[tau] = cache.modality_stats().high_fraction
-        assert cache.modality_stats().bytes_held == _held(cache)
+        assert cache.modality_stats().bytes_held == held_bytes(cache)
     for modality in ("text", "visual"):
         for low, high in zip(fractions[0.5][modality], fractions[0.97][modality]):
             assert 0 < low < high <= 1

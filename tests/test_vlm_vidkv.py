@@ -20,14 +20,6 @@ from zipkv.vlm.vidkv import (
 from zipkv.vlm.vidkv_tier import VidKVTier
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def test_bit_and_trit_packing_round_trip():
     g = torch.Generator().manual_seed(0)
     bits = torch.rand(3, 2, 40, generator=g) > 0.5
