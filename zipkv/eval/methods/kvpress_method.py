@@ -4,7 +4,8 @@ kvpress 0.5.5 pins transformers < 5.3, so it runs beside zipkv only with
 transformers 5.2.x (zipkv supports >= 5.2):
 
     python -m venv .venv-kvpress && . .venv-kvpress/bin/activate
-    pip install "transformers>=5.2,<5.3" kvpress==0.5.5 && pip install -e ".[eval]"
+    pip install torch==2.13.0 && pip install "transformers==5.2.0" kvpress==0.5.5
+    pip install -e ".[eval]" "transformers==5.2.0"   (full list: zipkv/eval/README.md)
 
 Spec examples: kvpress-snapkv:compression_ratio=0.5, kvpress-adakv:press=snapkv,compression_ratio=0.5.
 A press hooks the attention modules during the context prefill and prunes the
