@@ -8,12 +8,12 @@ import argparse
 import sys
 from pathlib import Path
 
-DEFAULT_METHODS = ("full", "zipcache", "kivi", "uniform")
+DEFAULT_METHODS = ("full", "zipkv", "zipcache", "kivi", "uniform")
 DEFAULT_LENGTHS = (1024,)
 TINY = "tiny-random"
 
 EPILOG = """\
-methods: NAME[:key=value,...]; zipkv presets (full, zipcache, kivi, uniform, ...)
+methods: NAME[:key=value,...]; zipkv presets (full, zipkv, zipcache, kivi, uniform, ...)
   take make_cache parameters, e.g. zipcache:high_bits=4,low_bits=2,salient_ratio=0.6.
   Baselines: hf-dynamic (transformers DynamicCache), hf-quanto:nbits=2|4, hf-hqq:nbits=..,
   hf-fp8 (transformers QuantizedCache), kvpress-snapkv:compression_ratio=0.5 (needs kvpress,
