@@ -25,10 +25,9 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from .layer_base import ZipkvLayer, query_length_of
+from .layer_base import ZipkvLayer, query_length_of, storage_dtype, to_store_dtype
 
 from ..attention import forget, hand_queries_to
-from .layer import to_store_dtype
 from .stats import tensor_bytes
 
 
@@ -65,9 +64,7 @@ class EvictingLayer(ZipkvLayer):
         self.dtype, self.device = key_states.dtype, key_states.device
         # Like ZipCache: kept tokens are fp16 for fp32 models (bf16 for bf16 ones), unless
         # the cache is lossless by design (full / recording).
-        self.store_dtype = self.dtype
-        if self.dtype == torch.float32 and not self.keep_model_dtype:
-            self.store_dtype = torch.float16
+        self.store_dtype = storage_dtype(self.dtype, self.keep_model_dtype)
         b, h, _, d = key_states.shape
         self.batch_size, self.num_heads, self.head_dim = b, h, d
         self.recent_keys = key_states.new_zeros(b, h, 0, d, dtype=self.store_dtype)

@@ -16,7 +16,7 @@ over by zipkv's attention function through `observe()`.
 from __future__ import annotations
 
 import torch
-from .layer_base import ZipkvLayer
+from .layer_base import ZipkvLayer, storage_dtype, to_store_dtype
 
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
@@ -78,16 +78,6 @@ def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
 
 
-def to_store_dtype(states: torch.Tensor, dtype: torch.dtype, name: str, layer_idx: int) -> torch.Tensor:
-    """`states` in the cache's storage dtype; NaN/inf, or values the cast overflows, raise."""
-    if states.dtype == dtype:
-        return states
-    stored = states.to(dtype)
-    if not torch.isfinite(stored).all():
-        what = "NaN/inf" if not torch.isfinite(states).all() else "values beyond the fp16 range"
-        raise ValueError(f"{name} of layer {layer_idx} contain {what}")
-    return stored
-
 
 def _overwrite_padding(keys, values, is_real):
     """Give padding tokens the states of their row's first real token of the block. They are
@@ -122,9 +112,7 @@ class ZipCacheLayer(ZipkvLayer):
         self.dtype, self.device = key_states.dtype, key_states.device
         # The fp16 part of a lossy cache is fp16 even for fp32 models (bf16 for bf16 ones);
         # only a lossless cache keeps the model's own dtype, to equal DynamicCache exactly.
-        self.store_dtype = self.dtype
-        if not self.settings.lossless and self.dtype == torch.float32:
-            self.store_dtype = torch.float16
+        self.store_dtype = storage_dtype(self.dtype, keep_model_dtype=self.settings.lossless)
         shape = (key_states.shape[0], key_states.shape[1], 0)
         self.keys = key_states[:, :, :0].to(self.store_dtype)
         self.values = value_states[:, :, :0].to(self.store_dtype)
@@ -137,8 +125,7 @@ class ZipCacheLayer(ZipkvLayer):
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if key_states.shape[2] == 0:
-            raise ValueError(f"layer {self.layer_idx}: key_states hold no tokens (an empty prompt?)")
+        self.check_has_tokens(key_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.awaiting_queries:

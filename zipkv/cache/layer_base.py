@@ -10,6 +10,23 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 
+def storage_dtype(model_dtype: torch.dtype, keep_model_dtype: bool) -> torch.dtype:
+    """The dtype a layer keeps its unquantized states in: fp16 for fp32 models (bf16 stays
+    bf16), unless the cache must equal DynamicCache exactly and so keeps the model's dtype."""
+    return torch.float16 if model_dtype == torch.float32 and not keep_model_dtype else model_dtype
+
+
+def to_store_dtype(states: torch.Tensor, dtype: torch.dtype, name: str, layer_idx: int) -> torch.Tensor:
+    """`states` in the cache's storage dtype; NaN/inf, or values the cast overflows, raise."""
+    if states.dtype == dtype:
+        return states
+    stored = states.to(dtype)
+    if not torch.isfinite(stored).all():
+        what = "NaN/inf" if not torch.isfinite(states).all() else "values beyond the fp16 range"
+        raise ValueError(f"{name} of layer {layer_idx} contain {what}")
+    return stored
+
+
 def query_length_of(query_length) -> int:
     """transformers >= 5.4 passes the query length, older versions the cache_position tensor."""
     return query_length.shape[0] if isinstance(query_length, torch.Tensor) else int(query_length)
@@ -19,6 +36,10 @@ class ZipkvLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
     is_croppable = False
+
+    def check_has_tokens(self, key_states: torch.Tensor) -> None:
+        if key_states.shape[2] == 0:
+            raise ValueError(f"layer {self.layer_idx}: key_states hold no tokens (an empty prompt?)")
 
     def get_mask_sizes(self, query_length) -> tuple[int, int]:
         """(kv_length, kv_offset) for the model's mask: every held token plus the new ones."""
@@ -47,4 +68,4 @@ class ZipkvLayer(CacheLayerMixin):
             self._select_batch(torch.arange(self.batch_rows(), device=self.device).repeat_interleave(repeats))
 
 
-__all__ = ["ZipkvLayer", "query_length_of"]
+__all__ = ["ZipkvLayer", "query_length_of", "storage_dtype", "to_store_dtype"]

@@ -14,9 +14,8 @@ merges nothing (lossless by design), which keeps the model's dtype and equals Dy
 from __future__ import annotations
 
 import torch
-from .layer_base import ZipkvLayer
+from .layer_base import ZipkvLayer, storage_dtype, to_store_dtype
 
-from .layer import to_store_dtype
 from .merged_pair import MergedPair
 
 
@@ -35,16 +34,13 @@ class MiniCacheLayer(ZipkvLayer):
     # -- transformers layer interface -------------------------------------------------------
     def lazy_initialization(self, key_states, value_states):
         self.dtype, self.device = key_states.dtype, key_states.device
-        self.store_dtype = self.dtype
-        if self.dtype == torch.float32 and not self.keep_model_dtype:
-            self.store_dtype = torch.float16
+        self.store_dtype = storage_dtype(self.dtype, self.keep_model_dtype)
         self.keys = key_states[:, :, :0].to(self.store_dtype)
         self.values = value_states[:, :, :0].to(self.store_dtype)
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
-        if key_states.shape[2] == 0:
-            raise ValueError(f"layer {self.layer_idx}: key_states hold no tokens (an empty prompt?)")
+        self.check_has_tokens(key_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         keys = to_store_dtype(key_states, self.store_dtype, "key_states", self.layer_idx)

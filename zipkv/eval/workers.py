@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .results import RESULTS_FILE, ResultStore
+from .results import RESULTS_FILE, STATUS_OK, ResultStore
 
 SHARDS_DIR = "shards"
 REFERENCES_FILE = "references.jsonl"
@@ -96,6 +96,6 @@ def merge(out: Path, folders: list[Path]) -> list[dict[str, Any]]:
             for row in ResultStore(folder, name).latest():
                 if row.get("key") not in have:
                     target.append(row)
-                    if row.get("status") == "ok":
+                    if row.get("status") == STATUS_OK:
                         have.add(row["key"])
     return ResultStore(out).latest()
