@@ -97,28 +97,28 @@ def _family(name: str) -> tuple[str, str]:
 
 
 def overview(rows: Iterable[dict[str, Any]], path: Path) -> Path | None:
+    from .summary import summarize
+
     rows = [r for r in rows if r.get("status") == STATUS_OK and r.get("ratio") is not None and r["mode"] == "after"]
     if not rows:
         return None
+    name_of = {r["method_label"]: r["method"] for r in rows}
+    table = summarize(rows)  # one row per (task, length, method setting): its mean score and ratio
     plt = _pyplot()
     lengths = sorted({r["length"] for r in rows})
     fig, axes = plt.subplots(1, len(lengths), figsize=(6.2 * len(lengths), 5.2), squeeze=False)
     for ax, length in zip(axes[0], lengths):
-        here = [r for r in rows if r["length"] == length]
-        tasks = {r["task"] for r in here}
+        here = [t for t in table if t["length"] == length]
+        tasks = {t["task"] for t in here}
         by_label: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for r in here:
-            by_label[r["method_label"]].append(r)
+        for t in here:
+            by_label[t["method"]].append(t)
         lines: dict[str, list[tuple[float, float, str]]] = defaultdict(list)
-        for label, rs in by_label.items():
-            if {r["task"] for r in rs} != tasks:
+        for label, ts in by_label.items():
+            if {t["task"] for t in ts} != tasks:
                 continue  # a method that missed a task would be averaged over easier ones
-            per_task = defaultdict(list)
-            for r in rs:
-                per_task[r["task"]].append(r)
-            score = _mean([_mean([r["score"] for r in t]) for t in per_task.values()])
-            ratio = _mean([_mean([r["ratio"] for r in t]) for t in per_task.values()])
-            lines[rs[0]["method"]].append((ratio, score, label))
+            score, ratio = _mean([t["score"] for t in ts]), _mean([t["ratio"] for t in ts])
+            lines[name_of[label]].append((ratio, score, label))
         for name, pts in sorted(lines.items()):
             family, color = _family(name)
             pts.sort()
