@@ -171,3 +171,57 @@ def test_per_step_arguments_name_real_kernel_arguments():
     names = inspect.signature(kernel._decode_kernel.fn).parameters
     assert [a for a in kernel._PER_STEP_ARGS if a not in names] == []
     assert {"NA", "NC", "NF", "nt_total", "f_sk_h"} <= set(kernel._PER_STEP_ARGS)
+
+
+def _in_capacity(seg, extra, gen):
+    """seg's tensors inside buffers `extra` tokens longer, the slack filled with random codes
+    and parameters (what a preallocated store holds past its valid tokens)."""
+    def grow(t, dim):
+        shape = list(t.shape)
+        shape[dim] = extra
+        if t.dtype == torch.uint8:
+            junk = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
+        elif t.dtype == torch.int32:
+            junk = torch.zeros(shape, dtype=torch.int32)
+        else:
+            junk = torch.randn(shape, generator=gen).to(t.dtype) * 10
+        return torch.cat([t, junk], dim=dim)
+
+    return PackedSegment(seg.bits, grow(seg.k_codes, 2), seg.k_scale, seg.k_min, grow(seg.token_group, 0),
+                         grow(seg.v_codes, 2), grow(seg.v_scale, 2), grow(seg.v_min, 2), seg.v_channel,
+                         None if seg.token_chunk is None else grow(seg.token_chunk, 0))
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_decode_reads_token_counts_from_device_lengths(with_mask):
+    """Capacity buffers + int32 lengths (the CUDA-graph layout): the same output as the
+    reference over the valid tokens alone, whatever the slack holds."""
+    g = torch.Generator().manual_seed(7 + with_mask)
+    b, hkv, r, d = 2, 2, 4, 64
+    low = make_segment(b, hkv, 70, d, 2, cs=True, pieces=2, gen=g)
+    high = make_segment(b, hkv, 45, d, 4, key_group=32, value_group=32, cs=False, gen=g)
+    kf, vf = torch.randn(b, hkv, 9, d, generator=g).half(), torch.randn(b, hkv, 9, d, generator=g).half()
+    q = torch.randn(b, hkv * r, 1, d, generator=g).half()
+    mask = None
+    if with_mask:  # row 1: its first 5 tokens are padding
+        mask = torch.ones(b, 70 + 45 + 9, dtype=torch.bool)
+        mask[1, :5] = False
+    ref = decode_attention_reference(q, [low, high], kf, vf, mask=mask)
+    caps = [_in_capacity(low, 30, g), _in_capacity(high, 19, g)]
+    kf_cap = torch.cat([kf, torch.randn(b, hkv, 7, d, generator=g).half() * 10], dim=2)
+    vf_cap = torch.cat([vf, torch.randn(b, hkv, 7, d, generator=g).half() * 10], dim=2)
+    mask_cap = None
+    if with_mask:
+        mask_cap = torch.ones(b, 100 + 64 + 16, dtype=torch.bool)
+        mask_cap[1, :5] = False
+    lengths = torch.tensor([70, 45, 9], dtype=torch.int32)
+    out = decode_attention(q, caps, kf_cap, vf_cap, mask=mask_cap, impl="triton", block_n=32, block_n_fp=16,
+                           lengths=lengths)
+    assert rel_err(out, ref) < 3e-3
+    # the reference path cuts the buffers by the same counts
+    torch.testing.assert_close(decode_attention(q, caps, kf_cap, vf_cap, mask=mask_cap, impl="reference",
+                                                lengths=lengths), ref)
+    with pytest.raises(ValueError, match="lengths must be int32"):
+        decode_attention(q, caps, kf_cap, vf_cap, lengths=lengths.long())
+    with pytest.raises(ValueError, match="causal"):
+        decode_attention(q, caps, kf_cap, vf_cap, lengths=lengths, causal=True)

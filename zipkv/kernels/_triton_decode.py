@@ -429,17 +429,24 @@ def _decode_kernel(
     f_k, f_sk_b, f_sk_h, f_sk_n, f_v, f_sv_b, f_sv_h, f_sv_n,
     mask_ptr, smb, smt, smn, po_ptr, pl_ptr,
     NA, NC, NF, TSA, TSC, TSF, SA, SC, OFFA, OFFC, OFFF, part_base, nt_total, H, S_total,
+    na_ptr, nc_ptr, nf_ptr,
     R: tl.constexpr, TQ: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
     HAS_A: tl.constexpr, BITS_A: tl.constexpr, VG_A: tl.constexpr, WU_A: tl.constexpr, VCH_A: tl.constexpr,
     HAS_C: tl.constexpr, BITS_C: tl.constexpr, VG_C: tl.constexpr, WU_C: tl.constexpr, VCH_C: tl.constexpr,
     HAS_F: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NF: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, CAUSAL: tl.constexpr, F32_DOT: tl.constexpr,
-    USE_ASM: tl.constexpr,
+    USE_ASM: tl.constexpr, LENS_ON_DEVICE: tl.constexpr,
 ):
     sid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
+    if LENS_ON_DEVICE:
+        # Preallocated buffers (CUDA graphs): the grid and splits cover their capacity, the
+        # counts of valid tokens come from device memory; splits past them read nothing.
+        NA = tl.load(na_ptr)
+        NC = tl.load(nc_ptr)
+        NF = tl.load(nf_ptr)
     if sid < SA:
         if HAS_A:
             _packed_split(q_ptr, sqb, sqh, sqt, qk_scale,
@@ -556,8 +563,12 @@ def _bytes_per_token(seg: PackedSegment | None, d: int, fp_elem: int = 2) -> flo
 def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, causal,
                             block_n: int | None = None, block_n_fp: int = 64, num_warps: int = 4,
                             num_stages: int = 2, programs_per_sm: float = 32.0, maxnreg: int | None = 128,
-                            use_asm: bool | None = None, tiers_per_launch: int = 2):
-    """Defaults are the fastest measured on the H100 (benchmarks/NOTES.md, v5; results/v5.json)."""
+                            use_asm: bool | None = None, tiers_per_launch: int = 2, lengths=None):
+    """Defaults are the fastest measured on the H100 (benchmarks/NOTES.md, v5; results/v5.json).
+
+    lengths: None, or int32 [len(segs) + 1] on the query's device: valid tokens of each tier
+    and of the fp16 part, read by the kernel (the tensors are then capacity buffers and the
+    launch depends on nothing that changes while decoding: CUDA-graph capturable)."""
     from ._runtime import sm_count
 
     b, hq, tq, d = query.shape
@@ -566,6 +577,12 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, ca
     rt = r * tq
     m_rows = max(16, _pow2(rt))
     dev = query.device
+    if lengths is None:
+        seg_lens = [None] * len(segs)
+    else:
+        seg_lens = [lengths[i:i + 1] for i in range(len(segs))]
+        fp_len = lengths[len(segs):len(segs) + 1]
+    seg_lens = [n for s, n in zip(segs, seg_lens) if s.num_tokens > 0]
     segs = [s for s in segs if s.num_tokens > 0]
     segs = [dataclasses.replace(s, token_group=s.token_group.to(torch.int32),
                                 token_chunk=None if s.token_chunk is None else s.token_chunk.to(torch.int32))
@@ -607,12 +624,16 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, ca
     # One launch holds up to two tiers (its registers are the larger branch's); tiers_per_launch=1
     # gives each tier its own launch and register count.
     step = 2 if tiers_per_launch >= 2 else 1
-    launches = [packed[i:i + step] for i in range(0, len(packed), step)] or [[]]
+    launches = [list(range(i, min(i + step, len(packed)))) for i in range(0, len(packed), step)] or [[]]
     part_base = 0
     for li, pair in enumerate(launches):
-        a = pair[0] if len(pair) > 0 else None
-        c = pair[1] if len(pair) > 1 else None
+        a = packed[pair[0]] if len(pair) > 0 else None
+        c = packed[pair[1]] if len(pair) > 1 else None
         f = fp_part if li == 0 else None
+        if lengths is None:
+            len_ptrs = (dummy, dummy, dummy)
+        else:
+            len_ptrs = tuple(seg_lens[pair[j]] if len(pair) > j else fp_len for j in (0, 1)) + (fp_len,)
         ca = _seg_consts(a[0] if a else None, d)
         cc = _seg_consts(c[0] if c else None, d)
         sa = a[3] if a else 0
@@ -633,14 +654,14 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, ca
             a[1] if a else 0, c[1] if c else 0, nf if f else 0,
             a[2] if a else 1, c[2] if c else 1, f[2] if f else 1,
             sa, sc, a[4] if a else 0, c[4] if c else 0, f[4] if f else 0,
-            part_base, nt, heads, s_total,
+            part_base, nt, heads, s_total, *len_ptrs,
             R=r, TQ=tq, M=m_rows, D=d,
             HAS_A=ca["has"], BITS_A=ca["bits"], VG_A=ca["vg"], WU_A=ca["wu"], VCH_A=ca["vch"],
             HAS_C=cc["has"], BITS_C=cc["bits"], VG_C=cc["vg"], WU_C=cc["wu"], VCH_C=cc["vch"],
             HAS_F=f is not None, BLOCK_N=block_n, BLOCK_NF=block_n_fp,
             MASK_KIND=mask_kind, MASK_ROWS=mask_rows, CAUSAL=bool(causal),
             F32_DOT=dev.type != "cuda" and k_fp is not None and k_fp.dtype == torch.bfloat16,
-            USE_ASM=(dev.type == "cuda") if use_asm is None else bool(use_asm),
+            USE_ASM=(dev.type == "cuda") if use_asm is None else bool(use_asm), LENS_ON_DEVICE=lengths is not None,
             num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
         )
         part_base += grid[0]

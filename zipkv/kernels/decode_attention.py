@@ -99,13 +99,50 @@ def decode_attention_reference(query, tiers=(), k_fp=None, v_fp=None, mask=None,
     return (p @ v).to(query.dtype)
 
 
+def _check_lengths(lengths, segs, k_fp, causal, device):
+    expected = len(segs) + 1
+    if lengths.dtype != torch.int32 or lengths.shape != (expected,) or lengths.device != device:
+        raise ValueError(f"lengths must be int32 [{expected}] (one per tier, then the fp16 part) on {device} "
+                         f"(got {lengths.dtype} {tuple(lengths.shape)} on {lengths.device})")
+    if causal:
+        raise ValueError("causal=True needs the real token counts; it cannot be combined with lengths")
+    if k_fp is None:
+        raise ValueError("lengths needs the fp16 part's buffers k_fp/v_fp (its count is the last entry)")
+
+
+def valid_parts(segs, k_fp, v_fp, mask, lengths):
+    """Capacity buffers cut to their valid tokens (lengths read on the host), and the mask
+    (laid out over the capacities) cut alike: what the reference attends over."""
+    counts = [int(n) for n in lengths.tolist()]
+    cut = [PackedSegment(s.bits, s.k_codes[:, :, :n], s.k_scale, s.k_min, s.token_group[:n], s.v_codes[:, :, :n],
+                         s.v_scale[:, :, :n], s.v_min[:, :, :n], s.v_channel,
+                         None if s.token_chunk is None else s.token_chunk[:n]) for s, n in zip(segs, counts)]
+    if mask is not None:
+        starts, offset = [], 0
+        for size in [s.num_tokens for s in segs] + [k_fp.shape[2]]:
+            starts.append(offset)
+            offset += size
+        mask = torch.cat([mask[..., a:a + n] for a, n in zip(starts, counts)], dim=-1)
+    return cut, k_fp[:, :, :counts[-1]], v_fp[:, :, :counts[-1]], mask
+
+
 def decode_attention(query, tiers=(), k_fp=None, v_fp=None, mask=None, scale=None, causal=False,
-                     impl: str = "auto", **tuning):
+                     impl: str = "auto", lengths=None, **tuning):
     """Attention output [B, Hq, Tq, D] in query's dtype. `tiers`: PackedTier-like objects in
     key order; `k_fp`/`v_fp`: the fp16 part [B, Hkv, Nf, D] or None. `tuning` (Triton path):
-    block_n, block_n_fp, num_warps, num_stages, programs_per_sm, maxnreg, use_asm, tiers_per_launch."""
+    block_n, block_n_fp, num_warps, num_stages, programs_per_sm, maxnreg, use_asm, tiers_per_launch.
+
+    lengths (preallocated buffers, CUDA graphs): int32 [len(tiers) + 1] on the query's device,
+    the valid tokens of each tier and of the fp16 part; the tiers' tensors and k_fp/v_fp are
+    then capacity buffers whose first `lengths[i]` tokens count, and `mask` is laid out over
+    the capacities. The Triton kernel reads the counts on the device (nothing on the host
+    changes from step to step); the reference reads them on the host."""
     segs, heads = _check_inputs(query, tiers, k_fp, v_fp)
+    if lengths is not None:
+        _check_lengths(lengths, segs, k_fp, causal, query.device)
     if not use_triton(query.device, impl):
+        if lengths is not None:
+            segs, k_fp, v_fp, mask = valid_parts(segs, k_fp, v_fp, mask, lengths)
         return decode_attention_reference(query, segs, k_fp, v_fp, mask, scale, causal)
     from ._triton_decode import triton_decode_attention, supported
 
@@ -113,11 +150,13 @@ def decode_attention(query, tiers=(), k_fp=None, v_fp=None, mask=None, scale=Non
     if reason is not None:
         if impl == "triton":
             raise ValueError(f"impl='triton' cannot run this shape: {reason}")
+        if lengths is not None:
+            segs, k_fp, v_fp, mask = valid_parts(segs, k_fp, v_fp, mask, lengths)
         return decode_attention_reference(query, segs, k_fp, v_fp, mask, scale, causal)
     b, _, tq, d = query.shape
     m3, kind = normalize_mask(mask, b, tq, total_tokens(segs, k_fp))
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    return triton_decode_attention(query, segs, k_fp, v_fp, m3, kind, scale, causal, **tuning)
+    return triton_decode_attention(query, segs, k_fp, v_fp, m3, kind, scale, causal, lengths=lengths, **tuning)
 
 
 __all__ = ["PackedSegment", "decode_attention", "decode_attention_reference", "normalize_mask", "total_tokens"]
