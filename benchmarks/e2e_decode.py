@@ -17,6 +17,16 @@ Caches (--caches):
   zip_packed   zipkv make_cache("zipcache", decode_path="packed"): decode reads the packed tiers
   zip_dequant  zipkv make_cache("zipcache", decode_path="dequantize"): dequantized copy + SDPA
   kivi         zipkv make_cache("kivi") (decode_path auto: packed on CUDA with Triton)
+  zip_graph    zip_packed moved to static buffers (ZipCache.to_static), each step a CUDA-graph
+               replay (zipkv.StaticDecoder); blocks are quantized between replays
+  kivi_graph   kivi, likewise
+  static_graph transformers StaticCache (bf16), each step a CUDA-graph replay: the fp16 cache
+               without the eager host overhead. Its slack slots past the context (< 1%) are
+               attended unmasked: the bytes read per step are those of a masked step, and
+               random weights make no meaningful tokens anyway.
+
+Graph caches are timed per run of K steps (K = the cache's stream_interval, so each run
+includes one block quantization; 32 for StaticCache): ms/step = run time / K, median over runs.
 
 Per case: ms/step (median), tokens/s = batch / step, peak memory during decode and during the
 fill, bytes the cache holds (zipkv: cache.stats().bytes_held; HF caches: every tensor their
@@ -40,8 +50,9 @@ import types
 
 import torch
 
-CACHES = ("dynamic", "quanto2", "zip_packed", "zip_dequant", "kivi")
-ZIPKV = ("zip_packed", "zip_dequant", "kivi")
+CACHES = ("dynamic", "quanto2", "zip_packed", "zip_dequant", "kivi", "zip_graph", "kivi_graph", "static_graph")
+ZIPKV = ("zip_packed", "zip_dequant", "kivi", "zip_graph", "kivi_graph")
+GRAPH = ("zip_graph", "kivi_graph", "static_graph")
 GiB = 2**30
 FILL_CHUNK_BYTES = 256 << 20  # --fill-chunk-mb
 
@@ -212,12 +223,12 @@ def _quanto_python_unpack():
     return _PY_UNPACK_NOTE
 
 
-def new_cache(kind: str, model):
-    from transformers import DynamicCache, QuantizedCache
+def new_cache(kind: str, model, max_len: int = 0):
+    from transformers import DynamicCache, QuantizedCache, StaticCache
 
     import zipkv
 
-    if kind in ("dynamic", "quanto2"):
+    if kind in ("dynamic", "quanto2", "static_graph"):
         model.config._attn_implementation = "sdpa"  # a zipkv cache switched it to "zipkv"
     if kind == "dynamic":
         try:
@@ -227,11 +238,13 @@ def new_cache(kind: str, model):
     if kind == "quanto2":
         _quanto_python_unpack()
         return QuantizedCache("quanto", model.config, nbits=2)
-    if kind == "zip_packed":
+    if kind == "static_graph":
+        return StaticCache(config=model.config, max_cache_len=max_len)
+    if kind in ("zip_packed", "zip_graph"):
         return zipkv.make_cache("zipcache", model.config, decode_path="packed")
     if kind == "zip_dequant":
         return zipkv.make_cache("zipcache", model.config, decode_path="dequantize")
-    if kind == "kivi":
+    if kind in ("kivi", "kivi_graph"):
         return zipkv.make_cache("kivi", model.config)
     raise ValueError(f"cache must be one of {CACHES} (got {kind!r})")
 
@@ -281,9 +294,10 @@ def fill(kind: str, cache, model, batch: int, context: int, device, dtype, seed=
         return torch.randn(b, h, n, hd, device=device, dtype=dtype, generator=gen)
 
     if kind not in ZIPKV:
+        positions = {"cache_position": torch.arange(context, device=device)}  # StaticCache (older transformers)
         for i in range(n_layers):
             k, v = rand(batch, n_kv, context), rand(batch, n_kv, context)
-            cache.update(k, v, i)
+            cache.update(k, v, i, positions)
             del k, v
         return
     from zipkv.attention import _take_waiting_layer as take_note
@@ -331,6 +345,64 @@ def decode_steps(model, cache, batch, device, warmup, reps, cap_s, timer):
     return times
 
 
+GRAPH_WARMUP = 3  # the first step compiles and captures
+
+
+def graph_run_length(kind: str, cache) -> int:
+    return cache.settings.stream_interval if kind in ZIPKV else 32
+
+
+def graph_stepper(kind, model, cache, batch, context, device, steps: int):
+    """A step function replaying one captured decode step (zipkv: StaticDecoder; StaticCache:
+    the same capture recipe here)."""
+    vocab = model.config.vocab_size
+    tok = torch.randint(0, vocab, (batch, 1), device=device)
+    positions = torch.full((batch,), context, device=device, dtype=torch.long)
+    if kind in ZIPKV:
+        from zipkv.graph_decode import StaticDecoder
+
+        return StaticDecoder(model, cache, tok, positions, steps).step
+    ids, pos = tok.clone(), positions[:, None].clone()
+    cpos = torch.tensor([context], device=device)
+
+    def forward():
+        out = model(input_ids=ids, position_ids=pos, cache_position=cpos, past_key_values=cache, use_cache=True)
+        ids.copy_(out.logits[:, -1:].argmax(-1))
+        pos.add_(1)
+        cpos.add_(1)
+
+    if device.type != "cuda":  # CPU smoke test: the same step, eagerly
+        return forward
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        forward()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        forward()
+    return graph.replay
+
+
+def graph_steps_needed(kind, cache_interval, runs) -> int:
+    return GRAPH_WARMUP + runs * cache_interval + 8
+
+
+def graph_decode_steps(kind, model, cache, batch, context, device, runs, timer):
+    """ms/step of each run of K replays (K: graph_run_length)."""
+    k = graph_run_length(kind, cache)
+    step = graph_stepper(kind, model, cache, batch, context, device, graph_steps_needed(kind, k, runs))
+    for _ in range(GRAPH_WARMUP):
+        step()
+    times = []
+    for _ in range(runs):
+        t0 = timer.start()
+        for _ in range(k):
+            step()
+        times.append(timer.stop(t0) / k)
+    return times
+
+
 def profile_steps(model, cache, batch, device, steps=2, top=15) -> dict:
     """torch.profiler over a few decode steps: GPU busy time per step and the top kernels."""
     from torch.profiler import ProfilerActivity, profile
@@ -368,7 +440,8 @@ def run_case(args, model, kind, batch, context, device, dtype, timer, ceiling_gb
         base = mem_allocated(device)
         reset_peak(device)
         t0 = time.perf_counter()
-        cache = new_cache(kind, model)
+        runs = args.graph_runs
+        cache = new_cache(kind, model, context + graph_steps_needed(kind, 32, runs))
         with torch.inference_mode():
             fill(kind, cache, model, batch, context, device, dtype)
             sync(device)
@@ -380,7 +453,12 @@ def run_case(args, model, kind, batch, context, device, dtype, timer, ceiling_gb
             rec["allocated_by_cache_gib"] = (mem_allocated(device) - base) / GiB
             reset_peak(device)
             warm = args.warmup_slow if kind in ("quanto2", "zip_dequant") else args.warmup
-            times = decode_steps(model, cache, batch, device, warm, args.reps, args.case_cap_s, timer)
+            if kind in GRAPH:
+                warm = GRAPH_WARMUP
+                times = graph_decode_steps(kind, model, cache, batch, context, device, runs, timer)
+                rec["steps_per_run"] = graph_run_length(kind, cache)
+            else:
+                times = decode_steps(model, cache, batch, device, warm, args.reps, args.case_cap_s, timer)
             rec["peak_decode_gib"] = peak(device) / GiB
             rec["step_ms"] = times
             rec["ms_per_step"] = statistics.median(times)
@@ -389,11 +467,14 @@ def run_case(args, model, kind, batch, context, device, dtype, timer, ceiling_gb
             if kind in ZIPKV:
                 # True when the last decode step attended over the packed tiers (decode_attention)
                 rec["attended_packed"] = bool(cache.layers[0].returned_fp16_only)
+                rec["static"] = cache.is_static
+                if cache.is_static:  # the buffers, with room for the steps timed: what the device holds
+                    rec["static_bytes_held"] = cache.stats().bytes_held
                 rec["stats"] = {k: v for k, v in cache.stats().to_dict().items() if not k.endswith("per_layer")}
             if ceiling_gbps == ceiling_gbps:  # not NaN
                 rec["roofline_ms"] = (w_bytes + rec["cache_bytes"]) / (ceiling_gbps * 1e9) * 1e3
                 rec["x_roofline"] = rec["ms_per_step"] / rec["roofline_ms"]
-            if profile and device.type == "cuda":
+            if profile and device.type == "cuda" and kind not in GRAPH:
                 rec["profile"] = profile_steps(model, cache, batch, device)
     except Exception as error:  # one failing case must not end the run
         rec["error"] = repr(error)[:400]
@@ -564,6 +645,7 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--warmup-slow", type=int, default=2)
     ap.add_argument("--reps", type=int, default=12)
+    ap.add_argument("--graph-runs", type=int, default=5, help="graph caches: timed runs of K steps each")
     ap.add_argument("--case-cap-s", type=float, default=15.0, help="stop timing a case after this long (>= 3 steps)")
     ap.add_argument("--deadline-s", type=float, default=0, help="skip what is left after this long (0: none)")
     ap.add_argument("--plot", default="", help="only plot this JSON (PNG beside it)")

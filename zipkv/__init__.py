@@ -25,6 +25,8 @@ _EXPORTS = {
     "load_model": "zipkv.models",
     "make_eviction_cache": "zipkv.eviction_cache",
     "EvictionCache": "zipkv.eviction_cache",
+    "greedy_decode": "zipkv.graph_decode",
+    "StaticDecoder": "zipkv.graph_decode",
 }
 
 __all__ = [*_EXPORTS, "__version__"]

@@ -85,6 +85,32 @@ class ZipCache(Cache):
         if not self.settings.lossless:
             enable_zipkv_attention(config)
 
+    def to_static(self, extra_tokens: int, prompt_padding=None) -> None:
+        """Move every layer into preallocated buffers with room for `extra_tokens` more tokens,
+        so that a decode step can be captured in a CUDA graph (zipkv.greedy_decode does this
+        after the prompt). prompt_padding: padding tokens per row of the prompt ([B] ints, or
+        the prompt's 2-D attention_mask); needed when the batch is padded."""
+        from .static_layer import StaticZipLayer
+
+        if not isinstance(extra_tokens, int) or extra_tokens < 1:
+            raise ValueError(f"extra_tokens must be an integer >= 1 (got {extra_tokens!r})")
+        if self.settings.lossless:
+            raise ValueError("a lossless ZipCache has nothing to compress; use transformers' StaticCache for graphs")
+        if any(not isinstance(layer, ZipCacheLayer) for layer in self.layers):
+            raise ValueError("static decoding needs every layer to be full attention (sliding-window layers are not supported)")
+        if prompt_padding is not None and prompt_padding.dim() == 2:
+            prompt_padding = (prompt_padding == 0).sum(dim=1)
+        self.layers = [
+            layer if isinstance(layer, StaticZipLayer) else StaticZipLayer.from_layer(layer, extra_tokens, prompt_padding)
+            for layer in self.layers
+        ]
+
+    @property
+    def is_static(self) -> bool:
+        from .static_layer import StaticZipLayer
+
+        return all(isinstance(layer, StaticZipLayer) for layer in self.layers)
+
     def stats(self) -> CacheStats:
         stats = CacheStats()
         for layer in self.layers:

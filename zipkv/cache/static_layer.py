@@ -1,0 +1,198 @@
+"""`StaticZipLayer`: a `ZipCacheLayer` in preallocated buffers, so one decode step is a
+fixed sequence of kernels that a CUDA graph can capture and replay.
+
+What changes against `ZipCacheLayer` (the policy is the same code):
+- The tiers are `StaticTier`s and the fp16 part is a window buffer of
+  sink_tokens + residual_length + stream_interval tokens: nothing is reallocated while decoding.
+- The valid-token counts live on the device (`lengths`: one per attended tier, then the
+  window) and advance there; the decode kernel reads them (`decode_attention(lengths=...)`).
+- A step appends one token and attends (and, for saliency, scores the window): no host
+  synchronization, no shape that depends on the step. Quantizing a block (every
+  stream_interval tokens) runs outside the graph, between replays: `flush_due()` says when,
+  from host-side counts that mirror the device ones, and `flush()` runs ZipCacheLayer's own
+  `compress_due()` over views of the buffers, then writes the result back.
+- Padding (left-padded prompts) is a boolean mask over the buffers' fixed layout
+  [low tier | high tier | window]: padding sits at the front of the low tier (it is quantized
+  first, never salient) and of the window, whose part of the mask is `is_real` itself.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..attention import hand_queries_to
+from ..kernels.decode_attention import decode_attention
+from ..saliency import attention_scores
+from .layer import ZipCacheLayer
+from .static_tier import StaticTier
+from .tier import PackedTier
+
+
+def _future_blocks(settings, n_fp: int, extra_tokens: int) -> int:
+    """Upper bound on the blocks quantized while `extra_tokens` more tokens arrive."""
+    s = settings
+    return max(0, (n_fp + extra_tokens - s.residual_length) // s.stream_interval) + 1
+
+
+class StaticZipLayer(ZipCacheLayer):
+    @classmethod
+    def from_layer(cls, layer: ZipCacheLayer, extra_tokens: int, prompt_padding: torch.Tensor | None):
+        """A static copy of an eager layer that holds a prompt, with room for `extra_tokens`
+        more tokens. prompt_padding: [B] padding tokens of each row's prompt (None: none)."""
+        s = layer.settings
+        if not layer.is_initialized:
+            raise ValueError(f"layer {layer.layer_idx}: to_static() needs a cache that holds the prompt")
+        for tier in layer.tiers():
+            if not isinstance(tier, PackedTier):
+                raise ValueError("static (CUDA-graph) decoding needs quantized tiers; 16-bit tiers are not supported")
+        if layer.awaiting_queries:
+            raise layer.missing_attention_error()
+        self = cls.__new__(cls)
+        ZipCacheLayer.__init__(self, s, layer.layer_idx)
+        self.owner = layer.owner
+        self.dtype, self.device, self.store_dtype = layer.dtype, layer.device, layer.store_dtype
+        self.is_initialized = True
+        self.num_sinks, self.sinks_chosen, self.prompt_done = layer.num_sinks, layer.sinks_chosen, True
+
+        b, h, n_fp, d = layer.keys.shape
+        blocks = _future_blocks(s, n_fp, extra_tokens)
+        block_tokens = blocks * s.stream_interval
+        groups = blocks * (1 if s.key_group_size is None else -(-s.stream_interval // s.key_group_size))
+        template = layer.keys.new_zeros(b, h, 1, d)
+        # All tokens go to the low tier unless salient ones are split off (mixed precision).
+        self.low = StaticTier(layer.low, template, block_tokens, groups, blocks)
+        high_extra = block_tokens if s.mixed_precision else 0
+        self.high = StaticTier(layer.high, template, high_extra, groups if high_extra else 0, blocks if high_extra else 0)
+        self.attended = [t for t in (self.low, self.high) if t.capacity > 0]
+
+        # The window: sinks, the recent residual tokens and at most one block waiting.
+        w = s.sink_tokens + s.residual_length + s.stream_interval
+        if n_fp > w:
+            raise RuntimeError(f"layer {self.layer_idx}: {n_fp} fp16 tokens exceed the window of {w}")
+        self.window = w
+        dev = self.device
+        self.k_win = layer.keys.new_zeros(b, h, w, d)
+        self.v_win = layer.values.new_zeros(b, h, w, d)
+        track = s.needs_queries
+        self.score_win = torch.zeros((b, h if track else 0, w if track else 0), dtype=torch.float32, device=dev)
+        self.count_win = torch.zeros((b, int(track), w if track else 0), dtype=torch.float32, device=dev)
+        self.sink_win = torch.zeros((b, w), dtype=torch.bool, device=dev)
+        offset = sum(t.capacity for t in self.attended)
+        self.pad_mask = torch.ones((b, offset + w), dtype=torch.bool, device=dev)
+        self.real_win = self.pad_mask[:, offset:]  # a view: the window's part of the mask
+        self.positions = torch.arange(w, device=dev, dtype=torch.int32)
+        self.lengths = torch.zeros(len(self.attended) + 1, dtype=torch.int32, device=dev)
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
+        self.n_fp = 0
+        self._store_window(layer.keys, layer.values, layer.score_sum, layer.score_count, layer.is_real, layer.is_sink)
+
+        pads_in_window = (~layer.is_real).sum(dim=1)
+        pads = pads_in_window if prompt_padding is None else prompt_padding.to(dev)
+        if bool((pads < pads_in_window).any()):
+            raise ValueError("prompt_padding counts fewer padding tokens than the cache's fp16 part holds")
+        self.pads_low = pads - pads_in_window
+        self.padded = bool((pads > 0).any())
+        self._write_low_mask()
+        self.keys, self.values = self.k_win, self.v_win  # shapes for stats(); the policy gets views in flush()
+        return self
+
+    # -- host-side bookkeeping between replays ---------------------------------------------------
+    def _store_window(self, keys, values, score_sum, score_count, is_real, is_sink) -> None:
+        """Put the eager fp16 part (compact tensors of n tokens) at the window's front, reset
+        the slots after it, and publish the counts to the device."""
+        n = keys.shape[2]
+        self.k_win[:, :, :n] = keys
+        self.v_win[:, :, :n] = values
+        if self.settings.needs_queries:
+            self.score_win.zero_()
+            self.count_win.zero_()
+            self.score_win[:, :, :n] = score_sum
+            self.count_win[:, :, :n] = score_count
+        self.real_win.fill_(True)
+        self.real_win[:, :n] = is_real
+        self.sink_win.zero_()
+        self.sink_win[:, :n] = is_sink
+        self.n_fp = n
+        counts = [t.num_tokens for t in self.attended] + [n]
+        self.lengths.copy_(torch.tensor(counts, dtype=torch.int32))
+
+    def _write_low_mask(self) -> None:
+        if self.padded:
+            cap = self.low.capacity
+            self.pad_mask[:, :cap] = torch.arange(cap, device=self.device)[None, :] >= self.pads_low[:, None]
+
+    def advance(self) -> None:
+        """The host's mirror of one decoded token (the device counts advanced in the step)."""
+        self.n_fp += 1
+
+    def flush_due(self) -> bool:
+        """Whether compress_due() would quantize or protect sinks now (host counts only)."""
+        s = self.settings
+        if not self.sinks_chosen and s.sink_tokens and self.n_fp > s.sink_tokens + s.residual_length:
+            return True
+        return self.n_fp - self.num_sinks - s.residual_length >= s.stream_interval
+
+    def flush(self) -> None:
+        """ZipCacheLayer's policy over views of the window, results written back (outside the graph)."""
+        if bool(self.nonfinite):
+            raise ValueError(f"key_states/value_states of layer {self.layer_idx} contained NaN/inf while decoding")
+        n = self.n_fp
+        self.keys, self.values = self.k_win[:, :, :n], self.v_win[:, :, :n]
+        self.score_sum, self.score_count = self.score_win[:, :, :n], self.count_win[:, :, :n]
+        self.is_real, self.is_sink = self.real_win[:, :n].clone(), self.sink_win[:, :n]
+        pads_before = (~self.is_real).sum(dim=1)
+        self.compress_due()
+        kept = [t.clone() for t in (self.keys, self.values, self.score_sum, self.score_count, self.is_real, self.is_sink)]
+        self._store_window(*kept)
+        self.pads_low = self.pads_low + pads_before - (~self.is_real).sum(dim=1)
+        self._write_low_mask()
+        self.keys, self.values = self.k_win, self.v_win
+
+    # -- one decode step (captured) ---------------------------------------------------------------
+    def update(self, key_states, value_states, *args, **kwargs):
+        if key_states.shape[2] != 1:
+            raise ValueError(f"a static (CUDA-graph) cache decodes one token per step (got {key_states.shape[2]})")
+        if self.awaiting_queries:
+            raise self.missing_attention_error()
+        slot = self.lengths[-1:].long()
+        keys, values = key_states.to(self.store_dtype), value_states.to(self.store_dtype)
+        # NaN/inf are recorded here and raised at the next flush: a check now would stop the graph.
+        self.nonfinite |= ~(torch.isfinite(keys).all() & torch.isfinite(values).all())
+        self.k_win.index_copy_(2, slot, keys)
+        self.v_win.index_copy_(2, slot, values)
+        self.lengths[-1:] += 1
+        self.awaiting_queries = True
+        self.returned_fp16_only = True
+        hand_queries_to(self)
+        return key_states, value_states
+
+    def attend(self, module, query, key, value, attention_mask, scaling, **kwargs):
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        segments = [t.segment() for t in self.attended]
+        output = decode_attention(query, segments, self.k_win, self.v_win, mask=self.pad_mask if self.padded else None,
+                                  scale=scaling, lengths=self.lengths)
+        if self.settings.needs_queries:
+            visible = (self.positions[None, :] < self.lengths[-1]) & self.real_win
+            _, summed, counts = attention_scores(query, self.k_win, visible[:, None, None, :], scaling)
+            self.score_win += summed
+            self.count_win += counts
+        self.awaiting_queries = False
+        return output.transpose(1, 2).contiguous(), None
+
+    # -- the rest of the layer interface ----------------------------------------------------------
+    def get_seq_length(self) -> int:
+        return sum(t.num_tokens for t in self.attended) + self.n_fp
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        own = [self.k_win, self.v_win, self.score_win, self.count_win, self.sink_win, self.pad_mask, self.positions,
+               self.lengths, self.nonfinite]
+        return own + [t for tier in self.attended for t in tier.tensors()]
+
+    def _select_batch(self, index):
+        raise NotImplementedError("a static (CUDA-graph) cache keeps its batch rows; select rows before to_static()")
+
+    def reset(self) -> None:
+        raise NotImplementedError("a static cache cannot be reset; build a new ZipCache")
+
+
+__all__ = ["StaticZipLayer"]

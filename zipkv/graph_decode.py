@@ -1,0 +1,164 @@
+"""Greedy decoding over a static ZipCache, each step one CUDA-graph replay.
+
+An eager transformers decode step is host-bound: dozens of small launches per layer and
+Python in between cost more than the bytes the step reads (benchmarks/NOTES.md). With the
+cache in preallocated buffers whose counts live on the device (`ZipCache.to_static`), a
+whole model step is a fixed sequence of kernels: it is captured once and replayed. Only the
+quantization of a block, every `stream_interval` tokens, runs between replays.
+
+    tokens = zipkv.greedy_decode(model, cache, input_ids, attention_mask, max_new_tokens=64)
+
+`StaticDecoder` is the piece under it, for a cache already filled some other way (benchmarks).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .cache.cache import ZipCache
+
+
+def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """position_ids of a (left-)padded prompt, as transformers' generate() makes them."""
+    positions = attention_mask.long().cumsum(-1) - 1
+    return positions.masked_fill(attention_mask == 0, 1)
+
+
+class StaticDecoder:
+    """Greedy decode steps over a ZipCache that holds a prompt.
+
+    next_tokens [B, 1]: the tokens to feed first; next_positions [B]: their positions.
+    The cache is moved into static buffers with room for `max_steps` more tokens. On CUDA
+    (cuda_graph=None or True) the first step runs eagerly (compiling the kernels) and the
+    next ones replay a graph captured after it; cuda_graph=False runs every step eagerly
+    (same buffers and kernels: how the CPU tests check the static path).
+    """
+
+    def __init__(self, model, cache: ZipCache, next_tokens: torch.Tensor, next_positions: torch.Tensor,
+                 max_steps: int, prompt_padding=None, cuda_graph: bool | None = None):
+        if not isinstance(cache, ZipCache):
+            raise ValueError(f"cache must be a zipkv ZipCache (got {type(cache).__name__})")
+        if next_tokens.dim() != 2 or next_tokens.shape[1] != 1:
+            raise ValueError(f"next_tokens must be [batch, 1] (got {tuple(next_tokens.shape)})")
+        device = next_tokens.device
+        if cuda_graph and device.type != "cuda":
+            raise ValueError("cuda_graph=True needs the model on a CUDA device")
+        self.model, self.cache = model, cache
+        self.use_graph = device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
+        with torch.inference_mode():
+            cache.to_static(max_steps, prompt_padding)
+            self.ids = next_tokens.clone()
+            self.positions = next_positions.reshape(-1, 1).clone().long()
+            self.cache_position = torch.tensor([cache.get_seq_length()], device=device)
+        self.graph = None
+        self.steps = 0
+
+    def _forward(self) -> None:
+        out = self.model(input_ids=self.ids, position_ids=self.positions, cache_position=self.cache_position,
+                         past_key_values=self.cache, use_cache=True)
+        self.ids.copy_(out.logits[:, -1:].argmax(-1))
+        self.positions += 1
+        self.cache_position += 1
+
+    def _after_step(self) -> None:
+        """The host's mirror of the step; a block is quantized (eagerly) when one is due."""
+        for layer in self.cache.layers:
+            layer.advance()
+            if layer.flush_due():
+                layer.flush()
+        self.steps += 1
+
+    def step(self) -> torch.Tensor:
+        """Feed the current tokens, return the next ones ([B, 1], a buffer the next step overwrites)."""
+        with torch.inference_mode():
+            if self.graph is None and self.use_graph:
+                self._warm_up_and_capture()
+            else:
+                if self.graph is not None:
+                    self.graph.replay()
+                else:
+                    self._forward()
+                self._after_step()
+        return self.ids
+
+    def _warm_up_and_capture(self) -> None:
+        # The warm-up is a real step (it compiles the Triton kernels and creates the BLAS
+        # handles) on a side stream, as CUDA graph capture requires. The capture then records
+        # the next step without running it; later steps replay it.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self._forward()
+        torch.cuda.current_stream().wait_stream(side)
+        self._after_step()
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self._forward()
+
+
+def _stop_ids(model, eos_token_id):
+    """(eos ids tensor or None, pad id) as generate() would use them."""
+    config = getattr(model, "generation_config", None)
+    if eos_token_id is None:
+        eos_token_id = getattr(config, "eos_token_id", None)
+    if eos_token_id is None or eos_token_id is False:
+        return None, None
+    eos = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    pad = getattr(config, "pad_token_id", None)
+    return torch.tensor(eos), eos[0] if pad is None else pad
+
+
+def finish_at_eos(tokens: torch.Tensor, eos: torch.Tensor, pad: int) -> torch.Tensor:
+    """generate()'s output: after a row's first EOS, pad tokens; cut once every row has
+    finished."""
+    is_eos = torch.isin(tokens, eos.to(tokens.device))
+    done_before = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
+    tokens = tokens.masked_fill(done_before, pad)
+    finished = is_eos.long().cumsum(dim=1) > 0
+    all_done = finished.all(dim=0).nonzero()
+    return tokens if all_done.numel() == 0 else tokens[:, : int(all_done[0]) + 1]
+
+
+# Steps between checks whether every row has emitted EOS (each check waits for the GPU).
+EOS_CHECK_EVERY = 32
+
+
+def greedy_decode(model, cache: ZipCache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                  max_new_tokens: int = 32, cuda_graph: bool | None = None, eos_token_id=None) -> torch.Tensor:
+    """Greedy new tokens [B, <= max_new_tokens] for a (left-)padded prompt batch, through a
+    fresh ZipCache: the prompt in one eager forward, then static decode steps (CUDA graphs on
+    CUDA). The same tokens as model.generate(..., do_sample=False) with this cache in its
+    eager form and decode_path="packed": rows that emitted EOS (eos_token_id, default the
+    model's generation config; False: never stop) continue with pad tokens, and decoding
+    stops once every row has (checked every EOS_CHECK_EVERY steps; the output is cut there).
+    """
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be a non-empty [batch, length] tensor (got {tuple(input_ids.shape)})")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an integer >= 1 (got {max_new_tokens!r})")
+    if not isinstance(cache, ZipCache) or cache.get_seq_length() != 0:
+        raise ValueError("cache must be a new, empty ZipCache (greedy_decode fills it from the prompt)")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
+    eos, pad = _stop_ids(model, eos_token_id)
+    positions = prompt_positions(attention_mask)
+    with torch.inference_mode():
+        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                    past_key_values=cache, use_cache=True)
+        first = out.logits[:, -1:].argmax(-1)
+        del out
+    tokens = [first]
+    if max_new_tokens > 1:
+        decoder = StaticDecoder(model, cache, first, positions[:, -1] + 1, max_new_tokens - 1, attention_mask, cuda_graph)
+        for i in range(1, max_new_tokens):
+            if eos is not None and i % EOS_CHECK_EVERY == 0:
+                if bool(torch.isin(torch.cat(tokens, 1), eos.to(first.device)).any(dim=1).all()):
+                    break
+            tokens.append(decoder.step().clone())
+    tokens = torch.cat(tokens, dim=1)
+    return tokens if eos is None else finish_at_eos(tokens, eos, pad)
+
+
+__all__ = ["StaticDecoder", "greedy_decode", "prompt_positions"]
