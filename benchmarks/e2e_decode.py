@@ -388,10 +388,10 @@ def graph_steps_needed(kind, cache_interval, runs) -> int:
     return GRAPH_WARMUP + runs * cache_interval + 8
 
 
-def graph_decode_steps(kind, model, cache, batch, context, device, runs, timer):
-    """ms/step of each run of K replays (K: graph_run_length)."""
+def graph_decode_steps(kind, model, cache, batch, context, device, runs, timer, profile=False):
+    """(ms/step of each run of K replays (K: graph_run_length), extra facts)."""
     k = graph_run_length(kind, cache)
-    step = graph_stepper(kind, model, cache, batch, context, device, graph_steps_needed(kind, k, runs))
+    step = graph_stepper(kind, model, cache, batch, context, device, graph_steps_needed(kind, k, runs + profile))
     for _ in range(GRAPH_WARMUP):
         step()
     times = []
@@ -400,7 +400,27 @@ def graph_decode_steps(kind, model, cache, batch, context, device, runs, timer):
         for _ in range(k):
             step()
         times.append(timer.stop(t0) / k)
-    return times
+    extra = {}
+    decoder = getattr(step, "__self__", None)
+    if decoder is not None:
+        extra = {"flushes": decoder.flushes, "flush_host_ms_mean": 1e3 * decoder.flush_seconds / max(1, decoder.flushes)}
+    if profile and device.type == "cuda":
+        extra["profile"] = profile_calls(step, k, device)
+    return times, extra
+
+
+def profile_calls(step, k, device, top=15) -> dict:
+    """torch.profiler over one run of k graph steps: GPU busy time per step, top kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(k):
+            step()
+        sync(device)
+    wall_ms = (time.perf_counter() - t0) * 1e3 / k
+    return _kernel_table(prof, k, wall_ms, top)
 
 
 def profile_steps(model, cache, batch, device, steps=2, top=15) -> dict:
@@ -418,7 +438,10 @@ def profile_steps(model, cache, batch, device, steps=2, top=15) -> dict:
             del out
         sync(device)
     wall_ms = (time.perf_counter() - t0) * 1e3 / steps
+    return _kernel_table(prof, steps, wall_ms, top)
 
+
+def _kernel_table(prof, steps, wall_ms, top) -> dict:
     def dev_self(e):
         return getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0) or 0
 
@@ -441,7 +464,7 @@ def run_case(args, model, kind, batch, context, device, dtype, timer, ceiling_gb
         reset_peak(device)
         t0 = time.perf_counter()
         runs = args.graph_runs
-        cache = new_cache(kind, model, context + graph_steps_needed(kind, 32, runs))
+        cache = new_cache(kind, model, -(-(context + graph_steps_needed(kind, 32, runs + 1)) // 256) * 256)
         with torch.inference_mode():
             fill(kind, cache, model, batch, context, device, dtype)
             sync(device)
@@ -455,8 +478,8 @@ def run_case(args, model, kind, batch, context, device, dtype, timer, ceiling_gb
             warm = args.warmup_slow if kind in ("quanto2", "zip_dequant") else args.warmup
             if kind in GRAPH:
                 warm = GRAPH_WARMUP
-                times = graph_decode_steps(kind, model, cache, batch, context, device, runs, timer)
-                rec["steps_per_run"] = graph_run_length(kind, cache)
+                times, extra = graph_decode_steps(kind, model, cache, batch, context, device, runs, timer, profile)
+                rec.update(extra, steps_per_run=graph_run_length(kind, cache))
             else:
                 times = decode_steps(model, cache, batch, device, warm, args.reps, args.case_cap_s, timer)
             rec["peak_decode_gib"] = peak(device) / GiB

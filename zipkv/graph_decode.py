@@ -13,6 +13,8 @@ quantization of a block, every `stream_interval` tokens, runs between replays.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from .cache.cache import ZipCache
@@ -52,6 +54,7 @@ class StaticDecoder:
             self.cache_position = torch.tensor([cache.get_seq_length()], device=device)
         self.graph = None
         self.steps = 0
+        self.flushes, self.flush_seconds = 0, 0.0  # blocks quantized between replays, host time spent
 
     def _forward(self) -> None:
         out = self.model(input_ids=self.ids, position_ids=self.positions, cache_position=self.cache_position,
@@ -62,10 +65,17 @@ class StaticDecoder:
 
     def _after_step(self) -> None:
         """The host's mirror of the step; a block is quantized (eagerly) when one is due."""
+        due = []
         for layer in self.cache.layers:
             layer.advance()
             if layer.flush_due():
+                due.append(layer)
+        if due:
+            start = time.perf_counter()
+            for layer in due:
                 layer.flush()
+            self.flushes += 1
+            self.flush_seconds += time.perf_counter() - start
         self.steps += 1
 
     def step(self) -> torch.Tensor:
