@@ -164,26 +164,38 @@ def test_missing_zipkv_attention_is_a_clear_error():
         model(input_ids=ids, past_key_values=cache)
 
 
-@pytest.mark.parametrize("method", ["zipcache", "kivi"])
+def _greedy_steps(model, cache, ids, mask, steps):
+    """Prefill, then `steps` greedy decode steps: (logits of each step, the chosen tokens)."""
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        logits, token, step_mask = [], out.logits[:, -1:].argmax(-1), mask
+        chosen = [token]
+        for _ in range(steps):
+            step_mask = torch.cat([step_mask, torch.ones_like(step_mask[:, :1])], dim=1)
+            out = model(input_ids=token, attention_mask=step_mask, past_key_values=cache)
+            logits.append(out.logits[:, -1])
+            token = out.logits[:, -1:].argmax(-1)
+            chosen.append(token)
+    return torch.stack(logits), torch.cat(chosen, dim=1)
+
+
+@pytest.mark.parametrize("method", ["zipcache", "kivi", "zipkv"])
 def test_packed_decode_path_matches_dequantized_path(method):
     """The packed path (decode_attention over the codes; its PyTorch reference on CPU) must
-    give the same logits as SDPA over a dequantized copy, step after step, padding included."""
+    give the same logits as SDPA over a dequantized copy, step after step, padding included
+    (zipkv: 4-bit keys, 2-bit values in one tier)."""
     model = tiny_model("llama")
     ids, mask = _padded_batch(length=40, pad=6)
-    logits = {}
+    logits, tokens = {}, {}
     for path in ("packed", "dequantize"):
         cache = zipkv.make_cache(method, model.config, decode_path=path, stream_interval=8, residual_length=4)
-        with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=mask, past_key_values=cache)
-            steps, token, step_mask = [], out.logits[:, -1:].argmax(-1), mask
-            for _ in range(12):
-                step_mask = torch.cat([step_mask, torch.ones_like(step_mask[:, :1])], dim=1)
-                out = model(input_ids=token, attention_mask=step_mask, past_key_values=cache)
-                steps.append(out.logits[:, -1])
-                token = out.logits[:, -1:].argmax(-1)
-        logits[path] = torch.stack(steps)
+        logits[path], tokens[path] = _greedy_steps(model, cache, ids, mask, 12)
         if path == "packed":
             assert cache.layers[0].returned_fp16_only  # the packed path really ran
+            if method == "zipkv":
+                tier = cache.layers[0].low
+                assert (tier.bits, tier.value_bits) == (4, 2) and tier.num_tokens
+    assert torch.equal(tokens["packed"], tokens["dequantize"])
     assert torch.allclose(logits["packed"], logits["dequantize"], atol=1e-4, rtol=1e-4)
 
 
@@ -199,3 +211,37 @@ def test_values_can_use_fewer_bits_than_keys():
     assert held_bytes(layer) == cache.stats().bytes_held
     with pytest.raises(ValueError, match="value_bits"):
         zipkv.make_cache("zipcache", model.config, low_value_bits=3)
+
+
+def test_zipkv_preset_decodes_through_the_triton_kernel(monkeypatch):
+    """The zipkv preset's tiers (4-bit keys, 2-bit values) read by the Triton kernel itself
+    (CPU interpreter; head_dim 64 so the kernel takes the shapes): the same greedy tokens and
+    close logits as SDPA over a dequantized copy."""
+    from zipkv.kernels._runtime import enable_interpreter, triton_installed
+
+    if not triton_installed():
+        pytest.skip("triton not installed")
+    enable_interpreter()
+    import zipkv.cache.layer as layer_module
+    from zipkv.kernels.decode_attention import decode_attention
+
+    calls = []
+
+    def triton_decode(*args, **kwargs):
+        calls.append(1)
+        return decode_attention(*args, impl="triton", block_n=32, block_n_fp=16, **kwargs)
+
+    model = tiny_model("llama", num_hidden_layers=1, head_dim=64)
+    ids, mask = _padded_batch(length=40, pad=6)
+    settings = dict(stream_interval=8, residual_length=4)
+    with monkeypatch.context() as patch:
+        patch.setattr(layer_module, "decode_attention", triton_decode)
+        cache = zipkv.make_cache("zipkv", model.config, decode_path="packed", **settings)
+        packed_logits, packed_tokens = _greedy_steps(model, cache, ids, mask, 6)
+    tier = cache.layers[0].low
+    assert (tier.bits, tier.value_bits) == (4, 2) and tier.num_tokens
+    assert len(calls) == 6  # one layer: every decode step went through the kernel
+    cache = zipkv.make_cache("zipkv", model.config, decode_path="dequantize", **settings)
+    logits, tokens = _greedy_steps(model, cache, ids, mask, 6)
+    assert torch.equal(packed_tokens, tokens)
+    assert torch.allclose(packed_logits, logits, atol=1e-3, rtol=1e-3)

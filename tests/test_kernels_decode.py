@@ -18,8 +18,11 @@ from zipkv.kernels.packed import PackedSegment, dequantize_segment  # noqa: E402
 from zipkv.quant.schemes import quantize_keys_channelwise, quantize_values_tokenwise  # noqa: E402
 
 
-def make_segment(b, h, n, d, bits, key_group=None, value_group=None, cs=True, pieces=1, dtype=torch.float16, gen=None):
-    """A tier built like the cache does: `pieces` blocks appended, each quantized alone."""
+def make_segment(b, h, n, d, bits, key_group=None, value_group=None, cs=True, pieces=1, dtype=torch.float16, gen=None,
+                 value_bits=None):
+    """A tier built like the cache does: `pieces` blocks appended, each quantized alone.
+    `bits` for the keys, `value_bits` (default: bits) for the values."""
+    value_bits = value_bits or bits
     k = (torch.randn(b, h, n, d, generator=gen) * 2 + 0.5).to(dtype)
     v = torch.randn(b, h, n, d, generator=gen).to(dtype)
     bounds = torch.linspace(0, n, pieces + 1).long().tolist()
@@ -32,7 +35,7 @@ def make_segment(b, h, n, d, bits, key_group=None, value_group=None, cs=True, pi
         parts["km"].append(km)
         parts["tg"].append(g0 + torch.arange(hi - lo) // (key_group or (hi - lo)))
         g0 += groups
-        vc, vs, vm, f = quantize_values_tokenwise(v[:, :, lo:hi], bits, value_group, cs)
+        vc, vs, vm, f = quantize_values_tokenwise(v[:, :, lo:hi], value_bits, value_group, cs)
         parts["vc"].append(vc)
         parts["vs"].append(vs)
         parts["vm"].append(vm)
@@ -41,7 +44,7 @@ def make_segment(b, h, n, d, bits, key_group=None, value_group=None, cs=True, pi
             parts["tc"].append(torch.full((hi - lo,), i))
     cat = {name: (torch.cat(x, 2) if x and x[0].dim() == 4 else (torch.cat(x) if x else None)) for name, x in parts.items()}
     return PackedSegment(bits, cat["kc"], cat["ks"], cat["km"], cat["tg"].int(), cat["vc"], cat["vs"], cat["vm"],
-                         cat["vch"], None if cat["tc"] is None else cat["tc"].int())
+                         cat["vch"], None if cat["tc"] is None else cat["tc"].int(), value_bits=value_bits)
 
 
 def rel_err(out, ref):
@@ -59,6 +62,39 @@ def test_segment_dequantization_matches_quant_module():
     v2 = dequantize_values_tokenwise(seg.v_codes, seg.v_scale, seg.v_min, seg.v_channel, seg.token_chunk, 4)
     torch.testing.assert_close(k, k2)
     torch.testing.assert_close(v, v2)
+
+
+@pytest.mark.parametrize("bits,value_bits", [(4, 2), (2, 4), (8, 2)])
+@pytest.mark.parametrize("cs,value_group", [(True, None), (False, 16)])
+def test_segment_with_value_bits_dequantizes_like_quant_module(bits, value_bits, cs, value_group):
+    """Keys and values of different widths: the reference unpacks each with its own width."""
+    from zipkv.cache.tier import PackedTier
+    from zipkv.kernels.packed import as_segment, validate_segment
+    from zipkv.quant.schemes import dequantize_keys_channelwise, dequantize_values_tokenwise
+
+    g = torch.Generator().manual_seed(bits * 10 + value_bits)
+    d = 64
+    seg = make_segment(2, 2, 40, d, bits, key_group=16, value_group=value_group, cs=cs, pieces=2, gen=g,
+                       value_bits=value_bits)
+    assert seg.v_codes.shape[-1] == d * value_bits // 8 and seg.head_dim == d
+    validate_segment(seg, 2, 2, d)
+    k, v = dequantize_segment(seg)
+    k2 = dequantize_keys_channelwise(seg.k_codes, seg.k_scale, seg.k_min, seg.token_group, bits)
+    v2 = dequantize_values_tokenwise(seg.v_codes, seg.v_scale, seg.v_min, seg.v_channel, seg.token_chunk, value_bits)
+    torch.testing.assert_close(k, k2)
+    torch.testing.assert_close(v, v2)
+    # the cache's PackedTier carries its value width into the segment
+    tier = PackedTier(bits, 16, value_group, cs, value_bits)
+    tier.append(torch.randn(2, 2, 24, d, generator=g).half(), torch.randn(2, 2, 24, d, generator=g).half())
+    tier_seg = as_segment(tier)
+    assert (tier_seg.bits, tier_seg.value_bits) == (bits, value_bits)
+    validate_segment(tier_seg, 2, 2, d)
+    for got, want in zip(dequantize_segment(tier_seg), tier.dequantize(torch.float32)):
+        torch.testing.assert_close(got, want)
+    # a segment whose v_codes do not have the value width is refused
+    with pytest.raises(ValueError, match="v_codes"):
+        validate_segment(PackedSegment(bits, seg.k_codes, seg.k_scale, seg.k_min, seg.token_group, seg.v_codes,
+                                       seg.v_scale, seg.v_min, seg.v_channel, seg.token_chunk), 2, 2, d)
 
 
 @pytest.mark.parametrize(
@@ -84,6 +120,52 @@ def test_decode_matches_reference(d, low, high, tq, nf):
     out = decode_attention(q, segs, kf, vf, causal=tq > 1, impl="triton", block_n=32, block_n_fp=16)
     assert out.shape == ref.shape and out.dtype == q.dtype
     assert rel_err(out, ref) < 3e-3
+
+
+@pytest.mark.parametrize(
+    "d,tier,other,tq",
+    [
+        # the zipkv preset's tier: 4-bit keys, 2-bit channel-separable values
+        (64, dict(bits=4, value_bits=2, key_group=24, cs=True, pieces=2), dict(bits=2, value_group=32, cs=False), 1),
+        (64, dict(bits=2, value_bits=4, value_group=16, cs=False, pieces=2), dict(bits=4, value_bits=2, cs=True), 3),
+        (64, dict(bits=8, value_bits=2, key_group=32, value_group=32, cs=False), dict(bits=8, cs=True), 3),
+        # 2-bit values in 16-channel groups at D=128: two value units per plane
+        (128, dict(bits=4, value_bits=2, value_group=16, cs=False, pieces=2), None, 1),
+    ],
+)
+def test_decode_keys_and_values_of_different_bits(d, tier, other, tq):
+    """A tier whose keys and values have different widths, next to a tier of other widths in
+    the same launch, GQA, an fp16 part, a padding mask (with per-row limits and causal for Tq > 1)."""
+    g = torch.Generator().manual_seed(d + tq + tier["bits"] * 10 + tier["value_bits"])
+    b, hkv, r, nf = 2, 2, 3, 11
+    segs = [make_segment(b, hkv, 70, d, gen=g, **tier)]
+    if other is not None:
+        segs.append(make_segment(b, hkv, 45, d, gen=g, **other))
+    kf = torch.randn(b, hkv, nf, d, generator=g).half()
+    vf = torch.randn(b, hkv, nf, d, generator=g).half()
+    q = torch.randn(b, hkv * r, tq, d, generator=g).half()
+    nt = sum(s.num_tokens for s in segs) + nf
+    keep = torch.ones(b, tq, nt, dtype=torch.bool)
+    keep[1, :, :23] = False  # left padding of row 1
+    keep[0, 0, nt - 4:] = False  # a per-row limit
+    for mask in (keep[:, :1, :], keep):
+        ref = decode_attention_reference(q, segs, kf, vf, mask=mask, causal=tq > 1)
+        out = decode_attention(q, segs, kf, vf, mask=mask, causal=tq > 1, impl="triton", block_n=32,
+                               block_n_fp=16)
+        assert out.shape == ref.shape and out.dtype == q.dtype
+        assert rel_err(out, ref) < 3e-3
+
+
+def test_value_bits_too_narrow_for_the_kernel_is_refused():
+    """2-bit values at D=32 make 8-byte rows: the kernel refuses them (auto falls back)."""
+    from zipkv.kernels._triton_decode import supported
+
+    g = torch.Generator().manual_seed(2)
+    seg = make_segment(1, 1, 20, 32, 8, value_bits=2, gen=g)
+    q = torch.randn(1, 2, 1, 32, generator=g).half()
+    assert "value" in supported(q, [seg])
+    with pytest.raises(ValueError, match="value_group"):
+        decode_attention(q, [seg], impl="triton")
 
 
 def test_decode_value_chunks_finer_than_key_groups():
@@ -189,17 +271,17 @@ def _in_capacity(seg, extra, gen):
 
     return PackedSegment(seg.bits, grow(seg.k_codes, 2), seg.k_scale, seg.k_min, grow(seg.token_group, 0),
                          grow(seg.v_codes, 2), grow(seg.v_scale, 2), grow(seg.v_min, 2), seg.v_channel,
-                         None if seg.token_chunk is None else grow(seg.token_chunk, 0))
+                         None if seg.token_chunk is None else grow(seg.token_chunk, 0), value_bits=seg.value_bits)
 
 
-@pytest.mark.parametrize("with_mask", [False, True])
-def test_decode_reads_token_counts_from_device_lengths(with_mask):
+@pytest.mark.parametrize("with_mask,high_value_bits", [(False, 4), (True, 4), (True, 2)])
+def test_decode_reads_token_counts_from_device_lengths(with_mask, high_value_bits):
     """Capacity buffers + int32 lengths (the CUDA-graph layout): the same output as the
     reference over the valid tokens alone, whatever the slack holds."""
     g = torch.Generator().manual_seed(7 + with_mask)
     b, hkv, r, d = 2, 2, 4, 64
     low = make_segment(b, hkv, 70, d, 2, cs=True, pieces=2, gen=g)
-    high = make_segment(b, hkv, 45, d, 4, key_group=32, value_group=32, cs=False, gen=g)
+    high = make_segment(b, hkv, 45, d, 4, key_group=32, value_group=32, cs=False, gen=g, value_bits=high_value_bits)
     kf, vf = torch.randn(b, hkv, 9, d, generator=g).half(), torch.randn(b, hkv, 9, d, generator=g).half()
     q = torch.randn(b, hkv * r, 1, d, generator=g).half()
     mask = None

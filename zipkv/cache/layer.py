@@ -162,7 +162,7 @@ class ZipCacheLayer(ZipkvLayer):
         tiers = [t for t in self.tiers() if t.num_tokens]
         if path == "dequantize" or new_tokens > PACKED_PATH_MAX_QUERIES or not tiers:
             return False
-        if any(not isinstance(t, PackedTier) or t.value_bits != t.bits for t in tiers):
+        if any(not isinstance(t, PackedTier) for t in tiers):
             return False
         return path == "packed" or (self.device.type == "cuda" and triton_installed())
 

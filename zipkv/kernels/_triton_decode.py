@@ -4,9 +4,9 @@ One launch: program (s, b*Hkv + h) takes one split (a contiguous token range) of
 one KV head and all its R*Tq query rows (GQA: the R query heads of that KV head share every
 byte read). Up to two packed tiers and the fp16 part go in one launch (program ranges
 [0, S0) -> tier 0, [S0, S0+S1) -> tier 1, the rest -> fp16), each range a separate
-constexpr-specialized code path (bits, value group, channel factors); more tiers take more
-launches. Each program writes its normalized partial output and log2-sum-exp; a second
-small launch merges the splits.
+constexpr-specialized code path (key bits, value bits, value group, channel factors); more
+tiers take more launches. Each program writes its normalized partial output and
+log2-sum-exp; a second small launch merges the splits.
 
 Why the packed path never dequantizes keys: with channelwise keys, q . k = sum_c (q_c s_c)
 code_c + sum_c q_c m_c for the token's key group, so the codes go straight into a tensor-core
@@ -16,6 +16,10 @@ times the chunk's channel factors. Codes are exact in fp16 (0..255).
 Plane layout: plane p of a row is (bytes >> p*bits) & mask and holds the contiguous channels
 [p*W, (p+1)*W), W = D*bits/8: each plane is one contiguous slice of q (keys) or of the
 output (values, in units of WU = min(W, value_group) channels with one scale each).
+Keys and values of a tier have their own widths (the zipkv preset: 4-bit keys, 2-bit
+values): keys KBITS (P = 8/KBITS planes of W = D*KBITS/8 channels), values VBITS (planes of
+WV = D*VBITS/8 channels, WU = min(WV, value_group), CPP = WV/WU units per plane). Both are
+constexpr, so with KBITS == VBITS the code is the single-width kernel's.
 """
 
 from __future__ import annotations
@@ -229,18 +233,20 @@ def _packed_split(
     mask_ptr, smb, smt, smn, po_ptr, pl_ptr,
     b, h, split, part, N, tokens_per_split, key_offset, nt_total, H, S_total,
     R: tl.constexpr, TQ: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
-    BITS: tl.constexpr, VG: tl.constexpr, WU: tl.constexpr, HAS_VCH: tl.constexpr, BLOCK_N: tl.constexpr,
+    KBITS: tl.constexpr, VBITS: tl.constexpr, VG: tl.constexpr, WU: tl.constexpr, HAS_VCH: tl.constexpr,
+    BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, CAUSAL: tl.constexpr, USE_ASM: tl.constexpr,
 ):
-    """One split of one packed tier (BITS constexpr: no branching over tiers in the loop).
+    """One split of one packed tier (KBITS, VBITS constexpr: no branching over tiers in the loop).
     Rows of the [M, BLOCK_N] score tile are the R*TQ query rows (padded to M >= 16).
     Keys: a block inside one key group costs one dot per plane against q * s; a block that
     straddles groups repeats it per group (selected per token). Values: one dot per unit
     against p * s_n; a block that straddles channel-factor chunks repeats it per chunk."""
-    P: tl.constexpr = 8 // BITS
-    W: tl.constexpr = D * BITS // 8
-    U: tl.constexpr = D // WU
-    CPP: tl.constexpr = W // WU
+    P: tl.constexpr = 8 // KBITS  # key planes
+    W: tl.constexpr = D * KBITS // 8  # key row bytes = channels per key plane
+    WV: tl.constexpr = D * VBITS // 8  # value row bytes = channels per value plane
+    U: tl.constexpr = D // WU  # value units (WU channels inside one plane and one value group)
+    CPP: tl.constexpr = WV // WU  # value units per plane
     RT: tl.constexpr = R * TQ
     offs_m = tl.arange(0, M)
     row_valid = offs_m < RT
@@ -304,11 +310,11 @@ def _packed_split(
         g_lo = tl.min(tl.where(valid_n, grp, 2147483647), 0)
         g_hi = tl.max(tl.where(valid_n, grp, -1), 0)
         s = _key_scores(q0, q1, q2, q3, kb, ks_base + g_lo * sks_g, km_base + g_lo * sks_g, offs_w,
-                        BITS, W, USE_ASM)
+                        KBITS, W, USE_ASM)
         if g_hi > g_lo:
             for g in range(g_lo + 1, g_hi + 1):
                 s2 = _key_scores(q0, q1, q2, q3, kb, ks_base + g * sks_g, km_base + g * sks_g, offs_w,
-                                 BITS, W, USE_ASM)
+                                 KBITS, W, USE_ASM)
                 s = tl.where((grp == g)[None, :], s2, s)
         s = _masked_scores(s, offs_n, valid_n, t, row_valid, b, key_offset, nt_total,
                            mask_ptr, smb, smt, smn, TQ, MASK_KIND, MASK_ROWS, CAUSAL)
@@ -326,18 +332,18 @@ def _packed_split(
                 acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _v_update(
                     acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, p, vb0, vb1, vb2, vb3,
                     offs_n, valid_n, offs_wu, vs_base, vm_base, svs_n, vch_base + c_lo * svch_c,
-                    BITS, WU, VG, U, CPP, USE_ASM, True)
+                    VBITS, WU, VG, U, CPP, USE_ASM, True)
             else:
                 for c in range(c_lo, c_hi + 1):
                     acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _v_update(
                         acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, tl.where((ch == c)[None, :], p, 0.0),
                         vb0, vb1, vb2, vb3, offs_n, valid_n, offs_wu, vs_base, vm_base, svs_n,
-                        vch_base + c * svch_c, BITS, WU, VG, U, CPP, USE_ASM, True)
+                        vch_base + c * svch_c, VBITS, WU, VG, U, CPP, USE_ASM, True)
         else:
             acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _v_update(
                 acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, p, vb0, vb1, vb2, vb3,
                 offs_n, valid_n, offs_wu, vs_base, vm_base, svs_n, vch_base,
-                BITS, WU, VG, U, CPP, USE_ASM, False)
+                VBITS, WU, VG, U, CPP, USE_ASM, False)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     row0 = ((b * H + h) * S_total + part) * RT
@@ -431,8 +437,10 @@ def _decode_kernel(
     NA, NC, NF, TSA, TSC, TSF, SA, SC, OFFA, OFFC, OFFF, part_base, nt_total, H, S_total,
     na_ptr, nc_ptr, nf_ptr,
     R: tl.constexpr, TQ: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
-    HAS_A: tl.constexpr, BITS_A: tl.constexpr, VG_A: tl.constexpr, WU_A: tl.constexpr, VCH_A: tl.constexpr,
-    HAS_C: tl.constexpr, BITS_C: tl.constexpr, VG_C: tl.constexpr, WU_C: tl.constexpr, VCH_C: tl.constexpr,
+    HAS_A: tl.constexpr, KBITS_A: tl.constexpr, VBITS_A: tl.constexpr, VG_A: tl.constexpr, WU_A: tl.constexpr,
+    VCH_A: tl.constexpr,
+    HAS_C: tl.constexpr, KBITS_C: tl.constexpr, VBITS_C: tl.constexpr, VG_C: tl.constexpr, WU_C: tl.constexpr,
+    VCH_C: tl.constexpr,
     HAS_F: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NF: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, CAUSAL: tl.constexpr, F32_DOT: tl.constexpr,
     USE_ASM: tl.constexpr, LENS_ON_DEVICE: tl.constexpr,
@@ -455,7 +463,8 @@ def _decode_kernel(
                           a_vch, a_svch_b, a_svch_h, a_svch_c, a_tc,
                           mask_ptr, smb, smt, smn, po_ptr, pl_ptr,
                           b, h, sid, part_base + sid, NA, TSA, OFFA, nt_total, H, S_total,
-                          R, TQ, M, D, BITS_A, VG_A, WU_A, VCH_A, BLOCK_N, MASK_KIND, MASK_ROWS, CAUSAL, USE_ASM)
+                          R, TQ, M, D, KBITS_A, VBITS_A, VG_A, WU_A, VCH_A, BLOCK_N,
+                          MASK_KIND, MASK_ROWS, CAUSAL, USE_ASM)
     elif sid < SA + SC:
         if HAS_C:
             _packed_split(q_ptr, sqb, sqh, sqt, qk_scale,
@@ -464,7 +473,8 @@ def _decode_kernel(
                           c_vch, c_svch_b, c_svch_h, c_svch_c, c_tc,
                           mask_ptr, smb, smt, smn, po_ptr, pl_ptr,
                           b, h, sid - SA, part_base + sid, NC, TSC, OFFC, nt_total, H, S_total,
-                          R, TQ, M, D, BITS_C, VG_C, WU_C, VCH_C, BLOCK_N, MASK_KIND, MASK_ROWS, CAUSAL, USE_ASM)
+                          R, TQ, M, D, KBITS_C, VBITS_C, VG_C, WU_C, VCH_C, BLOCK_N,
+                          MASK_KIND, MASK_ROWS, CAUSAL, USE_ASM)
     else:
         if HAS_F:
             _fp_split(q_ptr, sqb, sqh, sqt, qk_scale,
@@ -512,7 +522,8 @@ def _pow2(x: int) -> int:
 
 
 def unit_width(seg: PackedSegment, head_dim: int) -> int:
-    return min(head_dim * seg.bits // 8, seg.value_group)
+    """Channels of one value unit: one value plane's slice inside one value group."""
+    return min(head_dim * seg.value_bits // 8, seg.value_group)
 
 
 def supported(query, segs) -> str | None:
@@ -522,11 +533,13 @@ def supported(query, segs) -> str | None:
         return f"head_dim {d} is not a power of two in 32..256"
     for s in segs:
         w = d * s.bits // 8
+        wv = d * s.value_bits // 8
         wu = unit_width(s, d)
         if w < 16:
-            return f"{s.bits}-bit rows of {w} bytes are too narrow for tensor-core dots (need >= 16)"
-        if wu < 16 or (w // wu) > 4 or d // wu > 8 or s.value_group % wu:
-            return f"value_group {s.value_group} with {s.bits}-bit codes needs unit width >= 16 and <= 8 units"
+            return f"{s.bits}-bit key rows of {w} bytes are too narrow for tensor-core dots (need >= 16)"
+        if wu < 16 or (wv // wu) > 4 or d // wu > 8 or s.value_group % wu:
+            return (f"value_group {s.value_group} with {s.value_bits}-bit value codes needs unit width >= 16 "
+                    "and <= 8 units")
         for name in ("k_codes", "v_codes", "k_scale", "k_min", "v_scale", "v_min", "v_channel"):
             t = getattr(s, name)
             if t is not None and t.stride(-1) != 1:
@@ -550,14 +563,15 @@ def _seg_args(seg: PackedSegment | None, dummy: torch.Tensor):
 
 def _seg_consts(seg: PackedSegment | None, d: int):
     if seg is None:
-        return dict(has=False, bits=2, vg=d, wu=16, vch=False)
-    return dict(has=True, bits=seg.bits, vg=seg.value_group, wu=unit_width(seg, d), vch=seg.v_channel is not None)
+        return dict(has=False, kbits=2, vbits=2, vg=d, wu=16, vch=False)
+    return dict(has=True, kbits=seg.bits, vbits=seg.value_bits, vg=seg.value_group, wu=unit_width(seg, d),
+                vch=seg.v_channel is not None)
 
 
 def _bytes_per_token(seg: PackedSegment | None, d: int, fp_elem: int = 2) -> float:
     if seg is None:
         return 2 * d * fp_elem
-    return 2 * d * seg.bits / 8 + 2 * seg.v_scale.element_size() * seg.v_scale.shape[-1]
+    return d * (seg.bits + seg.value_bits) / 8 + 2 * seg.v_scale.element_size() * seg.v_scale.shape[-1]
 
 
 def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, causal,
@@ -656,8 +670,10 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, ca
             sa, sc, a[4] if a else 0, c[4] if c else 0, f[4] if f else 0,
             part_base, nt, heads, s_total, *len_ptrs,
             R=r, TQ=tq, M=m_rows, D=d,
-            HAS_A=ca["has"], BITS_A=ca["bits"], VG_A=ca["vg"], WU_A=ca["wu"], VCH_A=ca["vch"],
-            HAS_C=cc["has"], BITS_C=cc["bits"], VG_C=cc["vg"], WU_C=cc["wu"], VCH_C=cc["vch"],
+            HAS_A=ca["has"], KBITS_A=ca["kbits"], VBITS_A=ca["vbits"], VG_A=ca["vg"], WU_A=ca["wu"],
+            VCH_A=ca["vch"],
+            HAS_C=cc["has"], KBITS_C=cc["kbits"], VBITS_C=cc["vbits"], VG_C=cc["vg"], WU_C=cc["wu"],
+            VCH_C=cc["vch"],
             HAS_F=f is not None, BLOCK_N=block_n, BLOCK_NF=block_n_fp,
             MASK_KIND=mask_kind, MASK_ROWS=mask_rows, CAUSAL=bool(causal),
             F32_DOT=dev.type != "cuda" and k_fp is not None and k_fp.dtype == torch.bfloat16,

@@ -17,6 +17,7 @@ position, the queries being the last Tq keys (chunked decode without a mask).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -114,9 +115,10 @@ def valid_parts(segs, k_fp, v_fp, mask, lengths):
     """Capacity buffers cut to their valid tokens (lengths read on the host), and the mask
     (laid out over the capacities) cut alike: what the reference attends over."""
     counts = [int(n) for n in lengths.tolist()]
-    cut = [PackedSegment(s.bits, s.k_codes[:, :, :n], s.k_scale, s.k_min, s.token_group[:n], s.v_codes[:, :, :n],
-                         s.v_scale[:, :, :n], s.v_min[:, :, :n], s.v_channel,
-                         None if s.token_chunk is None else s.token_chunk[:n]) for s, n in zip(segs, counts)]
+    cut = [dataclasses.replace(s, k_codes=s.k_codes[:, :, :n], token_group=s.token_group[:n],
+                               v_codes=s.v_codes[:, :, :n], v_scale=s.v_scale[:, :, :n], v_min=s.v_min[:, :, :n],
+                               token_chunk=None if s.token_chunk is None else s.token_chunk[:n])
+           for s, n in zip(segs, counts)]
     if mask is not None:
         starts, offset = [], 0
         for size in [s.num_tokens for s in segs] + [k_fp.shape[2]]:

@@ -1,8 +1,10 @@
 """The packed-tier view the kernels read, and its float32 dequantization (the reference).
 
-Layout (docs/DESIGN.md, `PackedTier`), for one tier of `bits` in {2, 4, 8}:
-- k_codes, v_codes: uint8 [B, H, N, D*bits/8], plane layout: byte j holds channels
-  j + p*(D*bits/8) at bit shift p*bits, p = 0 .. 8/bits - 1.
+Layout (docs/DESIGN.md, `PackedTier`), for one tier whose keys have `bits` and whose values
+have `value_bits` (each in {2, 4, 8}; equal unless the tier says otherwise):
+- k_codes: uint8 [B, H, N, D*bits/8], v_codes: uint8 [B, H, N, D*value_bits/8], plane
+  layout: byte j holds channels j + p*(row bytes) at bit shift p*b, p = 0 .. 8/b - 1
+  (b = bits for keys, value_bits for values).
 - keys channelwise: k_scale, k_min [B, H, G, D]; token_group int32 [N] (the key group of
   each token, shared by batch rows and heads).
 - values tokenwise: v_scale, v_min [B, H, N, D/value_group]; optional channel factors
@@ -23,7 +25,7 @@ _FIELDS = ("k_codes", "k_scale", "k_min", "token_group", "v_codes", "v_scale", "
 
 @dataclass
 class PackedSegment:
-    bits: int
+    bits: int  # of the keys (and of the values unless value_bits says otherwise)
     k_codes: torch.Tensor
     k_scale: torch.Tensor
     k_min: torch.Tensor
@@ -33,6 +35,11 @@ class PackedSegment:
     v_min: torch.Tensor
     v_channel: torch.Tensor | None = None
     token_chunk: torch.Tensor | None = None
+    value_bits: int | None = None  # None: the same as bits
+
+    def __post_init__(self):
+        if self.value_bits is None:
+            self.value_bits = self.bits
 
     @property
     def num_tokens(self) -> int:
@@ -64,16 +71,18 @@ def as_segment(tier) -> PackedSegment:
     if missing:
         raise ValueError(f"tier lacks the PackedTier attributes {missing}")
     kw = {n: getattr(tier, n, None) for n in _FIELDS}
-    return PackedSegment(bits=int(tier.bits), **kw)
+    value_bits = getattr(tier, "value_bits", None)
+    return PackedSegment(bits=int(tier.bits), value_bits=None if value_bits is None else int(value_bits), **kw)
 
 
 def validate_segment(seg: PackedSegment, batch: int, heads: int, head_dim: int, name: str = "tiers") -> None:
-    if seg.bits not in (2, 4, 8):
-        raise ValueError(f"{name}: bits must be one of (2, 4, 8) (got {seg.bits})")
+    for field in ("bits", "value_bits"):
+        if getattr(seg, field) not in (2, 4, 8):
+            raise ValueError(f"{name}: {field} must be one of (2, 4, 8) (got {getattr(seg, field)})")
     n = seg.num_tokens
-    width = head_dim * seg.bits // 8
-    for field in ("k_codes", "v_codes"):
+    for field, bits in (("k_codes", seg.bits), ("v_codes", seg.value_bits)):
         t = getattr(seg, field)
+        width = head_dim * bits // 8
         if t.dtype != torch.uint8 or tuple(t.shape) != (batch, heads, n, width):
             raise ValueError(f"{name}: {field} must be uint8 [{batch}, {heads}, {n}, {width}] (got {t.dtype} {tuple(t.shape)})")
     if seg.k_scale.shape[:2] != (batch, heads) or seg.k_scale.shape[-1] != head_dim or seg.k_min.shape != seg.k_scale.shape:
@@ -115,7 +124,7 @@ def dequantize_segment(seg: PackedSegment) -> tuple[torch.Tensor, torch.Tensor]:
     kc = unpack_planes(seg.k_codes, seg.bits).float()
     g = seg.token_group.long()
     keys = kc * seg.k_scale.float()[:, :, g] + seg.k_min.float()[:, :, g]
-    vc = unpack_planes(seg.v_codes, seg.bits).float()
+    vc = unpack_planes(seg.v_codes, seg.value_bits).float()
     b, h, n, d = vc.shape
     groups = seg.v_scale.shape[-1]
     vc = vc.reshape(b, h, n, groups, d // groups)
