@@ -55,7 +55,7 @@ def main(argv=None):
         sets = [(*synthetic_cache("zipcache42", b, 8, n, 128, dtype=dtype), None) for _ in range(args.layers)]
         run(f"synthetic zipcache42 {dtype}", sets, dtype)
         del sets
-    for method in ("zipcache", "kivi"):
+    for method in ("zipcache", "kivi", "zipkv"):
         cache = zipkv.make_cache(method, config, decode_path="packed")
         with torch.inference_mode():
             fill("zip_packed", cache, holder, b, n, dev, torch.bfloat16)

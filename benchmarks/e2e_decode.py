@@ -20,6 +20,7 @@ Caches (--caches):
   zip_graph    zip_packed moved to static buffers (ZipCache.to_static), each step a CUDA-graph
                replay (zipkv.StaticDecoder); blocks are quantized between replays
   kivi_graph   kivi, likewise
+  zipkv_graph  the zipkv preset (4-bit keys, 2-bit values, every token), likewise
   static_graph transformers StaticCache (bf16), each step a CUDA-graph replay: the fp16 cache
                without the eager host overhead. Its slack slots past the context (< 1%) are
                attended unmasked: the bytes read per step are those of a masked step, and
@@ -50,9 +51,10 @@ import types
 
 import torch
 
-CACHES = ("dynamic", "quanto2", "zip_packed", "zip_dequant", "kivi", "zip_graph", "kivi_graph", "static_graph")
-ZIPKV = ("zip_packed", "zip_dequant", "kivi", "zip_graph", "kivi_graph")
-GRAPH = ("zip_graph", "kivi_graph", "static_graph")
+CACHES = ("dynamic", "quanto2", "zip_packed", "zip_dequant", "kivi", "zip_graph", "kivi_graph", "zipkv_graph",
+          "static_graph")
+ZIPKV = ("zip_packed", "zip_dequant", "kivi", "zip_graph", "kivi_graph", "zipkv_graph")
+GRAPH = ("zip_graph", "kivi_graph", "zipkv_graph", "static_graph")
 GiB = 2**30
 FILL_CHUNK_BYTES = 256 << 20  # --fill-chunk-mb
 
@@ -246,6 +248,8 @@ def new_cache(kind: str, model, max_len: int = 0):
         return zipkv.make_cache("zipcache", model.config, decode_path="dequantize")
     if kind in ("kivi", "kivi_graph"):
         return zipkv.make_cache("kivi", model.config)
+    if kind == "zipkv_graph":
+        return zipkv.make_cache("zipkv", model.config, decode_path="packed")
     raise ValueError(f"cache must be one of {CACHES} (got {kind!r})")
 
 

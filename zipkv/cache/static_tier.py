@@ -98,7 +98,7 @@ class StaticTier:
     def segment(self) -> PackedSegment:
         """The whole buffers (capacity tokens) as the kernels' segment; valid: num_tokens."""
         return PackedSegment(self.bits, self.k_codes, self.k_scale, self.k_min, self.token_group, self.v_codes,
-                             self.v_scale, self.v_min, self.v_channel, self.token_chunk)
+                             self.v_scale, self.v_min, self.v_channel, self.token_chunk, self.value_bits)
 
     def valid_segment(self) -> PackedSegment:
         """The valid tokens only (what the reference path and the eager code read)."""
@@ -107,7 +107,7 @@ class StaticTier:
                              self.k_min[:, :, :self.num_groups], self.token_group[:n], self.v_codes[:, :, :n],
                              self.v_scale[:, :, :n], self.v_min[:, :, :n],
                              None if self.v_channel is None else self.v_channel[:, :, :self.num_chunks],
-                             None if self.token_chunk is None else self.token_chunk[:n])
+                             None if self.token_chunk is None else self.token_chunk[:n], self.value_bits)
 
     def dequantize(self, dtype: torch.dtype):
         from ..kernels.packed import dequantize_segment
