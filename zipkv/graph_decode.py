@@ -23,7 +23,7 @@ from .cache.cache import ZipCache
 def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """position_ids of a (left-)padded prompt, as transformers' generate() makes them."""
     positions = attention_mask.long().cumsum(-1) - 1
-    return positions.masked_fill(attention_mask == 0, 1)
+    return positions.masked_fill(attention_mask == 0, 0)
 
 
 class StaticDecoder:

@@ -179,6 +179,7 @@ class ZipCacheLayer(ZipkvLayer):
             self.observe(query, attention_mask, scaling)
         else:
             self.awaiting_queries = False
+            self._mark_padding(attention_mask, query.shape[2])
             self.compress_due()
         return output, None
 
@@ -242,12 +243,8 @@ class ZipCacheLayer(ZipkvLayer):
         """
         self.awaiting_queries = False
         q_len, n_fp = query.shape[2], self.keys.shape[2]
-        kv_len = self.get_seq_length()
         batch = query.shape[0]
-        mask = None if attention_mask is None else attention_mask[..., kv_len - n_fp : kv_len]
-        # Padding: a key the last query row may not see is a padding token.
-        if mask is not None:
-            self.is_real &= allowed_keys(mask, torch.tensor([q_len - 1]), n_fp - q_len, n_fp, batch)[:, 0, 0]
+        mask = self._mark_padding(attention_mask, q_len)
         prompt_like = q_len > 1
         if prompt_like:
             n_pad = int((~self.is_real[:, -q_len:]).sum(dim=1).max())
@@ -260,6 +257,17 @@ class ZipCacheLayer(ZipkvLayer):
         self.score_sum += summed
         self.score_count += counts
         self.compress_due()
+
+    def _mark_padding(self, attention_mask, q_len: int):
+        """Mark the fp16 tokens the last query row may not see as padding (is_real), so that
+        quantization never puts them in a range; returns the mask cut to the fp16 part."""
+        if attention_mask is None:
+            return None
+        n_fp, kv_len = self.keys.shape[2], self.get_seq_length()
+        mask = attention_mask[..., kv_len - n_fp : kv_len]
+        last = torch.tensor([q_len - 1])
+        self.is_real &= allowed_keys(mask, last, n_fp - q_len, n_fp, mask.shape[0])[:, 0, 0].to(self.is_real.device)
+        return mask
 
     # -- the policy ---------------------------------------------------------------------------
     def compress_due(self) -> None:

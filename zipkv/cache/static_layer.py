@@ -79,7 +79,7 @@ class StaticZipLayer(ZipCacheLayer):
         self.sink_win = torch.zeros((b, w), dtype=torch.bool, device=dev)
         offset = sum(t.capacity for t in self.attended)
         self.pad_mask = torch.ones((b, offset + w), dtype=torch.bool, device=dev)
-        self.real_win = self.pad_mask[:, offset:]  # a view: the window's part of the mask
+        self.window_offset = offset
         self.positions = torch.arange(w, device=dev, dtype=torch.int32)
         self.lengths = torch.zeros(len(self.attended) + 1, dtype=torch.int32, device=dev)
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
@@ -95,6 +95,11 @@ class StaticZipLayer(ZipCacheLayer):
         self._write_low_mask()
         self.keys, self.values = self.k_win, self.v_win  # shapes for stats(); the policy gets views in flush()
         return self
+
+    @property
+    def real_win(self) -> torch.Tensor:
+        """The window's part of the padding mask (a view): which window slots are real tokens."""
+        return self.pad_mask[:, self.window_offset:]
 
     # -- host-side bookkeeping between replays ---------------------------------------------------
     def _store_window(self, keys, values, score_sum, score_count, is_real, is_sink) -> None:
@@ -146,7 +151,9 @@ class StaticZipLayer(ZipCacheLayer):
         self._store_window(*kept)
         self.pads_low = self.pads_low + pads_before - (~self.is_real).sum(dim=1)
         self._write_low_mask()
+        # nothing but the buffers stays held (stats() counts held_tensors())
         self.keys, self.values = self.k_win, self.v_win
+        self.score_sum = self.score_count = self.is_real = self.is_sink = None
 
     # -- one decode step (captured) ---------------------------------------------------------------
     def update(self, key_states, value_states, *args, **kwargs):
@@ -185,7 +192,7 @@ class StaticZipLayer(ZipCacheLayer):
 
     def held_tensors(self) -> list[torch.Tensor]:
         own = [self.k_win, self.v_win, self.score_win, self.count_win, self.sink_win, self.pad_mask, self.positions,
-               self.lengths, self.nonfinite]
+               self.lengths, self.nonfinite, self.pads_low]
         return own + [t for tier in self.attended for t in tier.tensors()]
 
     def _select_batch(self, index):
