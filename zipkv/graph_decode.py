@@ -71,9 +71,14 @@ class StaticDecoder:
             if layer.flush_due():
                 due.append(layer)
         if due:
+            if self.ids.device.type == "cuda":
+                torch.cuda.synchronize()  # time the flush itself, not the replays queued before it
             start = time.perf_counter()
+            if bool(torch.stack([layer.nonfinite for layer in due]).any()):
+                for layer in due:
+                    layer.check_finite()
             for layer in due:
-                layer.flush()
+                layer.flush(check_finite=False)
             self.flushes += 1
             self.flush_seconds += time.perf_counter() - start
         self.steps += 1

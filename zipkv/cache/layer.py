@@ -307,8 +307,7 @@ class ZipCacheLayer(ZipkvLayer):
         by_age = torch.where(self.is_sink, order + n_fp, order).argsort(dim=1)
         block, rest = by_age[:, :n].sort(dim=1).values, by_age[:, n:].sort(dim=1).values
         keys, values, scores, counts, is_real = self._take(block)
-        if not bool(is_real.all()):
-            keys, values = _overwrite_padding(keys, values, is_real)
+        keys, values = _overwrite_padding(keys, values, is_real)  # a no-op where all are real (no host wait)
         n_high = 0
         if s.mixed_precision and s.saliency != "none":
             n_high = round(s.salient_ratio * int(is_real.sum(dim=1).min()))

@@ -118,8 +118,9 @@ class StaticZipLayer(ZipCacheLayer):
         self.sink_win.zero_()
         self.sink_win[:, :n] = is_sink
         self.n_fp = n
-        counts = [t.num_tokens for t in self.attended] + [n]
-        self.lengths.copy_(torch.tensor(counts, dtype=torch.int32))
+        # one fill per count (a host scalar in the launch): no copy from pageable memory, no wait
+        for i, count in enumerate([t.num_tokens for t in self.attended] + [n]):
+            self.lengths[i].fill_(count)
 
     def _write_low_mask(self) -> None:
         if self.padded:
@@ -137,10 +138,15 @@ class StaticZipLayer(ZipCacheLayer):
             return True
         return self.n_fp - self.num_sinks - s.residual_length >= s.stream_interval
 
-    def flush(self) -> None:
-        """ZipCacheLayer's policy over views of the window, results written back (outside the graph)."""
+    def check_finite(self) -> None:
         if bool(self.nonfinite):
             raise ValueError(f"key_states/value_states of layer {self.layer_idx} contained NaN/inf while decoding")
+
+    def flush(self, check_finite: bool = True) -> None:
+        """ZipCacheLayer's policy over views of the window, results written back (outside the
+        graph). check_finite=False: the caller checked `nonfinite` (one wait for many layers)."""
+        if check_finite:
+            self.check_finite()
         n = self.n_fp
         self.keys, self.values = self.k_win[:, :, :n], self.v_win[:, :, :n]
         self.score_sum, self.score_count = self.score_win[:, :, :n], self.count_win[:, :, :n]
