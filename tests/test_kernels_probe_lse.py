@@ -110,6 +110,9 @@ def test_first_prompt_scores_with_attention_lse(monkeypatch):
     out, (summed, counts), asked = _prompt_through_layer(monkeypatch, q, k, v, flash_stand_in, "triton")
     ref_out, (ref_summed, ref_counts), _ = _prompt_through_layer(monkeypatch, q, k, v, lambda *a: None, "auto")
     assert asked == 1
+    from zipkv.kernels.attention_lse import causal_attention_lse
+
+    assert causal_attention_lse(q, k, v, d**-0.5) is None  # off CUDA the layer keeps SDPA
     torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
     torch.testing.assert_close(summed, ref_summed, rtol=2e-2, atol=2e-4)
     torch.testing.assert_close(counts, ref_counts, rtol=0, atol=0)

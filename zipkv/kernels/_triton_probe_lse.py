@@ -1,8 +1,8 @@
 """One-pass Triton probe-score kernel, for probe rows whose log-sum-exp is already known.
 
-The prompt's own causal attention (flash) computes every row's log-sum-exp, so pass 1 of
-_triton_probe.py is redundant there. One program per (batch, KV head, block of keys) keeps its
-key block in registers and streams the probe rows of the R query heads of its GQA group,
+The prompt's own causal attention (cuDNN / flash) computes every row's log-sum-exp, so pass 1
+of _triton_probe.py is redundant there. One program per (batch, KV head, block of keys) keeps
+its key block in shared memory and streams the probe rows of the R query heads of its GQA group,
 adding exp(scale * q.k - lse) per key and counting the probe rows that see each key.
 
 Causal visibility only (a probe row at key position p sees keys <= p; no key mask): probe
@@ -39,28 +39,23 @@ def _exp2(x, EXP16: tl.constexpr):
 
 
 @triton.jit
-def _row_block(q_ptr, sqp, rows_ptr, lse_ptr, p0, lim, offs_p, offs_d, HAS_ROWS: tl.constexpr, F32_DOT: tl.constexpr):
+def _row_block(q_ptr, sqp, lse_ptr, p0, lim, offs_p, offs_d, F32_DOT: tl.constexpr):
     """Probe rows p0 .. p0+BLOCK_P (those < lim): their query tile and log2-sum-exp (+inf
     for rows past lim, so they add exp2(-inf) = 0 without a select)."""
     idx = p0 + offs_p
     rv = idx < lim
-    if HAS_ROWS:
-        rows = tl.load(rows_ptr + idx, mask=rv, other=0)
-    else:
-        rows = idx
-    q = tl.load(q_ptr + rows[:, None] * sqp + offs_d[None, :], mask=rv[:, None], other=0.0)
+    q = tl.load(q_ptr + idx[:, None] * sqp + offs_d[None, :], mask=rv[:, None], other=0.0)
     if F32_DOT:
         q = q.to(tl.float32)
-    lse2 = tl.load(lse_ptr + rows, mask=rv, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.load(lse_ptr + idx, mask=rv, other=float("inf")) * 1.4426950408889634
     return idx, rv, q, lse2
 
 
 @triton.jit
-def _probe_lse_onepass_kernel(q_ptr, sqb, sqh, sqp, k_ptr, skb, skh, skt, pos_ptr, rows_ptr, lse_ptr, slb, slh,
+def _probe_lse_onepass_kernel(q_ptr, sqb, sqh, sqp, k_ptr, skb, skh, skt, pos_ptr, lse_ptr, slb, slh,
                               acc_ptr, cnt_ptr, P, T, HKV, R, qk_scale,
                               D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
-                              HAS_ROWS: tl.constexpr, F32_DOT: tl.constexpr, ACC2D: tl.constexpr,
-                              EXP16: tl.constexpr):
+                              F32_DOT: tl.constexpr, ACC2D: tl.constexpr, EXP16: tl.constexpr):
     tb = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // HKV
@@ -96,7 +91,7 @@ def _probe_lse_onepass_kernel(q_ptr, sqb, sqh, sqp, k_ptr, skb, skh, skt, pos_pt
         lh = lse_ptr + b * slb + hq * slh
         # rows that see part of the block: causal mask per score
         for p0 in range(lo, hi, BLOCK_P):
-            idx, rv, q, lse2 = _row_block(qh, sqp, rows_ptr, lh, p0, hi, offs_p, offs_d, HAS_ROWS, F32_DOT)
+            idx, rv, q, lse2 = _row_block(qh, sqp, lh, p0, hi, offs_p, offs_d, F32_DOT)
             pos = tl.load(pos_ptr + idx, mask=rv, other=-1)
             ok = cols[None, :] <= pos[:, None]
             s = tl.dot(q, kt) * qk_scale - lse2[:, None]
@@ -106,7 +101,7 @@ def _probe_lse_onepass_kernel(q_ptr, sqb, sqh, sqp, k_ptr, skb, skh, skt, pos_pt
                 acc += tl.sum(tl.where(ok, _exp2(s, EXP16), 0.0), 0)
         # rows that see the whole block
         for p0 in range(hi, P, BLOCK_P):
-            _, _, q, lse2 = _row_block(qh, sqp, rows_ptr, lh, p0, P, offs_p, offs_d, HAS_ROWS, F32_DOT)
+            _, _, q, lse2 = _row_block(qh, sqp, lh, p0, P, offs_p, offs_d, F32_DOT)
             s = tl.dot(q, kt) * qk_scale - lse2[:, None]
             if ACC2D:
                 acc2 += _exp2(s, EXP16)
@@ -119,8 +114,10 @@ def _probe_lse_onepass_kernel(q_ptr, sqb, sqh, sqp, k_ptr, skb, skh, skt, pos_pt
         tl.store(cnt_ptr + b * T + cols, cnt, mask=cv)
 
 
+# Default tiles: within noise of the best of 12 tilings at 8K and 32K on the H100 (probe_lse.json;
+# 64x128 with 8 warps was best at 8K but 1.3x slower at 32K). exp16 measured no faster: off.
 def probe_scores_lse_triton(query, keys, probe_pos, lse, scaling, rows=None, positions_sorted=False,
-                            block_p=64, block_t=128, num_warps=8, num_stages=2, acc2d=True, exp16=False):
+                            block_p=64, block_t=128, num_warps=4, num_stages=3, acc2d=True, exp16=False):
     """query [B, Hq, Tq, D] and lse [B, Hq, Tq] (natural log of sum exp(scaling * q.k) over
     the keys each row saw); rows [P] picks the probe rows of both (None: all Tq rows are
     probes); probe_pos [P] their key positions (positions_sorted: the caller guarantees they
@@ -129,14 +126,14 @@ def probe_scores_lse_triton(query, keys, probe_pos, lse, scaling, rows=None, pos
     hkv, t = keys.shape[1], keys.shape[2]
     dev = query.device
     pos = probe_pos.to(device=dev)
-    has_rows = rows is not None
-    rows = rows.to(device=dev) if has_rows else pos
+    pick = rows.to(device=dev) if rows is not None else None
     if not positions_sorted:  # the kernel walks the rows in position order
         pos, order = pos.sort()
-        if has_rows:
-            rows = rows[order]
-        else:
-            query, lse = query[:, :, order], lse[:, :, order]
+        pick = order if pick is None else pick[order]
+    # The probe rows are copied out (about 27 MB at 32K): loading them through an index in
+    # the kernel measured 0.5 ms slower at 32K on the H100 (the index load stalls the pipeline).
+    if pick is not None:
+        query, lse = query[:, :, pick], lse[:, :, pick]
     if lse.stride(-1) != 1:
         lse = lse.contiguous()
     if keys.stride(-1) != 1:
@@ -147,8 +144,8 @@ def probe_scores_lse_triton(query, keys, probe_pos, lse, scaling, rows=None, pos
     cnt = torch.empty((b, 1, t), device=dev, dtype=torch.float32)
     _probe_lse_onepass_kernel[(triton.cdiv(t, block_t), b * hkv)](
         query, query.stride(0), query.stride(1), query.stride(2), keys, keys.stride(0), keys.stride(1), keys.stride(2),
-        pos, rows, lse, lse.stride(0), lse.stride(1), acc, cnt, pos.numel(), t, hkv, hq // hkv,
-        scaling * _LOG2E, D=d, BLOCK_P=block_p, BLOCK_T=block_t, HAS_ROWS=has_rows,
+        pos, lse, lse.stride(0), lse.stride(1), acc, cnt, pos.numel(), t, hkv, hq // hkv,
+        scaling * _LOG2E, D=d, BLOCK_P=block_p, BLOCK_T=block_t,
         F32_DOT=dev.type != "cuda",  # the CPU interpreter gets 16-bit dots wrong for bf16
         ACC2D=acc2d, EXP16=exp16, num_warps=num_warps, num_stages=num_stages)
     return acc, cnt
