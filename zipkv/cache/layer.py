@@ -22,7 +22,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..attention import hand_queries_to
 from ..kernels._runtime import triton_installed
+from ..kernels.attention_lse import causal_attention_lse
 from ..kernels.decode_attention import decode_attention
+from ..kernels.probe_scores import probe_scores, probe_scores_lse
 from ..saliency import allowed_keys, attention_scores, probe_positions
 from .config import LOSSLESS_BITS, CompressionConfig
 from .tier import PackedTier
@@ -59,6 +61,10 @@ class Fp16Tier:
             self.keys = self.keys.index_select(0, index.to(self.keys.device))
             self.values = self.values.index_select(0, index.to(self.values.device))
 
+
+# impl of the probe-score kernels on mask-free prompts ("auto": Triton on CUDA, the PyTorch
+# reference on CPU); the tests set "triton" to run the kernels under Triton's interpreter.
+PROBE_IMPL = "auto"
 
 # Forwards of at most this many new tokens (decoding, a short question) may attend over the
 # packed tiers directly; longer ones (prefill chunks) attend over a dequantized copy.
@@ -169,19 +175,38 @@ class ZipCacheLayer(ZipkvLayer):
     def attend(self, module, query, key, value, attention_mask, scaling, **kwargs):
         """zipkv attention for this layer: the output, then scoring and compression."""
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        lse = None
         if self.returned_fp16_only:
             tiers = [t for t in self.tiers() if t.num_tokens]
             output = decode_attention(query, tiers, key, value, mask=attention_mask, scale=scaling)
             output = output.transpose(1, 2).contiguous()
         else:
-            output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+            got = self._first_prompt_with_lse(module, query, key, value, attention_mask, scaling, kwargs)
+            if got is not None:
+                output, lse = got[0].transpose(1, 2).contiguous(), got[1]
+            else:
+                output, _ = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
         if self.settings.needs_queries:
-            self.observe(query, attention_mask, scaling)
+            self.observe(query, attention_mask, scaling, lse=lse)
         else:
             self.awaiting_queries = False
             self._mark_padding(attention_mask, query.shape[2])
             self.compress_due()
         return output, None
+
+    def _first_prompt_with_lse(self, module, query, key, value, attention_mask, scaling, kwargs):
+        """(output [B, Hq, T, D], row log-sum-exp) for the first, mask-free prompt forward on
+        CUDA, so probe saliency needs one pass over the keys; None otherwise (the SDPA path).
+        The flash op's causal flag aligns top-left: right only while q_len == kv_len."""
+        q_len = query.shape[2]
+        is_causal = kwargs.get("is_causal")
+        is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
+        plain_causal = is_causal and not any(kwargs.get(name) is not None for name in ("position_bias", "softcap", "s_aux"))
+        if not (self.settings.needs_queries and attention_mask is None and plain_causal and q_len > 1):
+            return None
+        if not (key.shape[2] == q_len == self.keys.shape[2] and self.keys.dtype == key.dtype):
+            return None
+        return causal_attention_lse(query, key, value, scaling)
 
     def tiers(self) -> list:
         """The quantized tiers in attention order (before the fp16 part); subclasses that
@@ -233,13 +258,15 @@ class ZipCacheLayer(ZipkvLayer):
         )
 
     # -- what zipkv's attention function hands over -------------------------------------------
-    def observe(self, query: torch.Tensor, attention_mask, scaling: float) -> None:
+    def observe(self, query: torch.Tensor, attention_mask, scaling: float, lse: torch.Tensor | None = None) -> None:
         """Score the fp16 tokens with this forward's queries, then quantize what is due.
 
         query [B, Hq, q, D]; attention_mask: the 4-D mask attention used, over
         [low | high | fp16]. Saliency is the attention of the queries normalized over the fp16
         part (for the first prompt that is every token, as in the paper), so neither path
-        needs the quantized tiers to score.
+        needs the quantized tiers to score. lse [B, Hq, q]: every query row's log-sum-exp
+        from attention (the first mask-free prompt on CUDA), which saves the probe kernel a
+        pass over the keys.
         """
         self.awaiting_queries = False
         q_len, n_fp = query.shape[2], self.keys.shape[2]
@@ -252,8 +279,14 @@ class ZipCacheLayer(ZipkvLayer):
             rows = probe_positions(q_len, n_pad, s.probe_recent, s.probe_random, s.seed).to(query.device)
         else:
             rows = torch.arange(q_len, device=query.device)
-        allowed = allowed_keys(mask, rows, n_fp - q_len, n_fp, batch).to(query.device)
-        _, summed, counts = attention_scores(query[:, :, rows], self.keys, allowed, scaling)
+        if lse is not None:  # causal, no mask, row r at key r: one pass with attention's LSE
+            _, summed, counts = probe_scores_lse(query, self.keys, rows, lse, scaling, rows=rows, impl=PROBE_IMPL,
+                                               positions_sorted=True)  # probe_positions ascend
+        elif mask is None and prompt_like and query.dtype == self.keys.dtype:  # causal: two-pass kernel (reference on CPU)
+            _, summed, counts = probe_scores(query[:, :, rows], self.keys, rows + (n_fp - q_len), None, scaling, impl=PROBE_IMPL)
+        else:
+            allowed = allowed_keys(mask, rows, n_fp - q_len, n_fp, batch).to(query.device)
+            _, summed, counts = attention_scores(query[:, :, rows], self.keys, allowed, scaling)
         self.score_sum += summed
         self.score_count += counts
         self.compress_due()

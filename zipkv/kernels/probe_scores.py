@@ -50,4 +50,31 @@ def probe_scores(query, keys, probe_pos, key_mask=None, scaling=None, impl: str 
     return probe_scores_triton(query, keys, probe_pos, key_mask, scaling, **tuning)
 
 
-__all__ = ["probe_scores", "probe_scores_reference", "allowed_from_positions"]
+def probe_scores_lse(query, keys, probe_pos, lse, scaling=None, rows=None, impl: str = "auto", positions_sorted=False, **tuning):
+    """probe_scores for causal probes whose log-sum-exp the model's attention already gave
+    (one pass over the keys instead of two; no key mask). query [B, Hq, Tq, D], lse
+    [B, Hq, >= Tq] float32, natural log of sum_j exp(scaling * q.k_j) over the keys the row
+    saw; rows [P] (None: every query row is a probe) picks the probe rows of both, probe_pos
+    [P] their key positions (positions_sorted: the caller guarantees they ascend, which saves
+    a sort on the device). Same return contract as probe_scores."""
+    if query.dim() != 4 or keys.dim() != 4 or query.shape[0] != keys.shape[0] or query.shape[-1] != keys.shape[-1]:
+        raise ValueError(f"query [B, Hq, Tq, D] and keys [B, Hkv, T, D] do not match: {tuple(query.shape)}, {tuple(keys.shape)}")
+    if query.shape[1] % keys.shape[1]:
+        raise ValueError(f"query heads {query.shape[1]} must be a multiple of the KV heads {keys.shape[1]}")
+    if lse.dim() != 3 or tuple(lse.shape[:2]) != tuple(query.shape[:2]) or lse.shape[2] < query.shape[2]:
+        raise ValueError(f"lse must be [B, Hq, >= Tq] for query {tuple(query.shape)} (got {tuple(lse.shape)})")
+    n = query.shape[2] if rows is None else rows.numel()
+    if probe_pos.dim() != 1 or probe_pos.shape[0] != n:
+        raise ValueError(f"probe_pos must be [P={n}] (got {tuple(probe_pos.shape)})")
+    scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if not use_triton(query.device, impl) or query.shape[-1] not in (32, 64, 128, 256) or n == 0:
+        picked = query if rows is None else query[:, :, rows.to(query.device)]
+        return probe_scores_reference(picked, keys, probe_pos, None, scaling)
+    from ._triton_probe_lse import probe_scores_lse_triton
+
+    lse = lse[:, :, : query.shape[2]].float()
+    acc, cnt = probe_scores_lse_triton(query, keys, probe_pos, lse, scaling, rows, positions_sorted, **tuning)
+    return acc / cnt.clamp_min(1.0), acc, cnt
+
+
+__all__ = ["probe_scores", "probe_scores_lse", "probe_scores_reference", "allowed_from_positions"]

@@ -1,0 +1,151 @@
+"""One-pass Triton probe-score kernel, for probe rows whose log-sum-exp is already known.
+
+The prompt's own causal attention (cuDNN / flash) computes every row's log-sum-exp, so pass 1
+of _triton_probe.py is redundant there. One program per (batch, KV head, block of keys) keeps
+its key block in shared memory and streams the probe rows of the R query heads of its GQA group,
+adding exp(scale * q.k - lse) per key and counting the probe rows that see each key.
+
+Causal visibility only (a probe row at key position p sees keys <= p; no key mask): probe
+rows are sorted by position, so for each key block the rows split into three runs, counted
+by the program itself (a few vector compares, no extra launches): rows before `lo` see none
+of the block (not even visited), rows in [lo, hi) see part of it (masked), rows from `hi` on
+see all of it (no mask, which keeps the hot loop to one dot, one FMA and one exp2 per
+score). The loops carry no data-dependent branch, so Triton can software-pipeline their
+loads. ACC2D keeps a [BLOCK_P, BLOCK_T] running sum and reduces over the rows once at the
+end, instead of a cross-warp reduction every iteration.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+import torch
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _exp2(x, EXP16: tl.constexpr):
+    """2**x for x <= 0. EXP16 (an experiment, CUDA only): ex2.approx.f16x2 does two per
+    special-function-unit op, twice fp32's rate, at fp16 precision (relative error ~1e-3,
+    terms below 2**-24 lost); the exp is a bottleneck next to the dot at head dim 128."""
+    if EXP16:
+        h = tl.inline_asm_elementwise("ex2.approx.f16x2 $0, $1;", "=r,r", [x.to(tl.float16)],
+                                      dtype=tl.float16, is_pure=True, pack=2)
+        return h.to(tl.float32)
+    else:
+        return tl.exp2(x)
+
+
+@triton.jit
+def _row_block(q_ptr, sqp, lse_ptr, p0, lim, offs_p, offs_d, F32_DOT: tl.constexpr):
+    """Probe rows p0 .. p0+BLOCK_P (those < lim): their query tile and log2-sum-exp (+inf
+    for rows past lim, so they add exp2(-inf) = 0 without a select)."""
+    idx = p0 + offs_p
+    rv = idx < lim
+    q = tl.load(q_ptr + idx[:, None] * sqp + offs_d[None, :], mask=rv[:, None], other=0.0)
+    if F32_DOT:
+        q = q.to(tl.float32)
+    lse2 = tl.load(lse_ptr + idx, mask=rv, other=float("inf")) * 1.4426950408889634
+    return idx, rv, q, lse2
+
+
+@triton.jit
+def _probe_lse_onepass_kernel(q_ptr, sqb, sqh, sqp, k_ptr, skb, skh, skt, pos_ptr, lse_ptr, slb, slh,
+                              acc_ptr, cnt_ptr, P, T, HKV, R, qk_scale,
+                              D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
+                              F32_DOT: tl.constexpr, ACC2D: tl.constexpr, EXP16: tl.constexpr):
+    tb = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // HKV
+    h = bh % HKV
+    cols = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    cv = cols < T
+    offs_d = tl.arange(0, D)
+    offs_p = tl.arange(0, BLOCK_P)
+    k = tl.load(k_ptr + b * skb + h * skh + cols[:, None] * skt + offs_d[None, :], mask=cv[:, None], other=0.0)
+    if F32_DOT:
+        k = k.to(tl.float32)
+    kt = tl.trans(k)
+    # lo / hi: probe rows with position < the block's first / last key (positions ascend)
+    t_first = tb * BLOCK_T
+    t_last = tl.minimum(t_first + BLOCK_T, T) - 1
+    lo = 0
+    hi = 0
+    for c0 in range(0, P, 1024):
+        offs_c = c0 + tl.arange(0, 1024)
+        pc = tl.load(pos_ptr + offs_c, mask=offs_c < P, other=T)
+        lo += tl.sum((pc < t_first).to(tl.int32), 0)
+        hi += tl.sum((pc < t_last).to(tl.int32), 0)
+    # counts depend on positions only: rows from hi on see every key of the block
+    cnt = tl.zeros([BLOCK_T], tl.float32) + (P - hi).to(tl.float32)
+    for p0 in range(lo, hi, BLOCK_P):
+        pos = tl.load(pos_ptr + p0 + offs_p, mask=p0 + offs_p < hi, other=-1)
+        cnt += tl.sum((cols[None, :] <= pos[:, None]).to(tl.float32), 0)
+    acc = tl.zeros([BLOCK_T], tl.float32)
+    acc2 = tl.zeros([BLOCK_P, BLOCK_T], tl.float32)
+    for r in range(0, R):
+        hq = h * R + r
+        qh = q_ptr + b * sqb + hq * sqh
+        lh = lse_ptr + b * slb + hq * slh
+        # rows that see part of the block: causal mask per score
+        for p0 in range(lo, hi, BLOCK_P):
+            idx, rv, q, lse2 = _row_block(qh, sqp, lh, p0, hi, offs_p, offs_d, F32_DOT)
+            pos = tl.load(pos_ptr + idx, mask=rv, other=-1)
+            ok = cols[None, :] <= pos[:, None]
+            s = tl.dot(q, kt) * qk_scale - lse2[:, None]
+            if ACC2D:
+                acc2 += tl.where(ok, _exp2(s, EXP16), 0.0)
+            else:
+                acc += tl.sum(tl.where(ok, _exp2(s, EXP16), 0.0), 0)
+        # rows that see the whole block
+        for p0 in range(hi, P, BLOCK_P):
+            _, _, q, lse2 = _row_block(qh, sqp, lh, p0, P, offs_p, offs_d, F32_DOT)
+            s = tl.dot(q, kt) * qk_scale - lse2[:, None]
+            if ACC2D:
+                acc2 += _exp2(s, EXP16)
+            else:
+                acc += tl.sum(_exp2(s, EXP16), 0)
+    if ACC2D:
+        acc = tl.sum(acc2, 0)
+    tl.store(acc_ptr + bh * T + cols, acc / R, mask=cv)
+    if h == 0:
+        tl.store(cnt_ptr + b * T + cols, cnt, mask=cv)
+
+
+# Default tiles: within noise of the best of 12 tilings at 8K and 32K on the H100 (probe_lse.json;
+# 64x128 with 8 warps was best at 8K but 1.3x slower at 32K). exp16 measured no faster: off.
+def probe_scores_lse_triton(query, keys, probe_pos, lse, scaling, rows=None, positions_sorted=False,
+                            block_p=64, block_t=128, num_warps=4, num_stages=3, acc2d=True, exp16=False):
+    """query [B, Hq, Tq, D] and lse [B, Hq, Tq] (natural log of sum exp(scaling * q.k) over
+    the keys each row saw); rows [P] picks the probe rows of both (None: all Tq rows are
+    probes); probe_pos [P] their key positions (positions_sorted: the caller guarantees they
+    ascend, which saves a sort). Returns (acc [B, Hkv, T], cnt [B, 1, T])."""
+    b, hq, _, d = query.shape
+    hkv, t = keys.shape[1], keys.shape[2]
+    dev = query.device
+    pos = probe_pos.to(device=dev)
+    pick = rows.to(device=dev) if rows is not None else None
+    if not positions_sorted:  # the kernel walks the rows in position order
+        pos, order = pos.sort()
+        pick = order if pick is None else pick[order]
+    # The probe rows are copied out (about 27 MB at 32K): loading them through an index in
+    # the kernel measured 0.5 ms slower at 32K on the H100 (the index load stalls the pipeline).
+    if pick is not None:
+        query, lse = query[:, :, pick], lse[:, :, pick]
+    if lse.stride(-1) != 1:
+        lse = lse.contiguous()
+    if keys.stride(-1) != 1:
+        keys = keys.contiguous()
+    if query.stride(-1) != 1:
+        query = query.contiguous()
+    acc = torch.empty((b, hkv, t), device=dev, dtype=torch.float32)
+    cnt = torch.empty((b, 1, t), device=dev, dtype=torch.float32)
+    _probe_lse_onepass_kernel[(triton.cdiv(t, block_t), b * hkv)](
+        query, query.stride(0), query.stride(1), query.stride(2), keys, keys.stride(0), keys.stride(1), keys.stride(2),
+        pos, lse, lse.stride(0), lse.stride(1), acc, cnt, pos.numel(), t, hkv, hq // hkv,
+        scaling * _LOG2E, D=d, BLOCK_P=block_p, BLOCK_T=block_t,
+        F32_DOT=dev.type != "cuda",  # the CPU interpreter gets 16-bit dots wrong for bf16
+        ACC2D=acc2d, EXP16=exp16, num_warps=num_warps, num_stages=num_stages)
+    return acc, cnt
