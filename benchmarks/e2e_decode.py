@@ -405,8 +405,8 @@ def graph_decode_steps(kind, model, cache, batch, context, device, runs, timer, 
             step()
         times.append(timer.stop(t0) / k)
     extra = {}
-    decoder = getattr(step, "__self__", None)
-    if decoder is not None:
+    decoder = getattr(step, "__self__", None)  # StaticDecoder.step (StaticCache: CUDAGraph.replay)
+    if hasattr(decoder, "flushes"):
         extra = {"flushes": decoder.flushes, "flush_host_ms_mean": 1e3 * decoder.flush_seconds / max(1, decoder.flushes)}
     if profile and device.type == "cuda":
         extra["profile"] = profile_calls(step, k, device)

@@ -24,7 +24,7 @@ PROMPT = "the cat sat on the mat and the dog ran in the park"
 GENERATE_OPTIONS = [
     "--method", "--high-bits", "--low-bits", "--bits", "--salient-ratio", "--residual-length",
     "--start-layer", "--retain-ratio", "--seed", "--max-new-tokens", "--model", "--dtype", "--device", "--chat",
-    "--no-chat", "--json",
+    "--no-chat", "--static", "--json",
 ]
 
 
@@ -225,6 +225,25 @@ def test_generate_compressed_methods_hold_fewer_bytes(tiny_model_dir, capsys, me
     assert memory["bytes_held"] == sum(memory["bytes_per_layer"]) > 0
     assert memory["ratio"] == pytest.approx(memory["fp16_bytes"] / memory["bytes_held"])
     assert memory["ratio"] > 1.0, memory
+
+
+@pytest.mark.parametrize("method", ["kivi", "zipcache"])
+def test_generate_static_gives_the_same_answer(tiny_model_dir, capsys, method):
+    """--static (preallocated buffers; CUDA graphs on a GPU) decodes the same tokens."""
+    argv = ["generate", PROMPT, "--model", str(tiny_model_dir), "--method", method, "--max-new-tokens", "6",
+            "--device", "cpu", "--json"]
+    eager = json.loads(run_cli(argv, capsys)[1])
+    status, out, _ = run_cli(argv + ["--static"], capsys)
+    assert status == 0
+    static = json.loads(out)
+    assert static["static"] and static["answer"] == eager["answer"]
+    assert static["memory"]["tokens_per_layer"] == eager["memory"]["tokens_per_layer"]
+
+
+def test_generate_static_needs_a_quantizing_method(tiny_model_dir, capsys):
+    err = usage_error(["generate", PROMPT, "--model", str(tiny_model_dir), "--method", "full", "--static",
+                       "--device", "cpu"], capsys)
+    assert "--static needs a quantizing method" in err
 
 
 def test_generate_table_for_real_cache(tiny_model_dir, capsys):

@@ -228,6 +228,11 @@ class GenerateCommand:
                  "(default: yes when the tokenizer has one)",
         )
         parser.add_argument(
+            "--static", action="store_true",
+            help="decode with the cache in preallocated buffers, each step one CUDA-graph replay on "
+                 "CUDA (zipkv.greedy_decode; quantizing methods only; memory then counts the buffers)",
+        )
+        parser.add_argument(
             "--json", action="store_true",
             help="print one JSON object (answer, settings, memory) instead of text and a table",
         )
@@ -254,18 +259,27 @@ class GenerateCommand:
             args.parser.error(f"cache options: {error}")
 
         start = time.perf_counter()
-        with torch.inference_mode():
-            output = model.generate(
-                **inputs,
-                past_key_values=cache,
-                max_new_tokens=args.max_new_tokens,
-                do_sample=False,
-                pad_token_id=_pad_token_id(tokenizer, model),
-            )
+        prompt_tokens = inputs["input_ids"].shape[1]
+        if args.static:
+            from .cache import ZipCache
+            from .graph_decode import greedy_decode
+
+            if not isinstance(cache, ZipCache) or cache.settings.lossless:
+                args.parser.error(f"--static needs a quantizing method (zipcache, zipkv, kivi, uniform), not {args.method}")
+            new_ids = greedy_decode(model, cache, inputs["input_ids"], inputs.get("attention_mask"),
+                                    max_new_tokens=args.max_new_tokens)[0]
+        else:
+            with torch.inference_mode():
+                output = model.generate(
+                    **inputs,
+                    past_key_values=cache,
+                    max_new_tokens=args.max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=_pad_token_id(tokenizer, model),
+                )
+            new_ids = output[0, prompt_tokens:]
         seconds = time.perf_counter() - start
 
-        prompt_tokens = inputs["input_ids"].shape[1]
-        new_ids = output[0, prompt_tokens:]
         answer = tokenizer.decode(new_ids, skip_special_tokens=True)
         report = {
             "answer": answer,
@@ -278,6 +292,7 @@ class GenerateCommand:
             "prompt_tokens": int(prompt_tokens),
             "new_tokens": int(new_ids.shape[0]),
             "seconds": round(seconds, 3),
+            "static": bool(args.static),
             "memory": cache.stats().to_dict(),
         }
         if args.json:
