@@ -639,6 +639,8 @@ def plot(res: dict, path: str) -> None:
                              va="bottom", fontsize=9)
         ctx = res["max_batch"][0]["context"]
         axes[2].set_title(f"tok/s at the largest batch tried that fits,\n{ctx // 1024}K context", fontsize=10)
+    else:
+        axes[2].set_visible(False)  # no largest-batch search in this run
     for ax, title in zip(axes[:2], ("decode tokens/s (bars) and roofline (dashes)", "peak memory during decode (GiB)")):
         ax.set_xticks(ticks, [f"{b} x {n // 1024}K" for b, n in shapes])
         ax.set_title(title)

@@ -100,10 +100,12 @@ class ZipCache(Cache):
             raise ValueError("static decoding needs every layer to be full attention (sliding-window layers are not supported)")
         if prompt_padding is not None and prompt_padding.dim() == 2:
             prompt_padding = (prompt_padding == 0).sum(dim=1)
-        self.layers = [
-            layer if isinstance(layer, StaticZipLayer) else StaticZipLayer.from_layer(layer, extra_tokens, prompt_padding)
-            for layer in self.layers
-        ]
+        # One layer at a time, each eager layer released as its copy is made: the peak is the
+        # cache plus one layer, not two caches.
+        for i, layer in enumerate(self.layers):
+            if not isinstance(layer, StaticZipLayer):
+                self.layers[i] = StaticZipLayer.from_layer(layer, extra_tokens, prompt_padding)
+            del layer
 
     @property
     def is_static(self) -> bool:
