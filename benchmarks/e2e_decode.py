@@ -656,6 +656,12 @@ def plot(res: dict, path: str) -> None:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m benchmarks.e2e_decode", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(ap)
+    return ap.parse_args(argv)
+
+
+def add_arguments(ap) -> None:
+    """The benchmark's options (also `zipkv bench-e2e`'s)."""
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--tag", default="e2e")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -678,11 +684,10 @@ def parse_args(argv=None):
     ap.add_argument("--case-cap-s", type=float, default=15.0, help="stop timing a case after this long (>= 3 steps)")
     ap.add_argument("--deadline-s", type=float, default=0, help="skip what is left after this long (0: none)")
     ap.add_argument("--plot", default="", help="only plot this JSON (PNG beside it)")
-    return ap.parse_args(argv)
 
 
-def main(argv=None) -> dict:
-    args = parse_args(argv)
+def main(argv=None, args=None) -> dict:
+    args = parse_args(argv) if args is None else args
     if args.plot:
         png = os.path.splitext(args.plot)[0] + ".png"
         with open(args.plot) as f:
@@ -698,7 +703,11 @@ def main(argv=None) -> dict:
     torch.manual_seed(0)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{args.tag}.json")
-    res = {"command": " ".join(["python", "-m", "benchmarks.e2e_decode"] + (argv if argv is not None else sys.argv[1:])),
+    if getattr(args, "argv", None) is not None:  # run as `zipkv bench-e2e`
+        command = ["zipkv"] + args.argv
+    else:
+        command = ["python", "-m", "benchmarks.e2e_decode"] + (argv if argv is not None else sys.argv[1:])
+    res = {"command": " ".join(command),
            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "device": device_info(device),
            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), "cases": [], "max_batch": []}
 

@@ -50,6 +50,7 @@ METHOD_OPTIONS = {
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # results record the command that made them
     status = args.run(args)
     return 0 if status is None else int(status)
 

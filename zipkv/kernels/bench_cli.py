@@ -1,4 +1,5 @@
-"""`zipkv bench` subcommand: the kernel benchmarks of benchmarks/kernel_bench.py.
+"""`zipkv bench` (the kernel benchmarks of benchmarks/kernel_bench.py) and `zipkv bench-e2e`
+(the end-to-end decode benchmark of benchmarks/e2e_decode.py: its arguments pass through).
 
 zipkv/cli.py can register it with:
     from zipkv.kernels import bench_cli
@@ -24,7 +25,27 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tuning", default="{}")
     p.add_argument("--sweep", default="")
     p.set_defaults(func=run)
+    e2e = subparsers.add_parser(
+        "bench-e2e", help="end-to-end decode benchmark (DynamicCache, QuantizedCache, StaticCache+graphs, zipkv caches)",
+        description="Whole-model decode steps at real shapes, random weights (benchmarks/e2e_decode.py).",
+    )
+    try:
+        from benchmarks.e2e_decode import add_arguments
+    except ImportError:  # installed without the repository's benchmarks/ folder
+        add_arguments = None
+    if add_arguments is not None:
+        add_arguments(e2e)
+    e2e.set_defaults(run=run_e2e, e2e_available=add_arguments is not None)
     return p
+
+
+def run_e2e(args) -> int:
+    if not args.e2e_available:
+        raise SystemExit("zipkv bench-e2e runs from a checkout of the repository (benchmarks/ is not importable)")
+    from benchmarks import e2e_decode
+
+    e2e_decode.main(args=args)
+    return 0
 
 
 def run(args) -> dict:
