@@ -154,3 +154,17 @@ def test_finish_at_eos_pads_after_eos_and_cuts_when_all_rows_are_done():
     out = finish_at_eos(tokens, torch.tensor([2]), pad=0)
     assert out.tolist() == [[5, 2, 0, 0], [5, 6, 7, 2]]
     assert finish_at_eos(tokens, torch.tensor([3]), pad=0).tolist() == tokens.tolist()
+
+
+def test_graph_kernel_check_names_the_reason():
+    """A shape the Triton kernel refuses would only fail inside the capture; it is refused
+    up front (the tiny model's head_dim 16 is below the kernel's 32)."""
+    pytest.importorskip("triton")
+    from zipkv.graph_decode import _check_graph_kernel
+
+    model = tiny_model("llama", num_hidden_layers=1)
+    ids, mask = padded_batch(length=20, pad=0)
+    cache = zipkv.make_cache("kivi", model.config)
+    zipkv.greedy_decode(model, cache, ids, max_new_tokens=2, cuda_graph=False)
+    with pytest.raises(ValueError, match="cuda_graph decoding needs the Triton decode kernel.*head_dim 16"):
+        _check_graph_kernel(model, cache)

@@ -49,6 +49,9 @@ class StaticDecoder:
         self.use_graph = device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
         with torch.inference_mode():
             cache.to_static(max_steps, prompt_padding)
+        if self.use_graph:
+            _check_graph_kernel(model, cache)
+        with torch.inference_mode():
             self.ids = next_tokens.clone()
             self.positions = next_positions.reshape(-1, 1).clone().long()
             self.cache_position = torch.tensor([cache.get_seq_length()], device=device)
@@ -109,6 +112,25 @@ class StaticDecoder:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self._forward()
+
+
+def _check_graph_kernel(model, cache) -> None:
+    """A captured step must attend with the Triton kernel (the reference path reads the counts
+    on the host, which a graph cannot): refuse shapes the kernel does not take, clearly."""
+    from .kernels._runtime import triton_installed
+
+    if not triton_installed():
+        raise ValueError("cuda_graph decoding needs triton (pip install zipkv[kernels]); use cuda_graph=False")
+    from .kernels._triton_decode import supported
+
+    layer = cache.layers[0]
+    text = model.config.get_text_config(decoder=True)
+    batch, _, _, head_dim = layer.k_win.shape
+    query = layer.k_win.new_empty(batch, text.num_attention_heads, 1, head_dim)
+    reason = supported(query, [t.segment() for t in layer.attended])
+    if reason is not None:
+        raise ValueError(f"cuda_graph decoding needs the Triton decode kernel, which cannot run this cache: {reason}; "
+                         "use cuda_graph=False")
 
 
 def _stop_ids(model, eos_token_id):
