@@ -107,7 +107,8 @@ def test_segment_with_value_bits_dequantizes_like_quant_module(bits, value_bits,
         (64, dict(bits=4, key_group=4, cs=True, pieces=2), dict(bits=2, key_group=8, cs=False), 1, 5),
     ],
 )
-def test_decode_matches_reference(d, low, high, tq, nf):
+@pytest.mark.parametrize("dequant", [False, True])  # v5 / v6 (fp16 dequantization before the dots)
+def test_decode_matches_reference(d, low, high, tq, nf, dequant):
     g = torch.Generator().manual_seed(d + tq)
     b, hkv, r = 2, 2, 3
     segs = [make_segment(b, hkv, 70, d, gen=g, **low)]
@@ -117,7 +118,7 @@ def test_decode_matches_reference(d, low, high, tq, nf):
     vf = torch.randn(b, hkv, nf, d, generator=g).half() if nf else None
     q = torch.randn(b, hkv * r, tq, d, generator=g).half()
     ref = decode_attention_reference(q, segs, kf, vf, causal=tq > 1)
-    out = decode_attention(q, segs, kf, vf, causal=tq > 1, impl="triton", block_n=32, block_n_fp=16)
+    out = decode_attention(q, segs, kf, vf, causal=tq > 1, impl="triton", block_n=32, block_n_fp=16, dequant=dequant)
     assert out.shape == ref.shape and out.dtype == q.dtype
     assert rel_err(out, ref) < 3e-3
 
@@ -133,7 +134,8 @@ def test_decode_matches_reference(d, low, high, tq, nf):
         (128, dict(bits=4, value_bits=2, value_group=16, cs=False, pieces=2), None, 1),
     ],
 )
-def test_decode_keys_and_values_of_different_bits(d, tier, other, tq):
+@pytest.mark.parametrize("dequant", [False, True])  # v5 / v6 (fp16 dequantization before the dots)
+def test_decode_keys_and_values_of_different_bits(d, tier, other, tq, dequant):
     """A tier whose keys and values have different widths, next to a tier of other widths in
     the same launch, GQA, an fp16 part, a padding mask (with per-row limits and causal for Tq > 1)."""
     g = torch.Generator().manual_seed(d + tq + tier["bits"] * 10 + tier["value_bits"])
@@ -151,7 +153,7 @@ def test_decode_keys_and_values_of_different_bits(d, tier, other, tq):
     for mask in (keep[:, :1, :], keep):
         ref = decode_attention_reference(q, segs, kf, vf, mask=mask, causal=tq > 1)
         out = decode_attention(q, segs, kf, vf, mask=mask, causal=tq > 1, impl="triton", block_n=32,
-                               block_n_fp=16)
+                               block_n_fp=16, dequant=dequant)
         assert out.shape == ref.shape and out.dtype == q.dtype
         assert rel_err(out, ref) < 3e-3
 
@@ -168,7 +170,8 @@ def test_value_bits_too_narrow_for_the_kernel_is_refused():
         decode_attention(q, [seg], impl="triton")
 
 
-def test_decode_value_chunks_finer_than_key_groups():
+@pytest.mark.parametrize("dequant", [False, True])  # v5 / v6 (fp16 dequantization before the dots)
+def test_decode_value_chunks_finer_than_key_groups(dequant):
     """Channel-factor chunks that cut through key groups (the per-chunk slow path)."""
     g = torch.Generator().manual_seed(11)
     seg = make_segment(2, 2, 90, 64, 4, cs=True, pieces=1, gen=g)
@@ -176,11 +179,12 @@ def test_decode_value_chunks_finer_than_key_groups():
     seg.v_channel = torch.rand(2, 2, 13, 64, generator=g).half() + 0.5
     q = torch.randn(2, 8, 1, 64, generator=g).half()
     ref = decode_attention_reference(q, [seg])
-    out = decode_attention(q, [seg], impl="triton", block_n=32)
+    out = decode_attention(q, [seg], impl="triton", block_n=32, dequant=dequant)
     assert rel_err(out, ref) < 3e-3
 
 
-def test_decode_masks_and_bf16():
+@pytest.mark.parametrize("dequant", [False, True])  # v5 / v6 (fp16 dequantization before the dots)
+def test_decode_masks_and_bf16(dequant):
     """Left padding as a bool mask, the same as an additive mask, per-query-row masks; bf16."""
     g = torch.Generator().manual_seed(7)
     b, hkv, r, d, tq = 3, 1, 4, 64, 2
@@ -197,11 +201,12 @@ def test_decode_masks_and_bf16():
     rows[0, 0, 80:] = False  # a per-row mask (4-D, HF style)
     for mask in (keep, additive, rows[:, None]):
         ref = decode_attention_reference(q, segs, kf, vf, mask=mask)
-        out = decode_attention(q, segs, kf, vf, mask=mask, impl="triton", block_n=32, block_n_fp=16)
+        out = decode_attention(q, segs, kf, vf, mask=mask, impl="triton", block_n=32, block_n_fp=16, dequant=dequant)
         assert rel_err(out, ref) < 1e-2
 
 
-def test_decode_splits_and_fully_masked_rows():
+@pytest.mark.parametrize("dequant", [False, True])  # v5 / v6 (fp16 dequantization before the dots)
+def test_decode_splits_and_fully_masked_rows(dequant):
     """Many splits (merge path) and a batch row that attends nothing (output 0, no NaN)."""
     g = torch.Generator().manual_seed(3)
     b, hkv, r, d = 2, 2, 2, 32
@@ -210,7 +215,7 @@ def test_decode_splits_and_fully_masked_rows():
     keep = torch.ones(b, 300, dtype=torch.bool)
     keep[1] = False
     ref = decode_attention_reference(q, segs, mask=keep)
-    out = decode_attention(q, segs, mask=keep, impl="triton", block_n=32, programs_per_sm=8)
+    out = decode_attention(q, segs, mask=keep, impl="triton", block_n=32, programs_per_sm=8, dequant=dequant)
     assert torch.equal(out[1], torch.zeros_like(out[1]))
     assert rel_err(out[0], ref[0]) < 3e-3
 
@@ -226,7 +231,8 @@ def test_cpu_auto_falls_back_to_reference_and_validates():
         decode_attention(q, segs, mask=torch.ones(1, 11, dtype=torch.bool))
 
 
-def test_decode_one_launch_per_tier_three_tiers():
+@pytest.mark.parametrize("dequant", [False, True])  # v5 / v6 (fp16 dequantization before the dots)
+def test_decode_one_launch_per_tier_three_tiers(dequant):
     """Three tiers (two launches by default, three with tiers_per_launch=1), blocks that
     straddle key groups of 24 tokens and channel-factor chunks."""
     g = torch.Generator().manual_seed(13)
@@ -239,7 +245,8 @@ def test_decode_one_launch_per_tier_three_tiers():
     q = torch.randn(b, hkv * r, 1, d, generator=g).half()
     ref = decode_attention_reference(q, segs, kf, vf)
     for tpl in (1, 2):
-        out = decode_attention(q, segs, kf, vf, impl="triton", block_n=32, block_n_fp=16, tiers_per_launch=tpl)
+        out = decode_attention(q, segs, kf, vf, impl="triton", block_n=32, block_n_fp=16, tiers_per_launch=tpl,
+                               dequant=dequant)
         assert rel_err(out, ref) < 3e-3
 
 
@@ -277,7 +284,8 @@ def _in_capacity(seg, extra, gen):
 
 
 @pytest.mark.parametrize("with_mask,high_value_bits", [(False, 4), (True, 4), (True, 2)])
-def test_decode_reads_token_counts_from_device_lengths(with_mask, high_value_bits):
+@pytest.mark.parametrize("dequant", [False, True])  # v5 / v6 (fp16 dequantization before the dots)
+def test_decode_reads_token_counts_from_device_lengths(with_mask, high_value_bits, dequant):
     """Capacity buffers + int32 lengths (the CUDA-graph layout): the same output as the
     reference over the valid tokens alone, whatever the slack holds."""
     g = torch.Generator().manual_seed(7 + with_mask)
@@ -300,7 +308,7 @@ def test_decode_reads_token_counts_from_device_lengths(with_mask, high_value_bit
         mask_cap[1, :5] = False
     lengths = torch.tensor([70, 45, 9], dtype=torch.int32)
     out = decode_attention(q, caps, kf_cap, vf_cap, mask=mask_cap, impl="triton", block_n=32, block_n_fp=16,
-                           lengths=lengths)
+                           lengths=lengths, dequant=dequant)
     assert rel_err(out, ref) < 3e-3
     # the reference path cuts the buffers by the same counts
     torch.testing.assert_close(decode_attention(q, caps, kf_cap, vf_cap, mask=mask_cap, impl="reference",
@@ -309,3 +317,17 @@ def test_decode_reads_token_counts_from_device_lengths(with_mask, high_value_bit
         decode_attention(q, caps, kf_cap, vf_cap, lengths=lengths.long())
     with pytest.raises(ValueError, match="causal"):
         decode_attention(q, caps, kf_cap, vf_cap, lengths=lengths, causal=True)
+
+
+def test_dequant_default_follows_key_group_size():
+    """dequant=None: v6 (fp16 dequantization before the dots) for tiers with >= block_n tokens
+    per key group, v5 for finer groups (KIVI's 32), per launch; both match the reference."""
+    from zipkv.kernels._triton_decode import LAST_LAUNCH
+
+    g = torch.Generator().manual_seed(21)
+    q = torch.randn(1, 8, 1, 64, generator=g).half()
+    for key_group, expect in ((None, True), (16, False)):
+        segs = [make_segment(1, 2, 80, 64, 4, key_group=key_group, value_bits=2, gen=g)]
+        out = decode_attention(q, segs, impl="triton", block_n=32)
+        assert LAST_LAUNCH["dequant"] is expect
+        assert rel_err(out, decode_attention_reference(q, segs)) < 3e-3

@@ -1,4 +1,8 @@
-"""Triton split-K decode attention over packed tiers + the fp16 part (flash-decoding), v5.
+"""Triton split-K decode attention over packed tiers + the fp16 part (flash-decoding), v5/v6.
+
+v6 (constexpr DQ, tuning `dequant`): the codes are dequantized to fp16 in registers before the
+dots (q @ k^T, p @ v) instead of folding the scales into q and p; the default picks it per
+launch for tiers with >= block_n tokens per key group (benchmarks/NOTES.md, "v6").
 
 One launch: program (s, b*Hkv + h) takes one split (a contiguous token range) of one tier of
 one KV head and all its R*Tq query rows (GQA: the R query heads of that KV head share every
@@ -133,6 +137,29 @@ def _online_softmax(s, m_i, l_i):
 
 
 @triton.jit
+def _key_dq(kb, p: tl.constexpr, srow, mrow, offs_w, BITS: tl.constexpr, W: tl.constexpr, USE_ASM: tl.constexpr):
+    """v6: plane p of the block's keys dequantized in fp16, code * s + m ([BLOCK_N, W])."""
+    sc = tl.load(srow + p * W + offs_w).to(tl.float16)
+    mn = tl.load(mrow + p * W + offs_w).to(tl.float16)
+    return _unpack(kb, p, BITS, USE_ASM) * sc[None, :] + mn[None, :]
+
+
+@triton.jit
+def _key_scores_dq(q0, q1, q2, q3, kb, srow, mrow, offs_w,
+                   BITS: tl.constexpr, W: tl.constexpr, USE_ASM: tl.constexpr):
+    """v6 (DQ): q (fp16, loop-invariant: its dot-operand copy is made once) @ dequantized keys^T,
+    one dot per plane; no per-block q * s operand and no q . m reduction."""
+    P: tl.constexpr = 8 // BITS
+    s = tl.dot(q0, tl.trans(_key_dq(kb, 0, srow, mrow, offs_w, BITS, W, USE_ASM)))
+    if P > 1:
+        s = tl.dot(q1, tl.trans(_key_dq(kb, 1, srow, mrow, offs_w, BITS, W, USE_ASM)), s)
+    if P > 2:
+        s = tl.dot(q2, tl.trans(_key_dq(kb, 2, srow, mrow, offs_w, BITS, W, USE_ASM)), s)
+        s = tl.dot(q3, tl.trans(_key_dq(kb, 3, srow, mrow, offs_w, BITS, W, USE_ASM)), s)
+    return s
+
+
+@triton.jit
 def _key_scores(q0, q1, q2, q3, kb, srow, mrow, offs_w,
                 BITS: tl.constexpr, W: tl.constexpr, USE_ASM: tl.constexpr):
     """Scores of a block whose tokens all lie in one key group (scale row srow, min row mrow):
@@ -162,14 +189,21 @@ def _key_scores(q0, q1, q2, q3, kb, srow, mrow, offs_w,
 @triton.jit
 def _v_unit(acc, u: tl.constexpr, p, vb, offs_n, valid_n, offs_wu, vs_base, vm_base, svs_n, frow,
             BITS: tl.constexpr, WU: tl.constexpr, VG: tl.constexpr, CPP: tl.constexpr, USE_ASM: tl.constexpr,
-            SCALE_F: tl.constexpr):
+            SCALE_F: tl.constexpr, DQ: tl.constexpr):
     """acc += p @ values of unit u (channels [u*WU, (u+1)*WU): one plane slice, one value group):
-    (p * s_n) @ codes + p . m_n, times the chunk's channel-factor row frow (SCALE_F)."""
+    (p * s_n) @ codes + p . m_n, times the chunk's channel-factor row frow (SCALE_F).
+    DQ (v6): p is already fp16 (one dot operand for all units) and the codes are dequantized
+    in fp16 (code * s_n + m_n) before the dot: no per-unit p * s operand, no p . m reduction."""
     code = _unpack(vb, u // CPP, BITS, USE_ASM)
-    vs = tl.load(vs_base + offs_n * svs_n + (u * WU) // VG, mask=valid_n, other=0.0).to(tl.float32)
-    vm = tl.load(vm_base + offs_n * svs_n + (u * WU) // VG, mask=valid_n, other=0.0).to(tl.float32)
-    contrib = tl.dot((p * vs[None, :]).to(tl.float16), code)
-    contrib += tl.sum(p * vm[None, :], 1)[:, None]
+    if DQ:
+        vs = tl.load(vs_base + offs_n * svs_n + (u * WU) // VG, mask=valid_n, other=0.0).to(tl.float16)
+        vm = tl.load(vm_base + offs_n * svs_n + (u * WU) // VG, mask=valid_n, other=0.0).to(tl.float16)
+        contrib = tl.dot(p, code * vs[:, None] + vm[:, None])
+    else:
+        vs = tl.load(vs_base + offs_n * svs_n + (u * WU) // VG, mask=valid_n, other=0.0).to(tl.float32)
+        vm = tl.load(vm_base + offs_n * svs_n + (u * WU) // VG, mask=valid_n, other=0.0).to(tl.float32)
+        contrib = tl.dot((p * vs[None, :]).to(tl.float16), code)
+        contrib += tl.sum(p * vm[None, :], 1)[:, None]
     if SCALE_F:
         contrib = contrib * tl.load(frow + u * WU + offs_wu).to(tl.float32)[None, :]
     return acc + contrib
@@ -179,26 +213,26 @@ def _v_unit(acc, u: tl.constexpr, p, vb, offs_n, valid_n, offs_wu, vs_base, vm_b
 def _v_update(acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, p, vb0, vb1, vb2, vb3,
               offs_n, valid_n, offs_wu, vs_base, vm_base, svs_n, frow,
               BITS: tl.constexpr, WU: tl.constexpr, VG: tl.constexpr, U: tl.constexpr, CPP: tl.constexpr,
-              USE_ASM: tl.constexpr, SCALE_F: tl.constexpr):
+              USE_ASM: tl.constexpr, SCALE_F: tl.constexpr, DQ: tl.constexpr):
     acc0 = _v_unit(acc0, 0, p, _pick(0 % CPP, vb0, vb1, vb2, vb3), offs_n, valid_n, offs_wu, vs_base, vm_base,
-                   svs_n, frow, BITS, WU, VG, CPP, USE_ASM, SCALE_F)
+                   svs_n, frow, BITS, WU, VG, CPP, USE_ASM, SCALE_F, DQ)
     if U > 1:
         acc1 = _v_unit(acc1, 1, p, _pick(1 % CPP, vb0, vb1, vb2, vb3), offs_n, valid_n, offs_wu, vs_base, vm_base,
-                       svs_n, frow, BITS, WU, VG, CPP, USE_ASM, SCALE_F)
+                       svs_n, frow, BITS, WU, VG, CPP, USE_ASM, SCALE_F, DQ)
     if U > 2:
         acc2 = _v_unit(acc2, 2, p, _pick(2 % CPP, vb0, vb1, vb2, vb3), offs_n, valid_n, offs_wu, vs_base, vm_base,
-                       svs_n, frow, BITS, WU, VG, CPP, USE_ASM, SCALE_F)
+                       svs_n, frow, BITS, WU, VG, CPP, USE_ASM, SCALE_F, DQ)
         acc3 = _v_unit(acc3, 3, p, _pick(3 % CPP, vb0, vb1, vb2, vb3), offs_n, valid_n, offs_wu, vs_base, vm_base,
-                       svs_n, frow, BITS, WU, VG, CPP, USE_ASM, SCALE_F)
+                       svs_n, frow, BITS, WU, VG, CPP, USE_ASM, SCALE_F, DQ)
     if U > 4:
         acc4 = _v_unit(acc4, 4, p, _pick(4 % CPP, vb0, vb1, vb2, vb3), offs_n, valid_n, offs_wu, vs_base, vm_base,
-                       svs_n, frow, BITS, WU, VG, CPP, USE_ASM, SCALE_F)
+                       svs_n, frow, BITS, WU, VG, CPP, USE_ASM, SCALE_F, DQ)
         acc5 = _v_unit(acc5, 5, p, _pick(5 % CPP, vb0, vb1, vb2, vb3), offs_n, valid_n, offs_wu, vs_base, vm_base,
-                       svs_n, frow, BITS, WU, VG, CPP, USE_ASM, SCALE_F)
+                       svs_n, frow, BITS, WU, VG, CPP, USE_ASM, SCALE_F, DQ)
         acc6 = _v_unit(acc6, 6, p, _pick(6 % CPP, vb0, vb1, vb2, vb3), offs_n, valid_n, offs_wu, vs_base, vm_base,
-                       svs_n, frow, BITS, WU, VG, CPP, USE_ASM, SCALE_F)
+                       svs_n, frow, BITS, WU, VG, CPP, USE_ASM, SCALE_F, DQ)
         acc7 = _v_unit(acc7, 7, p, _pick(7 % CPP, vb0, vb1, vb2, vb3), offs_n, valid_n, offs_wu, vs_base, vm_base,
-                       svs_n, frow, BITS, WU, VG, CPP, USE_ASM, SCALE_F)
+                       svs_n, frow, BITS, WU, VG, CPP, USE_ASM, SCALE_F, DQ)
     return acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7
 
 
@@ -236,6 +270,7 @@ def _packed_split(
     KBITS: tl.constexpr, VBITS: tl.constexpr, VG: tl.constexpr, WU: tl.constexpr, HAS_VCH: tl.constexpr,
     BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, CAUSAL: tl.constexpr, USE_ASM: tl.constexpr,
+    DQ: tl.constexpr = False,
 ):
     """One split of one packed tier (KBITS, VBITS constexpr: no branching over tiers in the loop).
     Rows of the [M, BLOCK_N] score tile are the R*TQ query rows (padded to M >= 16).
@@ -264,6 +299,11 @@ def _packed_split(
     if P > 2:
         q2 = tl.load(q_row[:, None] + 2 * W + offs_w[None, :], mask=qmask, other=0.0).to(tl.float32) * qk_scale
         q3 = tl.load(q_row[:, None] + 3 * W + offs_w[None, :], mask=qmask, other=0.0).to(tl.float32) * qk_scale
+    if DQ:  # v6: q is a loop-invariant fp16 dot operand
+        q0 = q0.to(tl.float16)
+        q1 = q1.to(tl.float16)
+        q2 = q2.to(tl.float16)
+        q3 = q3.to(tl.float16)
 
     offs_wu = tl.arange(0, WU)
     m_i = tl.full([M], _NEG_INF, tl.float32)
@@ -309,16 +349,28 @@ def _packed_split(
         # groups loops over the others (selecting per token), at the same register cost.
         g_lo = tl.min(tl.where(valid_n, grp, 2147483647), 0)
         g_hi = tl.max(tl.where(valid_n, grp, -1), 0)
-        s = _key_scores(q0, q1, q2, q3, kb, ks_base + g_lo * sks_g, km_base + g_lo * sks_g, offs_w,
-                        KBITS, W, USE_ASM)
+        if DQ:
+            s = _key_scores_dq(q0, q1, q2, q3, kb, ks_base + g_lo * sks_g, km_base + g_lo * sks_g, offs_w,
+                               KBITS, W, USE_ASM)
+        else:
+            s = _key_scores(q0, q1, q2, q3, kb, ks_base + g_lo * sks_g, km_base + g_lo * sks_g, offs_w,
+                            KBITS, W, USE_ASM)
         if g_hi > g_lo:
             for g in range(g_lo + 1, g_hi + 1):
-                s2 = _key_scores(q0, q1, q2, q3, kb, ks_base + g * sks_g, km_base + g * sks_g, offs_w,
-                                 KBITS, W, USE_ASM)
+                if DQ:
+                    s2 = _key_scores_dq(q0, q1, q2, q3, kb, ks_base + g * sks_g, km_base + g * sks_g, offs_w,
+                                        KBITS, W, USE_ASM)
+                else:
+                    s2 = _key_scores(q0, q1, q2, q3, kb, ks_base + g * sks_g, km_base + g * sks_g, offs_w,
+                                     KBITS, W, USE_ASM)
                 s = tl.where((grp == g)[None, :], s2, s)
         s = _masked_scores(s, offs_n, valid_n, t, row_valid, b, key_offset, nt_total,
                            mask_ptr, smb, smt, smn, TQ, MASK_KIND, MASK_ROWS, CAUSAL)
         p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
+        if DQ:
+            pv = p.to(tl.float16)
+        else:
+            pv = p
         acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _scale_accs(
             acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, alpha, U)
 
@@ -330,20 +382,23 @@ def _packed_split(
             c_hi = tl.max(tl.where(valid_n, ch, -1), 0)
             if c_lo == c_hi:
                 acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _v_update(
-                    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, p, vb0, vb1, vb2, vb3,
+                    acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, pv, vb0, vb1, vb2, vb3,
                     offs_n, valid_n, offs_wu, vs_base, vm_base, svs_n, vch_base + c_lo * svch_c,
-                    VBITS, WU, VG, U, CPP, USE_ASM, True)
+                    VBITS, WU, VG, U, CPP, USE_ASM, True, DQ)
             else:
                 for c in range(c_lo, c_hi + 1):
+                    pc = tl.where((ch == c)[None, :], p, 0.0)
+                    if DQ:
+                        pc = pc.to(tl.float16)
                     acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _v_update(
-                        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, tl.where((ch == c)[None, :], p, 0.0),
+                        acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, pc,
                         vb0, vb1, vb2, vb3, offs_n, valid_n, offs_wu, vs_base, vm_base, svs_n,
-                        vch_base + c * svch_c, VBITS, WU, VG, U, CPP, USE_ASM, True)
+                        vch_base + c * svch_c, VBITS, WU, VG, U, CPP, USE_ASM, True, DQ)
         else:
             acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7 = _v_update(
-                acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, p, vb0, vb1, vb2, vb3,
+                acc0, acc1, acc2, acc3, acc4, acc5, acc6, acc7, pv, vb0, vb1, vb2, vb3,
                 offs_n, valid_n, offs_wu, vs_base, vm_base, svs_n, vch_base,
-                VBITS, WU, VG, U, CPP, USE_ASM, False)
+                VBITS, WU, VG, U, CPP, USE_ASM, False, DQ)
 
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     row0 = ((b * H + h) * S_total + part) * RT
@@ -445,7 +500,7 @@ def _decode_kernel(
     VCH_C: tl.constexpr,
     HAS_F: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NF: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, CAUSAL: tl.constexpr, F32_DOT: tl.constexpr,
-    USE_ASM: tl.constexpr, LENS_ON_DEVICE: tl.constexpr,
+    USE_ASM: tl.constexpr, LENS_ON_DEVICE: tl.constexpr, DQ: tl.constexpr = False,
 ):
     sid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -466,7 +521,7 @@ def _decode_kernel(
                           mask_ptr, smb, smt, smn, po_ptr, pl_ptr,
                           b, h, sid, part_base + sid, NA, TSA, OFFA, nt_total, H, S_total,
                           R, TQ, M, D, KBITS_A, VBITS_A, VG_A, WU_A, VCH_A, BLOCK_N,
-                          MASK_KIND, MASK_ROWS, CAUSAL, USE_ASM)
+                          MASK_KIND, MASK_ROWS, CAUSAL, USE_ASM, DQ)
     elif sid < SA + SC:
         if HAS_C:
             _packed_split(q_ptr, sqb, sqh, sqt, qk_scale,
@@ -476,7 +531,7 @@ def _decode_kernel(
                           mask_ptr, smb, smt, smn, po_ptr, pl_ptr,
                           b, h, sid - SA, part_base + sid, NC, TSC, OFFC, nt_total, H, S_total,
                           R, TQ, M, D, KBITS_C, VBITS_C, VG_C, WU_C, VCH_C, BLOCK_N,
-                          MASK_KIND, MASK_ROWS, CAUSAL, USE_ASM)
+                          MASK_KIND, MASK_ROWS, CAUSAL, USE_ASM, DQ)
     else:
         if HAS_F:
             _fp_split(q_ptr, sqb, sqh, sqt, qk_scale,
@@ -579,12 +634,20 @@ def _bytes_per_token(seg: PackedSegment | None, d: int, fp_elem: int = 2) -> flo
 def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, causal,
                             block_n: int | None = None, block_n_fp: int = 64, num_warps: int = 4,
                             num_stages: int = 2, programs_per_sm: float = 32.0, maxnreg: int | None = 128,
-                            use_asm: bool | None = None, tiers_per_launch: int = 2, lengths=None):
+                            use_asm: bool | None = None, tiers_per_launch: int = 2, lengths=None,
+                            dequant: bool | None = None):
     """Defaults are the fastest measured on the H100 (benchmarks/NOTES.md, v5; results/v5.json).
 
     lengths: None, or int32 [len(segs) + 1] on the query's device: valid tokens of each tier
     and of the fp16 part, read by the kernel (the tensors are then capacity buffers and the
-    launch depends on nothing that changes while decoding: CUDA-graph capturable)."""
+    launch depends on nothing that changes while decoding: CUDA-graph capturable).
+
+    dequant (v6, benchmarks/NOTES.md): dequantize codes to fp16 in registers before the
+    tensor-core dots (q @ k^T, p @ v) instead of folding the scales into the other operand
+    (v5: (q*s) @ codes + q.m, (p*s) @ codes + p.m per value unit). None (default): v6 for a
+    launch whose tiers average >= block_n tokens per key group (ZipCache, the zipkv preset:
+    12-18% faster at 32K x 8 on the H100), v5 otherwise (KIVI's 32-token groups make v6 redo
+    the key dequantization per group in each block: 2.5% slower there; results/v6.json)."""
     from ._runtime import sm_count
 
     b, hq, tq, d = query.shape
@@ -650,6 +713,9 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, ca
             len_ptrs = (dummy, dummy, dummy)
         else:
             len_ptrs = tuple(seg_lens[pair[j]] if len(pair) > j else fp_len for j in (0, 1)) + (fp_len,)
+        dq = dequant
+        if dq is None:
+            dq = all(p[0].num_tokens >= block_n * p[0].k_scale.shape[2] for p in (a, c) if p is not None)
         ca = _seg_consts(a[0] if a else None, d)
         cc = _seg_consts(c[0] if c else None, d)
         sa = a[3] if a else 0
@@ -680,11 +746,13 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, ca
             MASK_KIND=mask_kind, MASK_ROWS=mask_rows, CAUSAL=bool(causal),
             F32_DOT=dev.type != "cuda" and k_fp is not None and k_fp.dtype == torch.bfloat16,
             USE_ASM=(dev.type == "cuda") if use_asm is None else bool(use_asm), LENS_ON_DEVICE=lengths is not None,
+            DQ=bool(dq),
             num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
         )
         part_base += grid[0]
         LAST_LAUNCH.update(n_regs=getattr(kernel, "n_regs", None), n_spills=getattr(kernel, "n_spills", None),
-                           grid=list(grid), block_n=block_n, num_warps=num_warps, num_stages=num_stages)
+                           grid=list(grid), block_n=block_n, num_warps=num_warps, num_stages=num_stages,
+                           dequant=bool(dq))
 
     out = torch.empty((b, hq, tq, d), device=dev, dtype=query.dtype)
     e = s_total

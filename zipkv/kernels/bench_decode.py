@@ -105,8 +105,9 @@ def bench_packed(recipe, b, hq, hkv, n, d, reps=20, window=128, graph=True, **tu
     return t
 
 
-def check_decode(device="cuda") -> list[dict]:
-    """Kernel vs float32 reference on quantized random data, on the GPU, several layouts."""
+def check_decode(device="cuda", **tuning) -> list[dict]:
+    """Kernel vs float32 reference on quantized random data, on the GPU, several layouts
+    (`tuning` goes to decode_attention, e.g. dequant=True for v6)."""
     from zipkv.quant.schemes import quantize_keys_channelwise, quantize_values_tokenwise
 
     def seg_from(k, v, bits, kg, vg, cs):
@@ -126,7 +127,7 @@ def check_decode(device="cuda") -> list[dict]:
              cfg=[(4, 64, None, True), (8, None, 16, False)], mask=False),
     ]
     for c in cases:
-        g = torch.Generator(device=device).manual_seed(0)
+        g = torch.Generator(device=device).manual_seed(int(torch.randint(0, 2**31 - 1, (1,))))  # fresh data
         segs = []
         for (bits, kg, vg, cs), n in zip(c["cfg"], c["n"][:2]):
             k = torch.randn(c["b"], c["hkv"], n, c["d"], device=device, generator=g).to(c["dtype"]) * 2
@@ -143,7 +144,7 @@ def check_decode(device="cuda") -> list[dict]:
             mask[1, :1234] = False
         causal = c["tq"] > 1
         ref = decode_attention_reference(q, segs, kf, vf, mask=mask, causal=causal)
-        res = decode_attention(q, segs, kf, vf, mask=mask, causal=causal, impl="triton")
+        res = decode_attention(q, segs, kf, vf, mask=mask, causal=causal, impl="triton", **tuning)
         err = ((res.float() - ref.float()).norm() / ref.float().norm()).item()
         out.append({"case": c["name"], "rel_err": err, "finite": bool(torch.isfinite(res).all()), "ok": err < 1e-2})
     return out

@@ -132,7 +132,8 @@ def decode_attention(query, tiers=(), k_fp=None, v_fp=None, mask=None, scale=Non
                      impl: str = "auto", lengths=None, **tuning):
     """Attention output [B, Hq, Tq, D] in query's dtype. `tiers`: PackedTier-like objects in
     key order; `k_fp`/`v_fp`: the fp16 part [B, Hkv, Nf, D] or None. `tuning` (Triton path):
-    block_n, block_n_fp, num_warps, num_stages, programs_per_sm, maxnreg, use_asm, tiers_per_launch.
+    block_n, block_n_fp, num_warps, num_stages, programs_per_sm, maxnreg, use_asm, tiers_per_launch,
+    dequant (v6: fp16 dequantization in registers before the dots; None = per launch, by key group size).
 
     lengths (preallocated buffers, CUDA graphs): int32 [len(tiers) + 1] on the query's device,
     the valid tokens of each tier and of the fp16 part; the tiers' tensors and k_fp/v_fp are
