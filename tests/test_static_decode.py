@@ -168,3 +168,37 @@ def test_graph_kernel_check_names_the_reason():
     zipkv.greedy_decode(model, cache, ids, max_new_tokens=2, cuda_graph=False)
     with pytest.raises(ValueError, match="cuda_graph decoding needs the Triton decode kernel.*head_dim 16"):
         _check_graph_kernel(model, cache)
+
+
+def _decode_with(model, method, kw, ids, mask, steps, device_flush):
+    cache = zipkv.make_cache(method, model.config, decode_path="packed", **kw)
+    positions = prompt_positions(mask)
+    with torch.inference_mode():
+        first = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache).logits[:, -1:].argmax(-1)
+    decoder = StaticDecoder(model, cache, first, positions[:, -1] + 1, steps, mask, cuda_graph=False,
+                            device_flush=device_flush)
+    tokens = torch.cat([decoder.step().clone() for _ in range(steps)], dim=1)
+    return tokens, cache, decoder
+
+
+@pytest.mark.parametrize("method,kw", CASES)
+@pytest.mark.parametrize("pad", [0, 6])
+def test_block_quantization_with_device_offsets_equals_the_host_one(method, kw, pad):
+    """flush_on_device (what the CUDA graph of a block holds) stores exactly what flush()
+    stores: same tokens out, same codes, parameters, window and counts."""
+    model = tiny_model("llama")
+    ids, mask = padded_batch(length=40, pad=pad)
+    host, host_cache, _ = _decode_with(model, method, kw, ids, mask, 24, device_flush=False)
+    dev, dev_cache, decoder = _decode_with(model, method, kw, ids, mask, 24, device_flush=True)
+    assert decoder.device_flushes >= 2
+    assert torch.equal(host, dev)
+    for a, b in zip(host_cache.layers, dev_cache.layers):
+        assert a.lengths.tolist() == b.lengths.tolist() and a.n_fp == b.n_fp
+        for ta, tb in zip(a.attended, b.attended):
+            assert (ta.num_tokens, ta.num_groups, ta.num_chunks) == (tb.num_tokens, tb.num_groups, tb.num_chunks)
+            assert [int(ta.device_groups), int(ta.device_chunks)] == [int(tb.device_groups), int(tb.device_chunks)]
+            for x, y in zip(vars(ta.valid_segment()).values(), vars(tb.valid_segment()).values()):
+                assert (x == y) if not isinstance(x, torch.Tensor) else torch.equal(x, y)
+        n = a.n_fp
+        assert torch.equal(a.k_win[:, :, :n], b.k_win[:, :, :n]) and torch.equal(a.v_win[:, :, :n], b.v_win[:, :, :n])
+        assert torch.equal(a.score_win, b.score_win) and torch.equal(a.count_win, b.count_win)

@@ -37,7 +37,8 @@ class StaticDecoder:
     """
 
     def __init__(self, model, cache: ZipCache, next_tokens: torch.Tensor, next_positions: torch.Tensor,
-                 max_steps: int, prompt_padding=None, cuda_graph: bool | None = None):
+                 max_steps: int, prompt_padding=None, cuda_graph: bool | None = None,
+                 device_flush: bool | None = None):
         if not isinstance(cache, ZipCache):
             raise ValueError(f"cache must be a zipkv ZipCache (got {type(cache).__name__})")
         if next_tokens.dim() != 2 or next_tokens.shape[1] != 1:
@@ -56,6 +57,10 @@ class StaticDecoder:
             self.positions = next_positions.reshape(-1, 1).clone().long()
             self.cache_position = torch.tensor([cache.get_seq_length()], device=device)
         self.graph = None
+        # Blocks of the fixed shape are quantized with device-side offsets (one more graph on
+        # CUDA, captured at the second such block: the first one warms it up).
+        self.device_flush = self.use_graph if device_flush is None else bool(device_flush)
+        self.flush_graph, self.flush_graph_layers, self.device_flushes = None, None, 0
         self.steps = 0
         self.flushes, self.flush_seconds = 0, 0.0  # blocks quantized between replays, host time spent
 
@@ -80,11 +85,31 @@ class StaticDecoder:
             if bool(torch.stack([layer.nonfinite for layer in due]).any()):
                 for layer in due:
                     layer.check_finite()
-            for layer in due:
-                layer.flush(check_finite=False)
+            if self.device_flush and all(layer.can_flush_on_device() for layer in due):
+                self._flush_on_device(due)
+            else:
+                for layer in due:
+                    layer.flush(check_finite=False)
             self.flushes += 1
             self.flush_seconds += time.perf_counter() - start
         self.steps += 1
+
+    def _flush_on_device(self, due) -> None:
+        ids = [layer.layer_idx for layer in due]
+        if self.flush_graph is not None and self.flush_graph_layers == ids:
+            self.flush_graph.replay()
+        elif self.use_graph and self.device_flushes:
+            self.flush_graph, self.flush_graph_layers = torch.cuda.CUDAGraph(), ids
+            with torch.cuda.graph(self.flush_graph, pool=self.graph.pool() if self.graph is not None else None):
+                for layer in due:
+                    layer.flush_on_device()
+            self.flush_graph.replay()
+        else:  # eagerly: on the CPU, and the first time on CUDA (warm-up)
+            for layer in due:
+                layer.flush_on_device()
+        for layer in due:
+            layer.mirror_device_flush()
+        self.device_flushes += 1
 
     def step(self) -> torch.Tensor:
         """Feed the current tokens, return the next ones ([B, 1], a buffer the next step overwrites)."""

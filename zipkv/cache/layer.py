@@ -85,6 +85,20 @@ def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 
+def salient_split(scores, counts, is_real, n_high: int, normalize: bool):
+    """(low_idx, high_idx) [B, H, *], each in position order: the n_high tokens of a block with
+    the highest (normalized: / counts) score per (row, KV head) go high, padding never."""
+    n = scores.shape[2]
+    if normalize:
+        scores = scores / counts.clamp_min(1.0)
+    scores = scores.masked_fill(~is_real[:, None, :], float("-inf"))
+    chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(2, scores.topk(n_high, dim=2).indices, True)
+    pos = torch.arange(n, device=scores.device).expand_as(scores)
+    high_idx = torch.where(chosen, pos, pos + n).sort(dim=2).values[:, :, :n_high]
+    low_idx = torch.where(chosen, pos + n, pos).sort(dim=2).values[:, :, : n - n_high]
+    return low_idx, high_idx
+
+
 def _overwrite_padding(keys, values, is_real):
     """Give padding tokens the states of their row's first real token of the block. They are
     masked out of attention anyway; this keeps them from widening any quantization range."""
@@ -347,13 +361,7 @@ class ZipCacheLayer(ZipkvLayer):
         if n_high == 0:
             self._append(self.low, keys, values)
         else:
-            if s.saliency == "probe":
-                scores = scores / counts.clamp_min(1.0)
-            scores = scores.masked_fill(~is_real[:, None, :], float("-inf"))
-            chosen = torch.zeros_like(scores, dtype=torch.bool).scatter_(2, scores.topk(n_high, dim=2).indices, True)
-            pos = torch.arange(n, device=self.device).expand_as(scores)
-            high_idx = torch.where(chosen, pos, pos + n).sort(dim=2).values[:, :, :n_high]
-            low_idx = torch.where(chosen, pos + n, pos).sort(dim=2).values[:, :, : n - n_high]
+            low_idx, high_idx = salient_split(scores, counts, is_real, n_high, s.saliency == "probe")
             self._append(self.low, _gather_tokens(keys, low_idx), _gather_tokens(values, low_idx))
             self._append(self.high, _gather_tokens(keys, high_idx), _gather_tokens(values, high_idx))
         is_sink = self.is_sink.gather(1, rest)

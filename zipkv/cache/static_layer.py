@@ -23,7 +23,7 @@ import torch
 from ..attention import hand_queries_to
 from ..kernels.decode_attention import decode_attention
 from ..saliency import attention_scores
-from .layer import ZipCacheLayer
+from .layer import ZipCacheLayer, _gather_tokens, salient_split
 from .static_tier import StaticTier
 from .tier import PackedTier
 
@@ -82,6 +82,8 @@ class StaticZipLayer(ZipCacheLayer):
         self.window_offset = offset
         self.positions = torch.arange(w, device=dev, dtype=torch.int32)
         self.lengths = torch.zeros(len(self.attended) + 1, dtype=torch.int32, device=dev)
+        for i, tier in enumerate(self.attended):
+            tier.count_in(self.lengths, i)
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
         self.n_fp = 0
         self._store_window(layer.keys, layer.values, layer.score_sum, layer.score_count, layer.is_real, layer.is_sink)
@@ -92,6 +94,7 @@ class StaticZipLayer(ZipCacheLayer):
             raise ValueError("prompt_padding counts fewer padding tokens than the cache's fp16 part holds")
         self.pads_low = pads - pads_in_window
         self.padded = bool((pads > 0).any())
+        self.window_padded = bool((pads_in_window > 0).any())
         self._write_low_mask()
         self.keys, self.values = self.k_win, self.v_win  # shapes for stats(); the policy gets views in flush()
         return self
@@ -155,11 +158,61 @@ class StaticZipLayer(ZipCacheLayer):
         self.compress_due()
         kept = [t.clone() for t in (self.keys, self.values, self.score_sum, self.score_count, self.is_real, self.is_sink)]
         self._store_window(*kept)
-        self.pads_low = self.pads_low + pads_before - (~self.is_real).sum(dim=1)
+        pads_after = (~self.is_real).sum(dim=1)
+        self.pads_low = self.pads_low + pads_before - pads_after
+        self.window_padded = bool((pads_after > 0).any())
         self._write_low_mask()
         # nothing but the buffers stays held (stats() counts held_tensors())
         self.keys, self.values = self.k_win, self.v_win
         self.score_sum = self.score_count = self.is_real = self.is_sink = None
+
+    # -- the same block quantization with device-side offsets (capturable) -------------------------
+    def can_flush_on_device(self) -> bool:
+        """Whether the due block has the fixed shape flush_on_device() handles: the sinks are
+        chosen (they sit at the window's front), no padding in the window, exactly one block due."""
+        s = self.settings
+        return ((self.sinks_chosen or not s.sink_tokens) and not self.window_padded
+                and self.n_fp == self.num_sinks + s.residual_length + s.stream_interval)
+
+    def _salient_count(self) -> int:
+        s = self.settings
+        if s.mixed_precision and s.saliency != "none":
+            return round(s.salient_ratio * s.stream_interval)
+        return 0
+
+    def flush_on_device(self) -> None:
+        """flush() for a block of fixed shape (can_flush_on_device) with every offset read on
+        the device: the same launches each time, so one CUDA graph holds all layers' block
+        quantization. The result equals flush()'s (same policy, same quantizer). The caller
+        checked `nonfinite` and calls mirror_device_flush() on the host afterwards."""
+        s = self.settings
+        sinks, block, n = self.num_sinks, s.stream_interval, self.n_fp
+        keys, values = self.k_win[:, :, sinks:sinks + block], self.v_win[:, :, sinks:sinks + block]
+        n_high = self._salient_count()
+        if n_high == 0:
+            self.low.append_on_device(keys, values)
+        else:
+            real = self.real_win[:, sinks:sinks + block]
+            low_idx, high_idx = salient_split(self.score_win[:, :, sinks:sinks + block],
+                                              self.count_win[:, :, sinks:sinks + block], real, n_high,
+                                              s.saliency == "probe")
+            self.low.append_on_device(_gather_tokens(keys, low_idx), _gather_tokens(values, low_idx))
+            self.high.append_on_device(_gather_tokens(keys, high_idx), _gather_tokens(values, high_idx))
+        kept = n - sinks - block  # the residual window moves to just after the sinks
+        for buffer in (self.k_win, self.v_win):
+            buffer[:, :, sinks:sinks + kept] = buffer[:, :, sinks + block:n].clone()
+        if s.needs_queries:
+            for buffer in (self.score_win, self.count_win):
+                buffer[:, :, sinks:sinks + kept] = buffer[:, :, sinks + block:n].clone()
+                buffer[:, :, sinks + kept:] = 0
+        self.lengths[-1:] -= block
+
+    def mirror_device_flush(self) -> None:
+        n_high = self._salient_count()
+        self.low.mirror_append(self.settings.stream_interval - n_high)
+        if n_high:
+            self.high.mirror_append(n_high)
+        self.n_fp -= self.settings.stream_interval
 
     # -- one decode step (captured) ---------------------------------------------------------------
     def update(self, key_states, value_states, *args, **kwargs):
@@ -199,7 +252,7 @@ class StaticZipLayer(ZipCacheLayer):
     def held_tensors(self) -> list[torch.Tensor]:
         own = [self.k_win, self.v_win, self.score_win, self.count_win, self.sink_win, self.pad_mask, self.positions,
                self.lengths, self.nonfinite, self.pads_low]
-        return own + [t for tier in self.attended for t in tier.tensors()]
+        return own + [t for tier in (self.low, self.high) for t in tier.tensors()]
 
     def _select_batch(self, index):
         raise NotImplementedError("a static (CUDA-graph) cache keeps its batch rows; select rows before to_static()")

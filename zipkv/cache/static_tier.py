@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels.packed import PackedSegment
+from ..quant.schemes import quantize_keys_channelwise, quantize_values_tokenwise
 from .tier import PackedTier
 
 
@@ -35,6 +36,11 @@ class StaticTier:
         self._allocate(like, self.num_groups + extra_groups, self.num_chunks + extra_chunks)
         if tier.num_tokens:
             self._write(tier, 0, 0, 0)
+        # Device copies of the counts, for appends inside a CUDA graph (append_on_device). The
+        # token count is the owning layer's entry of its `lengths` (count_in() says which).
+        self.lengths, self.length_index = None, None
+        self.device_groups = torch.tensor([self.num_groups], device=self.k_codes.device)
+        self.device_chunks = torch.tensor([self.num_chunks], device=self.k_codes.device)
 
     def _new_block(self) -> PackedTier:
         return PackedTier(self.bits, self.key_group_size, self.value_group_size, self.channel_separable,
@@ -94,6 +100,47 @@ class StaticTier:
         self.num_tokens += block.num_tokens
         self.num_groups += block.k_scale.shape[2]
         self.num_chunks += 0 if block.v_channel is None else block.v_channel.shape[2]
+        self.device_groups.fill_(self.num_groups)
+        self.device_chunks.fill_(self.num_chunks)
+
+    def count_in(self, lengths: torch.Tensor, index: int) -> None:
+        """The device-side token count of this tier is lengths[index] (the owning layer's)."""
+        self.lengths, self.length_index = lengths, index
+
+    @property
+    def device_tokens(self) -> torch.Tensor:
+        return self.lengths[self.length_index:self.length_index + 1]
+
+    def append_on_device(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """append() with the write offsets read on the device: no host wait and the same
+        launches every time, so a CUDA graph can hold it. The same codes and parameters as
+        append(); the caller has checked the states are finite, and mirrors the counts on the
+        host afterwards (mirror_append)."""
+        n = keys.shape[2]
+        k_codes, k_scale, k_min, groups = quantize_keys_channelwise(keys, self.bits, self.key_group_size, check_finite=False)
+        v_codes, v_scale, v_min, v_channel = quantize_values_tokenwise(
+            values, self.value_bits, self.value_group_size, self.channel_separable, check_finite=False)
+        steps = torch.arange(n, device=keys.device)
+        at = self.device_tokens.long() + steps
+        for buffer, new in ((self.k_codes, k_codes), (self.v_codes, v_codes), (self.v_scale, v_scale),
+                            (self.v_min, v_min)):
+            buffer.index_copy_(2, at, new)
+        group_at = self.device_groups + torch.arange(groups, device=keys.device)
+        self.k_scale.index_copy_(2, group_at, k_scale)
+        self.k_min.index_copy_(2, group_at, k_min)
+        self.token_group.index_copy_(0, at, (steps // (self.key_group_size or n) + self.device_groups).int())
+        if v_channel is not None:
+            self.v_channel.index_copy_(2, self.device_chunks, v_channel)
+            self.token_chunk.index_copy_(0, at, self.device_chunks.expand(n).int())
+            self.device_chunks += 1
+        self.device_groups += groups
+        self.lengths[self.length_index:self.length_index + 1] += n
+
+    def mirror_append(self, n: int) -> None:
+        """The host counts after append_on_device of n tokens."""
+        self.num_tokens += n
+        self.num_groups += -(-n // (self.key_group_size or n))
+        self.num_chunks += int(self.channel_separable)
 
     def segment(self) -> PackedSegment:
         """The whole buffers (capacity tokens) as the kernels' segment; valid: num_tokens."""
@@ -117,7 +164,8 @@ class StaticTier:
 
     def tensors(self) -> list[torch.Tensor]:
         """Every buffer held (capacity included: that is what the device holds)."""
-        names = ("k_codes", "k_scale", "k_min", "token_group", "v_codes", "v_scale", "v_min", "v_channel", "token_chunk")
+        names = ("k_codes", "k_scale", "k_min", "token_group", "v_codes", "v_scale", "v_min", "v_channel", "token_chunk",
+                 "device_groups", "device_chunks")
         return [t for t in (getattr(self, name) for name in names) if t is not None]
 
     def nbytes(self) -> int:

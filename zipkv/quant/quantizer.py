@@ -35,15 +35,16 @@ def param_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float16 if float(amax) < FP16_MAX / 2 else torch.float32
 
 
-def quantize(x: torch.Tensor, bits: int, dims, out_dtype: torch.dtype | None = None):
+def quantize(x: torch.Tensor, bits: int, dims, out_dtype: torch.dtype | None = None, check_finite: bool = True):
     """Quantize `x` with one (scale, min) per slice obtained by reducing over `dims`.
 
     Returns (codes uint8 with x's shape, scale, minimum); scale/minimum keep the reduced dims
-    (keepdim=True) so they broadcast against the codes.
+    (keepdim=True) so they broadcast against the codes. check_finite=False skips the NaN/inf
+    check (a host wait) for callers that checked already (CUDA-graph block quantization).
     """
     check_bits(bits)
     xf = x.float()
-    if not torch.isfinite(xf).all():
+    if check_finite and not torch.isfinite(xf).all():
         raise ValueError("cannot quantize states that contain NaN or inf")
     lo = xf.amin(dim=dims, keepdim=True)
     hi = xf.amax(dim=dims, keepdim=True)

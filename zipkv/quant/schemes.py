@@ -27,7 +27,7 @@ def _check_group(name: str, group: int | None, size: int) -> int:
     return group
 
 
-def quantize_keys_channelwise(keys: torch.Tensor, bits: int, group: int | None):
+def quantize_keys_channelwise(keys: torch.Tensor, bits: int, group: int | None, check_finite: bool = True):
     """Returns (packed codes [B,H,N,D*bits/8], scale [B,H,G,D], min [B,H,G,D], G)."""
     b, h, n, d = keys.shape
     g = _check_group("key_group_size", group, n)
@@ -38,7 +38,7 @@ def quantize_keys_channelwise(keys: torch.Tensor, bits: int, group: int | None):
         fill = keys[:, :, (n_groups - 1) * g : (n_groups - 1) * g + 1].expand(b, h, n_groups * g - n, d)
         padded = torch.cat([keys, fill], dim=2)
     grouped = padded.reshape(b, h, n_groups, g, d)
-    codes, scale, minimum = quantize(grouped, bits, dims=3)
+    codes, scale, minimum = quantize(grouped, bits, dims=3, check_finite=check_finite)
     codes = codes.reshape(b, h, n_groups * g, d)[:, :, :n]
     return pack(codes, bits), scale.squeeze(3), minimum.squeeze(3), n_groups
 
@@ -55,7 +55,8 @@ def channel_factors(values: torch.Tensor) -> torch.Tensor:
     return torch.where(c > 0, c, torch.ones_like(c))
 
 
-def quantize_values_tokenwise(values: torch.Tensor, bits: int, group: int | None, channel_separable: bool):
+def quantize_values_tokenwise(values: torch.Tensor, bits: int, group: int | None, channel_separable: bool,
+                              check_finite: bool = True):
     """Returns (packed codes [B,H,N,D*bits/8], scale [B,H,N,D/g], min [B,H,N,D/g],
     channel factors [B,H,1,D] or None)."""
     b, h, n, d = values.shape
@@ -67,7 +68,8 @@ def quantize_values_tokenwise(values: torch.Tensor, bits: int, group: int | None
     if channel_separable:
         factors = channel_factors(values)
         x = values.float() / factors
-    codes, scale, minimum = quantize(x.reshape(b, h, n, d // g, g), bits, dims=4, out_dtype=param_dtype(values))
+    codes, scale, minimum = quantize(x.reshape(b, h, n, d // g, g), bits, dims=4, out_dtype=param_dtype(values),
+                                     check_finite=check_finite)
     if factors is not None:
         factors = factors.to(scale.dtype)
     return pack(codes.reshape(b, h, n, d), bits), scale.squeeze(4), minimum.squeeze(4), factors
