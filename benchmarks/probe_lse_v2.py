@@ -27,6 +27,7 @@ import torch
 from benchmarks import probe_lse as base
 
 VARIANTS = {
+    "auto_default": dict(),
     "v1_index_select": dict(kernel="v1"),
     "v2_w4s3": dict(kernel="v2"),
     "v2_w4s2": dict(kernel="v2", num_stages=2),
@@ -34,6 +35,9 @@ VARIANTS = {
     "v2_split2_w4s3": dict(kernel="v2", splits=2),
     "v2_indexed_w4s3": dict(kernel="v2", indexed=True),
 }
+
+
+ROUNDS = 2
 
 
 def old_main_call(query, keys, probe_pos, lse, scaling, rows):
@@ -150,7 +154,7 @@ def time_section(dev, dtype, t, reps):
     lse = ops["zipkv_entry"]()[1] if dev.type == "cuda" else base.ref_lse(q, k, scaling)
     fns = calls(q, k, rows, lse, scaling)
     res["eager"] = {n: [] for n in fns}
-    for rnd in (1, 2):  # interleaved rounds: the spread between them is the noise
+    for rnd in range(1, ROUNDS + 1):  # interleaved rounds: the spread between them is the noise
         for n, fn in fns.items():
             try:
                 res["eager"][n].append(tm(fn))
@@ -169,7 +173,7 @@ def time_section(dev, dtype, t, reps):
                 res["graph"][n] = time_calls([fn], reps=reps, warmup=3, graph=True)["ms"]
             except Exception as e:
                 res.setdefault("graph_errors", {})[n] = repr(e)[:300]
-        res["profile"] = {n: kernel_profile(fns[n], dev) for n in ("old_main", "v2_w4s3")}
+        res["profile"] = {n: kernel_profile(fns[n], dev) for n in ("old_main", "auto_default", "v2_w4s3") if n in fns}
     res["eager_ms"] = {n: sum(v) / len(v) for n, v in res["eager"].items() if v}
     res["eager_fraction"] = {n: ms / res["layer_ms"] for n, ms in res["eager_ms"].items()}
     res["graph_fraction"] = {n: ms / res["layer_ms"] for n, ms in res["graph"].items()}
@@ -182,7 +186,17 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--contexts", default="8192,32768")
     ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--variants", default="", help="comma-separated subset of VARIANTS (old_main always runs)")
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--name", default="probe_lse_v2")
     args = ap.parse_args(argv)
+    global ROUNDS
+    ROUNDS = args.rounds
+    if args.variants:
+        keep = args.variants.split(",")
+        for n in list(VARIANTS):
+            if n not in keep:
+                del VARIANTS[n]
     if args.smoke:
         from zipkv.kernels._runtime import enable_interpreter
 
@@ -192,7 +206,7 @@ def main(argv=None):
     dtype = torch.bfloat16
     contexts = [256] if args.smoke else [int(c) for c in args.contexts.split(",")]
     os.makedirs(args.out, exist_ok=True)
-    path = os.path.join(args.out, "probe_lse_v2.json")
+    path = os.path.join(args.out, args.name + ".json")
     res = {"command": " ".join(["python", "-m", "benchmarks.probe_lse_v2"] + (argv if argv is not None else sys.argv[1:])),
            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     info = {"torch": torch.__version__}

@@ -209,11 +209,15 @@ def _probe_lse_v2_kernel(q_ptr, sqb, sqh, sqp, k_ptr, skb, skh, skt, pos_ptr, ls
             tl.store(cnt_ptr + b * T + cols, cnt, mask=cv)
 
 
+# measured at 8K (v2 better) and 32K (v1 better) only; in between is unmeasured: v1, main's kernel
+AUTO_V2_MAX_KEYS = 8192
+
+
 # v1 default tiles: within noise of the best of 12 tilings at 8K and 32K on the H100 (probe_lse.json;
 # 64x128 with 8 warps was best at 8K but 1.3x slower at 32K). exp16 measured no faster: off.
 def probe_scores_lse_triton(query, keys, probe_pos, lse, scaling, rows=None, positions_sorted=False,
                             block_p=64, block_t=128, num_warps=4, num_stages=3, acc2d=True, exp16=False,
-                            kernel="v2", splits=1, indexed=False):
+                            kernel="auto", splits=1, indexed=None):
     """query [B, Hq, Tq, D] and lse [B, Hq, Tq] (natural log of sum exp(scaling * q.k) over
     the keys each row saw); rows [P] picks the probe rows of both (None: all Tq rows are
     probes); probe_pos [P] their key positions (positions_sorted: the caller guarantees they
@@ -222,9 +226,16 @@ def probe_scores_lse_triton(query, keys, probe_pos, lse, scaling, rows=None, pos
     kernel "v1": the first one-pass kernel (acc2d / exp16 are its experiments); "v2": heavy
     key blocks first, the R heads' row blocks in one flattened loop, normalization in the
     kernel, optional row splits (splits > 1: atomics into a zeroed acc) and in-kernel row
-    indexing (indexed: no gather copy; rows through an index, which stalled v1's pipeline)."""
+    indexing (indexed: no gather copy; rows through an index, which stalled v1's pipeline).
+    "auto" (default): v2 with indexed rows up to AUTO_V2_MAX_KEYS keys, v1 above
+    (probe_lse_v2.json: at 8K v2-indexed is 0.24-0.26 ms eager vs v1's 0.29-0.31, at 32K v2
+    is 1.6-1.9 ms vs v1's 1.43-1.53). indexed=None: on for v2, off for v1."""
     b, hq, _, d = query.shape
     hkv, t = keys.shape[1], keys.shape[2]
+    if kernel == "auto":
+        kernel = "v2" if t <= AUTO_V2_MAX_KEYS else "v1"
+    if indexed is None:
+        indexed = kernel == "v2"
     dev = query.device
     pos = probe_pos.to(device=dev)
     pick = rows.to(device=dev) if rows is not None else None
