@@ -117,3 +117,40 @@ def test_first_prompt_scores_with_attention_lse(monkeypatch):
     torch.testing.assert_close(summed, ref_summed, rtol=2e-2, atol=2e-4)
     torch.testing.assert_close(counts, ref_counts, rtol=0, atol=0)
     assert float(counts.min()) >= 1  # the recent probes see every key
+
+
+@pytest.mark.parametrize("r", [2, 4])
+@pytest.mark.parametrize("variant", [dict(kernel="v1"), dict(kernel="v2"), dict(kernel="v2", splits=2),
+                                     dict(kernel="v2", splits=4), dict(kernel="v2", indexed=True),
+                                     dict(kernel="v2", splits=3, indexed=True)])
+def test_kernel_variants_match_reference(r, variant):
+    """Every kernel variant on fresh random data: GQA R = 2 and 4, unsorted probe positions,
+    a ragged last key block, keys past the last probe (no probe sees them: zero score and
+    count), key blocks that rows see partly, and more row blocks than splits."""
+    t, d = 203, 32
+    seed = int(torch.randint(0, 1 << 30, (1,)))
+    g, q, k = _inputs(seed, 2, 2, r, t, d, torch.bfloat16)
+    scaling = d**-0.5
+    lse = causal_lse(q, k, scaling)
+    last = 150  # keys 151.. are seen by no probe
+    rows = torch.cat([torch.tensor([last]), torch.randperm(last, generator=g)[:40]])
+    rows = rows[torch.randperm(rows.numel(), generator=g)]
+    ref = probe_scores_reference(q[:, :, rows], k, rows, None, scaling)
+    out = probe_scores_lse(q, k, rows, lse, scaling, rows=rows, impl="triton", block_p=16, block_t=32, **variant)
+    for o, e in zip(out, ref):
+        assert o.shape == e.shape and torch.isfinite(o).all()
+        torch.testing.assert_close(o, e, rtol=2e-2, atol=2e-4)
+    torch.testing.assert_close(out[2], ref[2], rtol=0, atol=0)
+    assert float(out[1][..., last + 1:].abs().max()) == 0.0 and float(out[2][..., last + 1:].abs().max()) == 0.0
+    # sorted positions handed over as such (the layer's call) give the same sums
+    srt, order = rows.sort()
+    out2 = probe_scores_lse(q, k, srt, lse, scaling, rows=srt, impl="triton", positions_sorted=True,
+                            block_p=16, block_t=32, **variant)
+    torch.testing.assert_close(out2[1], out[1], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(out2[2], out[2], rtol=0, atol=0)
+
+
+def test_unknown_kernel_is_refused():
+    q, k = torch.randn(1, 2, 5, 32), torch.randn(1, 1, 5, 32)
+    with pytest.raises(ValueError, match="kernel"):
+        probe_scores_lse(q, k, torch.arange(5), torch.zeros(1, 2, 5), impl="triton", kernel="v9")

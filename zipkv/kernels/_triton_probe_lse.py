@@ -114,38 +114,172 @@ def _probe_lse_onepass_kernel(q_ptr, sqb, sqh, sqp, k_ptr, skb, skh, skt, pos_pt
         tl.store(cnt_ptr + b * T + cols, cnt, mask=cv)
 
 
-# Default tiles: within noise of the best of 12 tilings at 8K and 32K on the H100 (probe_lse.json;
+@triton.jit
+def _probe_lse_v2_kernel(q_ptr, sqb, sqh, sqp, k_ptr, skb, skh, skt, pos_ptr, lse_ptr, slb, slh, rows_ptr,
+                         norm_ptr, acc_ptr, cnt_ptr, P, T, HKV, R, qk_scale,
+                         D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr, SPLITS: tl.constexpr,
+                         INDEXED: tl.constexpr, F32_DOT: tl.constexpr):
+    """v2 of the one-pass kernel (same sums as v1):
+    - grid (B * HKV, key blocks, SPLITS): the hardware starts blockIdx.x fastest, so every
+      head's key block 0 (the one that the most probe rows see) starts first;
+    - the R query heads' row blocks are one flattened loop (j -> head j // nb, block j % nb)
+      for the partly seen rows and one for the fully seen rows: 2 pipelined loops per program
+      instead of 2 * R, so the pipeline fills and drains twice instead of 2R times (at 8K a
+      program runs 7-13 row blocks per head);
+    - SPLITS > 1: program s of a key block takes flattened blocks s, s + SPLITS, ... and adds
+      its sum into acc with atomics (acc zeroed by the caller, which then normalizes);
+      SPLITS == 1 writes normalized = acc / max(cnt, 1) itself (no separate launches);
+    - INDEXED: probe rows picked through rows_ptr in the kernel (no gather copy before it)."""
+    bh = tl.program_id(0)
+    tb = tl.program_id(1)
+    split = tl.program_id(2)
+    b = bh // HKV
+    h = bh % HKV
+    cols = tb * BLOCK_T + tl.arange(0, BLOCK_T)
+    cv = cols < T
+    offs_d = tl.arange(0, D)
+    offs_p = tl.arange(0, BLOCK_P)
+    k = tl.load(k_ptr + b * skb + h * skh + cols[:, None] * skt + offs_d[None, :], mask=cv[:, None], other=0.0)
+    if F32_DOT:
+        k = k.to(tl.float32)
+    kt = tl.trans(k)
+    t_first = tb * BLOCK_T
+    t_last = tl.minimum(t_first + BLOCK_T, T) - 1
+    lo = 0
+    hi = 0
+    for c0 in range(0, P, 1024):
+        offs_c = c0 + tl.arange(0, 1024)
+        pc = tl.load(pos_ptr + offs_c, mask=offs_c < P, other=T)
+        lo += tl.sum((pc < t_first).to(tl.int32), 0)
+        hi += tl.sum((pc < t_last).to(tl.int32), 0)
+    q0 = q_ptr + b * sqb + h * R * sqh
+    l0 = lse_ptr + b * slb + h * R * slh
+    acc2 = tl.zeros([BLOCK_P, BLOCK_T], tl.float32)
+    # rows [lo, hi) see part of the block: causal mask per score
+    nb_m = tl.cdiv(hi - lo, BLOCK_P)
+    for j in range(split, R * nb_m, SPLITS):
+        r = j // nb_m
+        idx = lo + (j - r * nb_m) * BLOCK_P + offs_p
+        rv = idx < hi
+        if INDEXED:
+            row = tl.load(rows_ptr + idx, mask=rv, other=0)
+        else:
+            row = idx
+        q = tl.load(q0 + r * sqh + row[:, None] * sqp + offs_d[None, :], mask=rv[:, None], other=0.0)
+        if F32_DOT:
+            q = q.to(tl.float32)
+        lse2 = tl.load(l0 + r * slh + row, mask=rv, other=float("inf")) * 1.4426950408889634
+        pos = tl.load(pos_ptr + idx, mask=rv, other=-1)
+        s = tl.dot(q, kt) * qk_scale - lse2[:, None]
+        acc2 += tl.where(cols[None, :] <= pos[:, None], tl.exp2(s), 0.0)
+    # rows [hi, P) see all of it: no mask
+    nb_f = tl.cdiv(P - hi, BLOCK_P)
+    for j in range(split, R * nb_f, SPLITS):
+        r = j // nb_f
+        idx = hi + (j - r * nb_f) * BLOCK_P + offs_p
+        rv = idx < P
+        if INDEXED:
+            row = tl.load(rows_ptr + idx, mask=rv, other=0)
+        else:
+            row = idx
+        q = tl.load(q0 + r * sqh + row[:, None] * sqp + offs_d[None, :], mask=rv[:, None], other=0.0)
+        if F32_DOT:
+            q = q.to(tl.float32)
+        lse2 = tl.load(l0 + r * slh + row, mask=rv, other=float("inf")) * 1.4426950408889634
+        s = tl.dot(q, kt) * qk_scale - lse2[:, None]
+        acc2 += tl.exp2(s)
+    acc = tl.sum(acc2, 0) / R
+    if SPLITS == 1:
+        # counts depend on positions only: rows from hi on see every key of the block
+        cnt = tl.zeros([BLOCK_T], tl.float32) + (P - hi).to(tl.float32)
+        for p0 in range(lo, hi, BLOCK_P):
+            pos = tl.load(pos_ptr + p0 + offs_p, mask=p0 + offs_p < hi, other=-1)
+            cnt += tl.sum((cols[None, :] <= pos[:, None]).to(tl.float32), 0)
+        tl.store(acc_ptr + bh * T + cols, acc, mask=cv)
+        tl.store(norm_ptr + bh * T + cols, acc / tl.maximum(cnt, 1.0), mask=cv)
+        if h == 0:
+            tl.store(cnt_ptr + b * T + cols, cnt, mask=cv)
+    else:
+        tl.atomic_add(acc_ptr + bh * T + cols, acc, mask=cv)
+        if (h == 0) & (split == 0):
+            cnt = tl.zeros([BLOCK_T], tl.float32) + (P - hi).to(tl.float32)
+            for p0 in range(lo, hi, BLOCK_P):
+                pos = tl.load(pos_ptr + p0 + offs_p, mask=p0 + offs_p < hi, other=-1)
+                cnt += tl.sum((cols[None, :] <= pos[:, None]).to(tl.float32), 0)
+            tl.store(cnt_ptr + b * T + cols, cnt, mask=cv)
+
+
+# measured at 8K (v2 better) and 32K (v1 better) only; in between is unmeasured: v1, main's kernel
+AUTO_V2_MAX_KEYS = 8192
+
+
+# v1 default tiles: within noise of the best of 12 tilings at 8K and 32K on the H100 (probe_lse.json;
 # 64x128 with 8 warps was best at 8K but 1.3x slower at 32K). exp16 measured no faster: off.
 def probe_scores_lse_triton(query, keys, probe_pos, lse, scaling, rows=None, positions_sorted=False,
-                            block_p=64, block_t=128, num_warps=4, num_stages=3, acc2d=True, exp16=False):
+                            block_p=64, block_t=128, num_warps=4, num_stages=3, acc2d=True, exp16=False,
+                            kernel="auto", splits=1, indexed=None):
     """query [B, Hq, Tq, D] and lse [B, Hq, Tq] (natural log of sum exp(scaling * q.k) over
     the keys each row saw); rows [P] picks the probe rows of both (None: all Tq rows are
     probes); probe_pos [P] their key positions (positions_sorted: the caller guarantees they
-    ascend, which saves a sort). Returns (acc [B, Hkv, T], cnt [B, 1, T])."""
+    ascend, which saves a sort). Returns (normalized [B, Hkv, T], acc [B, Hkv, T], cnt [B, 1, T]).
+
+    kernel "v1": the first one-pass kernel (acc2d / exp16 are its experiments); "v2": heavy
+    key blocks first, the R heads' row blocks in one flattened loop, normalization in the
+    kernel, optional row splits (splits > 1: atomics into a zeroed acc) and in-kernel row
+    indexing (indexed: no gather copy; rows through an index, which stalled v1's pipeline).
+    "auto" (default): v2 with indexed rows up to AUTO_V2_MAX_KEYS keys, v1 above
+    (probe_lse_v2.json: at 8K v2-indexed is 0.24-0.26 ms eager vs v1's 0.29-0.31, at 32K v2
+    is 1.6-1.9 ms vs v1's 1.43-1.53). indexed=None: on for v2, off for v1."""
     b, hq, _, d = query.shape
     hkv, t = keys.shape[1], keys.shape[2]
+    if kernel == "auto":
+        kernel = "v2" if t <= AUTO_V2_MAX_KEYS else "v1"
+    if indexed is None:
+        indexed = kernel == "v2"
     dev = query.device
     pos = probe_pos.to(device=dev)
     pick = rows.to(device=dev) if rows is not None else None
     if not positions_sorted:  # the kernel walks the rows in position order
         pos, order = pos.sort()
         pick = order if pick is None else pick[order]
-    # The probe rows are copied out (about 27 MB at 32K): loading them through an index in
-    # the kernel measured 0.5 ms slower at 32K on the H100 (the index load stalls the pipeline).
-    if pick is not None:
-        query, lse = query[:, :, pick], lse[:, :, pick]
-    if lse.stride(-1) != 1:
-        lse = lse.contiguous()
     if keys.stride(-1) != 1:
         keys = keys.contiguous()
+    f32_dot = dev.type != "cuda"  # the CPU interpreter gets 16-bit dots wrong for bf16
+    if kernel == "v2" and indexed and pick is not None:
+        rows_arg = pick
+    else:
+        rows_arg = pos  # unused by the kernel unless INDEXED
+        indexed = False
+        # The probe rows are copied out (about 27 MB at 32K): loading them through an index in
+        # v1 measured 0.5 ms slower at 32K on the H100 (the index load stalls the pipeline).
+        # index_select: one kernel each, with less host work than advanced indexing.
+        if pick is not None:
+            query, lse = query.index_select(2, pick), lse.index_select(2, pick)
+    if lse.stride(-1) != 1:
+        lse = lse.contiguous()
     if query.stride(-1) != 1:
         query = query.contiguous()
-    acc = torch.empty((b, hkv, t), device=dev, dtype=torch.float32)
+    p = pos.numel()
+    if kernel == "v1":
+        acc = torch.empty((b, hkv, t), device=dev, dtype=torch.float32)
+        cnt = torch.empty((b, 1, t), device=dev, dtype=torch.float32)
+        _probe_lse_onepass_kernel[(triton.cdiv(t, block_t), b * hkv)](
+            query, query.stride(0), query.stride(1), query.stride(2), keys, keys.stride(0), keys.stride(1), keys.stride(2),
+            pos, lse, lse.stride(0), lse.stride(1), acc, cnt, p, t, hkv, hq // hkv,
+            scaling * _LOG2E, D=d, BLOCK_P=block_p, BLOCK_T=block_t, F32_DOT=f32_dot,
+            ACC2D=acc2d, EXP16=exp16, num_warps=num_warps, num_stages=num_stages)
+        return acc / cnt.clamp_min(1.0), acc, cnt
+    if kernel != "v2":
+        raise ValueError(f"kernel must be 'v1' or 'v2' (got {kernel!r})")
+    splits = max(1, int(splits))
+    acc = (torch.zeros if splits > 1 else torch.empty)((b, hkv, t), device=dev, dtype=torch.float32)
+    norm = torch.empty((b, hkv, t), device=dev, dtype=torch.float32) if splits == 1 else acc
     cnt = torch.empty((b, 1, t), device=dev, dtype=torch.float32)
-    _probe_lse_onepass_kernel[(triton.cdiv(t, block_t), b * hkv)](
+    _probe_lse_v2_kernel[(b * hkv, triton.cdiv(t, block_t), splits)](
         query, query.stride(0), query.stride(1), query.stride(2), keys, keys.stride(0), keys.stride(1), keys.stride(2),
-        pos, lse, lse.stride(0), lse.stride(1), acc, cnt, pos.numel(), t, hkv, hq // hkv,
-        scaling * _LOG2E, D=d, BLOCK_P=block_p, BLOCK_T=block_t,
-        F32_DOT=dev.type != "cuda",  # the CPU interpreter gets 16-bit dots wrong for bf16
-        ACC2D=acc2d, EXP16=exp16, num_warps=num_warps, num_stages=num_stages)
-    return acc, cnt
+        pos, lse, lse.stride(0), lse.stride(1), rows_arg, norm, acc, cnt, p, t, hkv, hq // hkv,
+        scaling * _LOG2E, D=d, BLOCK_P=block_p, BLOCK_T=block_t, SPLITS=splits, INDEXED=indexed,
+        F32_DOT=f32_dot, num_warps=num_warps, num_stages=num_stages)
+    if splits > 1:
+        norm = acc / cnt.clamp_min(1.0)
+    return norm, acc, cnt

@@ -72,9 +72,9 @@ def probe_scores_lse(query, keys, probe_pos, lse, scaling=None, rows=None, impl:
         return probe_scores_reference(picked, keys, probe_pos, None, scaling)
     from ._triton_probe_lse import probe_scores_lse_triton
 
-    lse = lse[:, :, : query.shape[2]].float()
-    acc, cnt = probe_scores_lse_triton(query, keys, probe_pos, lse, scaling, rows, positions_sorted, **tuning)
-    return acc / cnt.clamp_min(1.0), acc, cnt
+    if lse.dtype != torch.float32:
+        lse = lse.float()
+    return probe_scores_lse_triton(query, keys, probe_pos, lse, scaling, rows, positions_sorted, **tuning)
 
 
 __all__ = ["probe_scores", "probe_scores_lse", "probe_scores_reference", "allowed_from_positions"]
