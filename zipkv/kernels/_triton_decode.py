@@ -187,6 +187,17 @@ def _key_scores(q0, q1, q2, q3, kb, srow, mrow, offs_w,
 
 
 @triton.jit
+def _group_scores(q0, q1, q2, q3, kb, srow, mrow, offs_w,
+                  BITS: tl.constexpr, W: tl.constexpr, USE_ASM: tl.constexpr, DQ: tl.constexpr):
+    """Scores of the block's tokens against one key group's scale/min rows: v6 (DQ) or v5."""
+    if DQ:
+        s = _key_scores_dq(q0, q1, q2, q3, kb, srow, mrow, offs_w, BITS, W, USE_ASM)
+    else:
+        s = _key_scores(q0, q1, q2, q3, kb, srow, mrow, offs_w, BITS, W, USE_ASM)
+    return s
+
+
+@triton.jit
 def _v_unit(acc, u: tl.constexpr, p, vb, offs_n, valid_n, offs_wu, vs_base, vm_base, svs_n, frow,
             BITS: tl.constexpr, WU: tl.constexpr, VG: tl.constexpr, CPP: tl.constexpr, USE_ASM: tl.constexpr,
             SCALE_F: tl.constexpr, DQ: tl.constexpr):
@@ -349,20 +360,12 @@ def _packed_split(
         # groups loops over the others (selecting per token), at the same register cost.
         g_lo = tl.min(tl.where(valid_n, grp, 2147483647), 0)
         g_hi = tl.max(tl.where(valid_n, grp, -1), 0)
-        if DQ:
-            s = _key_scores_dq(q0, q1, q2, q3, kb, ks_base + g_lo * sks_g, km_base + g_lo * sks_g, offs_w,
-                               KBITS, W, USE_ASM)
-        else:
-            s = _key_scores(q0, q1, q2, q3, kb, ks_base + g_lo * sks_g, km_base + g_lo * sks_g, offs_w,
-                            KBITS, W, USE_ASM)
+        s = _group_scores(q0, q1, q2, q3, kb, ks_base + g_lo * sks_g, km_base + g_lo * sks_g, offs_w,
+                          KBITS, W, USE_ASM, DQ)
         if g_hi > g_lo:
             for g in range(g_lo + 1, g_hi + 1):
-                if DQ:
-                    s2 = _key_scores_dq(q0, q1, q2, q3, kb, ks_base + g * sks_g, km_base + g * sks_g, offs_w,
-                                        KBITS, W, USE_ASM)
-                else:
-                    s2 = _key_scores(q0, q1, q2, q3, kb, ks_base + g * sks_g, km_base + g * sks_g, offs_w,
-                                     KBITS, W, USE_ASM)
+                s2 = _group_scores(q0, q1, q2, q3, kb, ks_base + g * sks_g, km_base + g * sks_g, offs_w,
+                                   KBITS, W, USE_ASM, DQ)
                 s = tl.where((grp == g)[None, :], s2, s)
         s = _masked_scores(s, offs_n, valid_n, t, row_valid, b, key_offset, nt_total,
                            mask_ptr, smb, smt, smn, TQ, MASK_KIND, MASK_ROWS, CAUSAL)
