@@ -22,6 +22,8 @@ import triton.language as tl
 
 import torch
 
+from ._triton_probe import _key_tile
+
 _LOG2E = 1.4426950408889634
 
 
@@ -52,6 +54,33 @@ def _row_block(q_ptr, sqp, lse_ptr, p0, lim, offs_p, offs_d, F32_DOT: tl.constex
 
 
 @triton.jit
+def _rows_seeing_block(pos_ptr, P, T, tb, BLOCK_T: tl.constexpr):
+    """(lo, hi): probe rows with position < the block's first / last key (positions ascend):
+    rows before lo see none of key block tb, rows in [lo, hi) part of it, the rest all of it."""
+    t_first = tb * BLOCK_T
+    t_last = tl.minimum(t_first + BLOCK_T, T) - 1
+    lo = 0
+    hi = 0
+    for c0 in range(0, P, 1024):
+        offs_c = c0 + tl.arange(0, 1024)
+        pc = tl.load(pos_ptr + offs_c, mask=offs_c < P, other=T)
+        lo += tl.sum((pc < t_first).to(tl.int32), 0)
+        hi += tl.sum((pc < t_last).to(tl.int32), 0)
+    return lo, hi
+
+
+@triton.jit
+def _block_counts(pos_ptr, cols, lo, hi, P, offs_p, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Probe rows that see each key of the block: counts depend on positions only, and rows
+    from hi on see every key."""
+    cnt = tl.zeros([BLOCK_T], tl.float32) + (P - hi).to(tl.float32)
+    for p0 in range(lo, hi, BLOCK_P):
+        pos = tl.load(pos_ptr + p0 + offs_p, mask=p0 + offs_p < hi, other=-1)
+        cnt += tl.sum((cols[None, :] <= pos[:, None]).to(tl.float32), 0)
+    return cnt
+
+
+@triton.jit
 def _probe_lse_onepass_kernel(q_ptr, sqb, sqh, sqp, k_ptr, skb, skh, skt, pos_ptr, lse_ptr, slb, slh,
                               acc_ptr, cnt_ptr, P, T, HKV, R, qk_scale,
                               D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr,
@@ -64,25 +93,9 @@ def _probe_lse_onepass_kernel(q_ptr, sqb, sqh, sqp, k_ptr, skb, skh, skt, pos_pt
     cv = cols < T
     offs_d = tl.arange(0, D)
     offs_p = tl.arange(0, BLOCK_P)
-    k = tl.load(k_ptr + b * skb + h * skh + cols[:, None] * skt + offs_d[None, :], mask=cv[:, None], other=0.0)
-    if F32_DOT:
-        k = k.to(tl.float32)
-    kt = tl.trans(k)
-    # lo / hi: probe rows with position < the block's first / last key (positions ascend)
-    t_first = tb * BLOCK_T
-    t_last = tl.minimum(t_first + BLOCK_T, T) - 1
-    lo = 0
-    hi = 0
-    for c0 in range(0, P, 1024):
-        offs_c = c0 + tl.arange(0, 1024)
-        pc = tl.load(pos_ptr + offs_c, mask=offs_c < P, other=T)
-        lo += tl.sum((pc < t_first).to(tl.int32), 0)
-        hi += tl.sum((pc < t_last).to(tl.int32), 0)
-    # counts depend on positions only: rows from hi on see every key of the block
-    cnt = tl.zeros([BLOCK_T], tl.float32) + (P - hi).to(tl.float32)
-    for p0 in range(lo, hi, BLOCK_P):
-        pos = tl.load(pos_ptr + p0 + offs_p, mask=p0 + offs_p < hi, other=-1)
-        cnt += tl.sum((cols[None, :] <= pos[:, None]).to(tl.float32), 0)
+    kt = tl.trans(_key_tile(k_ptr, skb, skh, skt, b, h, cols, cv, offs_d, F32_DOT))
+    lo, hi = _rows_seeing_block(pos_ptr, P, T, tb, BLOCK_T)
+    cnt = _block_counts(pos_ptr, cols, lo, hi, P, offs_p, BLOCK_P, BLOCK_T)
     acc = tl.zeros([BLOCK_T], tl.float32)
     acc2 = tl.zeros([BLOCK_P, BLOCK_T], tl.float32)
     for r in range(0, R):
@@ -115,6 +128,21 @@ def _probe_lse_onepass_kernel(q_ptr, sqb, sqh, sqp, k_ptr, skb, skh, skt, pos_pt
 
 
 @triton.jit
+def _probe_rows(q_head, sqp, lse_head, rows_ptr, idx, rv, offs_d, INDEXED: tl.constexpr, F32_DOT: tl.constexpr):
+    """Query tile and log2-sum-exp of probe rows idx (valid: rv) of one head; INDEXED: the
+    rows are picked through rows_ptr (no gather copy before the kernel)."""
+    if INDEXED:
+        row = tl.load(rows_ptr + idx, mask=rv, other=0)
+    else:
+        row = idx
+    q = tl.load(q_head + row[:, None] * sqp + offs_d[None, :], mask=rv[:, None], other=0.0)
+    if F32_DOT:
+        q = q.to(tl.float32)
+    lse2 = tl.load(lse_head + row, mask=rv, other=float("inf")) * 1.4426950408889634
+    return q, lse2
+
+
+@triton.jit
 def _probe_lse_v2_kernel(q_ptr, sqb, sqh, sqp, k_ptr, skb, skh, skt, pos_ptr, lse_ptr, slb, slh, rows_ptr,
                          norm_ptr, acc_ptr, cnt_ptr, P, T, HKV, R, qk_scale,
                          D: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_T: tl.constexpr, SPLITS: tl.constexpr,
@@ -139,19 +167,8 @@ def _probe_lse_v2_kernel(q_ptr, sqb, sqh, sqp, k_ptr, skb, skh, skt, pos_ptr, ls
     cv = cols < T
     offs_d = tl.arange(0, D)
     offs_p = tl.arange(0, BLOCK_P)
-    k = tl.load(k_ptr + b * skb + h * skh + cols[:, None] * skt + offs_d[None, :], mask=cv[:, None], other=0.0)
-    if F32_DOT:
-        k = k.to(tl.float32)
-    kt = tl.trans(k)
-    t_first = tb * BLOCK_T
-    t_last = tl.minimum(t_first + BLOCK_T, T) - 1
-    lo = 0
-    hi = 0
-    for c0 in range(0, P, 1024):
-        offs_c = c0 + tl.arange(0, 1024)
-        pc = tl.load(pos_ptr + offs_c, mask=offs_c < P, other=T)
-        lo += tl.sum((pc < t_first).to(tl.int32), 0)
-        hi += tl.sum((pc < t_last).to(tl.int32), 0)
+    kt = tl.trans(_key_tile(k_ptr, skb, skh, skt, b, h, cols, cv, offs_d, F32_DOT))
+    lo, hi = _rows_seeing_block(pos_ptr, P, T, tb, BLOCK_T)
     q0 = q_ptr + b * sqb + h * R * sqh
     l0 = lse_ptr + b * slb + h * R * slh
     acc2 = tl.zeros([BLOCK_P, BLOCK_T], tl.float32)
@@ -161,14 +178,7 @@ def _probe_lse_v2_kernel(q_ptr, sqb, sqh, sqp, k_ptr, skb, skh, skt, pos_ptr, ls
         r = j // nb_m
         idx = lo + (j - r * nb_m) * BLOCK_P + offs_p
         rv = idx < hi
-        if INDEXED:
-            row = tl.load(rows_ptr + idx, mask=rv, other=0)
-        else:
-            row = idx
-        q = tl.load(q0 + r * sqh + row[:, None] * sqp + offs_d[None, :], mask=rv[:, None], other=0.0)
-        if F32_DOT:
-            q = q.to(tl.float32)
-        lse2 = tl.load(l0 + r * slh + row, mask=rv, other=float("inf")) * 1.4426950408889634
+        q, lse2 = _probe_rows(q0 + r * sqh, sqp, l0 + r * slh, rows_ptr, idx, rv, offs_d, INDEXED, F32_DOT)
         pos = tl.load(pos_ptr + idx, mask=rv, other=-1)
         s = tl.dot(q, kt) * qk_scale - lse2[:, None]
         acc2 += tl.where(cols[None, :] <= pos[:, None], tl.exp2(s), 0.0)
@@ -178,23 +188,12 @@ def _probe_lse_v2_kernel(q_ptr, sqb, sqh, sqp, k_ptr, skb, skh, skt, pos_ptr, ls
         r = j // nb_f
         idx = hi + (j - r * nb_f) * BLOCK_P + offs_p
         rv = idx < P
-        if INDEXED:
-            row = tl.load(rows_ptr + idx, mask=rv, other=0)
-        else:
-            row = idx
-        q = tl.load(q0 + r * sqh + row[:, None] * sqp + offs_d[None, :], mask=rv[:, None], other=0.0)
-        if F32_DOT:
-            q = q.to(tl.float32)
-        lse2 = tl.load(l0 + r * slh + row, mask=rv, other=float("inf")) * 1.4426950408889634
+        q, lse2 = _probe_rows(q0 + r * sqh, sqp, l0 + r * slh, rows_ptr, idx, rv, offs_d, INDEXED, F32_DOT)
         s = tl.dot(q, kt) * qk_scale - lse2[:, None]
         acc2 += tl.exp2(s)
     acc = tl.sum(acc2, 0) / R
     if SPLITS == 1:
-        # counts depend on positions only: rows from hi on see every key of the block
-        cnt = tl.zeros([BLOCK_T], tl.float32) + (P - hi).to(tl.float32)
-        for p0 in range(lo, hi, BLOCK_P):
-            pos = tl.load(pos_ptr + p0 + offs_p, mask=p0 + offs_p < hi, other=-1)
-            cnt += tl.sum((cols[None, :] <= pos[:, None]).to(tl.float32), 0)
+        cnt = _block_counts(pos_ptr, cols, lo, hi, P, offs_p, BLOCK_P, BLOCK_T)
         tl.store(acc_ptr + bh * T + cols, acc, mask=cv)
         tl.store(norm_ptr + bh * T + cols, acc / tl.maximum(cnt, 1.0), mask=cv)
         if h == 0:
@@ -202,10 +201,7 @@ def _probe_lse_v2_kernel(q_ptr, sqb, sqh, sqp, k_ptr, skb, skh, skt, pos_ptr, ls
     else:
         tl.atomic_add(acc_ptr + bh * T + cols, acc, mask=cv)
         if (h == 0) & (split == 0):
-            cnt = tl.zeros([BLOCK_T], tl.float32) + (P - hi).to(tl.float32)
-            for p0 in range(lo, hi, BLOCK_P):
-                pos = tl.load(pos_ptr + p0 + offs_p, mask=p0 + offs_p < hi, other=-1)
-                cnt += tl.sum((cols[None, :] <= pos[:, None]).to(tl.float32), 0)
+            cnt = _block_counts(pos_ptr, cols, lo, hi, P, offs_p, BLOCK_P, BLOCK_T)
             tl.store(cnt_ptr + b * T + cols, cnt, mask=cv)
 
 
