@@ -202,3 +202,20 @@ def test_block_quantization_with_device_offsets_equals_the_host_one(method, kw, 
         n = a.n_fp
         assert torch.equal(a.k_win[:, :, :n], b.k_win[:, :, :n]) and torch.equal(a.v_win[:, :, :n], b.v_win[:, :, :n])
         assert torch.equal(a.score_win, b.score_win) and torch.equal(a.count_win, b.count_win)
+
+
+@pytest.mark.parametrize("device_flush", [False, True])
+def test_decoding_past_the_room_asked_for_is_a_clear_error(device_flush):
+    """The buffers hold the steps asked for (plus up to a block); stepping on past them stops
+    with the host path's error, never a write past the buffers' end."""
+    model = tiny_model("llama", num_hidden_layers=1)
+    ids, mask = padded_batch(length=20, pad=0)
+    cache = zipkv.make_cache("kivi", model.config, stream_interval=4, residual_length=2)
+    positions = prompt_positions(mask)
+    with torch.inference_mode():
+        first = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache).logits[:, -1:].argmax(-1)
+    decoder = StaticDecoder(model, cache, first, positions[:, -1] + 1, 4, mask, cuda_graph=False,
+                            device_flush=device_flush)
+    with pytest.raises(RuntimeError, match="static tier full"):
+        for _ in range(40):
+            decoder.step()

@@ -169,9 +169,14 @@ class StaticZipLayer(ZipCacheLayer):
     # -- the same block quantization with device-side offsets (capturable) -------------------------
     def can_flush_on_device(self) -> bool:
         """Whether the due block has the fixed shape flush_on_device() handles: the sinks are
-        chosen (they sit at the window's front), no padding in the window, exactly one block due."""
+        chosen (they sit at the window's front), no padding in the window, exactly one block
+        due, and room for it."""
         s = self.settings
-        return ((self.sinks_chosen or not s.sink_tokens) and not self.window_padded
+        n_high = self._salient_count()
+        # A block that does not fit goes to flush(), which says so (the device path would write
+        # past the buffers' end).
+        fits = self.low.has_room(s.stream_interval - n_high) and (not n_high or self.high.has_room(n_high))
+        return ((self.sinks_chosen or not s.sink_tokens) and not self.window_padded and fits
                 and self.n_fp == self.num_sinks + s.residual_length + s.stream_interval)
 
     def _salient_count(self) -> int:

@@ -136,6 +136,12 @@ class StaticTier:
         self.device_groups += groups
         self.lengths[self.length_index:self.length_index + 1] += n
 
+    def has_room(self, n: int) -> bool:
+        """Whether a block of n more tokens fits (tokens, key groups, value chunks)."""
+        groups = -(-n // (self.key_group_size or n))
+        chunks = self.num_chunks + 1 <= self.v_channel.shape[2] if self.v_channel is not None else True
+        return self.num_tokens + n <= self.capacity and self.num_groups + groups <= self.k_scale.shape[2] and chunks
+
     def mirror_append(self, n: int) -> None:
         """The host counts after append_on_device of n tokens."""
         self.num_tokens += n
