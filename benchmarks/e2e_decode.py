@@ -377,15 +377,9 @@ def graph_stepper(kind, model, cache, batch, context, device, steps: int):
 
     if device.type != "cuda":  # CPU smoke test: the same step, eagerly
         return forward
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        forward()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        forward()
-    return graph.replay
+    from zipkv.graph_decode import capture
+
+    return capture(forward).replay
 
 
 def graph_steps_needed(kind, cache_interval, runs) -> int:

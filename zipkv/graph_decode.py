@@ -26,6 +26,23 @@ def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
     return positions.masked_fill(attention_mask == 0, 0)
 
 
+def capture(forward, after_warm_up=None) -> torch.cuda.CUDAGraph:
+    """A CUDA graph of `forward`: one real run first on a side stream (compiles the Triton
+    kernels, creates the BLAS handles; capture requires the side stream), then
+    `after_warm_up()`, then the capture, which records a run without executing it."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        forward()
+    torch.cuda.current_stream().wait_stream(side)
+    if after_warm_up is not None:
+        after_warm_up()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        forward()
+    return graph
+
+
 class StaticDecoder:
     """Greedy decode steps over a ZipCache that holds a prompt.
 
@@ -33,7 +50,9 @@ class StaticDecoder:
     The cache is moved into static buffers with room for `max_steps` more tokens. On CUDA
     (cuda_graph=None or True) the first step runs eagerly (compiling the kernels) and the
     next ones replay a graph captured after it; cuda_graph=False runs every step eagerly
-    (same buffers and kernels: how the CPU tests check the static path).
+    (same buffers and kernels: how the CPU tests check the static path). device_flush (default:
+    with graphs): blocks of the usual shape are quantized with device-side offsets, on CUDA by
+    a second graph captured at the second such block.
     """
 
     def __init__(self, model, cache: ZipCache, next_tokens: torch.Tensor, next_positions: torch.Tensor,
@@ -50,9 +69,8 @@ class StaticDecoder:
         self.use_graph = device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
         with torch.inference_mode():
             cache.to_static(max_steps, prompt_padding)
-        if self.use_graph:
-            _check_graph_kernel(model, cache)
-        with torch.inference_mode():
+            if self.use_graph:
+                _check_graph_kernel(model, cache)
             self.ids = next_tokens.clone()
             self.positions = next_positions.reshape(-1, 1).clone().long()
             self.cache_position = torch.tensor([cache.get_seq_length()], device=device)
@@ -72,7 +90,8 @@ class StaticDecoder:
         self.cache_position += 1
 
     def _after_step(self) -> None:
-        """The host's mirror of the step; a block is quantized (eagerly) when one is due."""
+        """The host's mirror of the step; a block is quantized when one is due (on the device,
+        replaying a graph, when it has the usual shape; else by the host path)."""
         due = []
         for layer in self.cache.layers:
             layer.advance()
@@ -115,7 +134,8 @@ class StaticDecoder:
         """Feed the current tokens, return the next ones ([B, 1], a buffer the next step overwrites)."""
         with torch.inference_mode():
             if self.graph is None and self.use_graph:
-                self._warm_up_and_capture()
+                # the first step is the warm-up run; later steps replay the graph
+                self.graph = capture(self._forward, after_warm_up=self._after_step)
             else:
                 if self.graph is not None:
                     self.graph.replay()
@@ -123,20 +143,6 @@ class StaticDecoder:
                     self._forward()
                 self._after_step()
         return self.ids
-
-    def _warm_up_and_capture(self) -> None:
-        # The warm-up is a real step (it compiles the Triton kernels and creates the BLAS
-        # handles) on a side stream, as CUDA graph capture requires. The capture then records
-        # the next step without running it; later steps replay it.
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self._forward()
-        torch.cuda.current_stream().wait_stream(side)
-        self._after_step()
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._forward()
 
 
 def _check_graph_kernel(model, cache) -> None:

@@ -69,7 +69,6 @@ class StaticZipLayer(ZipCacheLayer):
         w = s.sink_tokens + s.residual_length + s.stream_interval
         if n_fp > w:
             raise RuntimeError(f"layer {self.layer_idx}: {n_fp} fp16 tokens exceed the window of {w}")
-        self.window = w
         dev = self.device
         self.k_win = layer.keys.new_zeros(b, h, w, d)
         self.v_win = layer.values.new_zeros(b, h, w, d)
