@@ -382,14 +382,15 @@ def graph_stepper(kind, model, cache, batch, context, device, steps: int):
     return capture(forward).replay
 
 
-def graph_steps_needed(kind, cache_interval, runs) -> int:
-    return GRAPH_WARMUP + runs * cache_interval + 8
+def graph_steps_needed(run_length, runs) -> int:
+    """Steps a graph case takes: warm-up, `runs` runs of `run_length`, a margin."""
+    return GRAPH_WARMUP + runs * run_length + 8
 
 
 def graph_decode_steps(kind, model, cache, batch, context, device, runs, timer, profile=False):
     """(ms/step of each run of K replays (K: graph_run_length), extra facts)."""
     k = graph_run_length(kind, cache)
-    step = graph_stepper(kind, model, cache, batch, context, device, graph_steps_needed(kind, k, runs + profile))
+    step = graph_stepper(kind, model, cache, batch, context, device, graph_steps_needed(k, runs + profile))
     for _ in range(GRAPH_WARMUP):
         step()
     times = []
@@ -462,7 +463,7 @@ def run_case(args, model, kind, batch, context, device, dtype, timer, ceiling_gb
         reset_peak(device)
         t0 = time.perf_counter()
         runs = args.graph_runs
-        cache = new_cache(kind, model, -(-(context + graph_steps_needed(kind, 32, runs + 1)) // 256) * 256)
+        cache = new_cache(kind, model, -(-(context + graph_steps_needed(32, runs + 1)) // 256) * 256)
         with torch.inference_mode():
             fill(kind, cache, model, batch, context, device, dtype)
             sync(device)
