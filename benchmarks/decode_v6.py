@@ -46,6 +46,8 @@ def main(argv=None):
     ap.add_argument("--deadline-s", type=float, default=200)
     ap.add_argument("--methods", default="zipcache,kivi,zipkv")
     ap.add_argument("--tag", default="v6")
+    ap.add_argument("--recipes", default="zipcache42,kivi2")
+    ap.add_argument("--sdpa", action="store_true", help="time bf16 SDPA decode (enable_gqa) at 8 x 32K too")
     args = ap.parse_args(argv)
     t0 = time.time()
     variants = json.loads(args.variants) if args.variants else DEFAULT_VARIANTS
@@ -87,7 +89,14 @@ def main(argv=None):
                   f"spills {LAST_LAUNCH.get('n_spills')}", flush=True)
             save()
 
-    for recipe, dtype in (("zipcache42", torch.bfloat16), ("kivi2", torch.bfloat16)):
+    if args.sdpa:
+        t = bd.bench_sdpa(b, 32, 8, n, 128, dtype=torch.bfloat16, reps=15)
+        res["rows"].append({"case": "sdpa bf16 (enable_gqa)", "variant": "sdpa", "ms": t["ms"], "min_ms": t["min_ms"],
+                            "max_ms": t["max_ms"], "gbps": t["gbps"]})
+        print(f"sdpa bf16 8 x 32K {t['ms']:.4f} ms {t['gbps']:.0f} GB/s", flush=True)
+        save()
+    for recipe in args.recipes.split(","):
+        dtype = torch.bfloat16
         sets = [(*bd.make_cache(recipe, b, 8, n, 128, dtype=dtype), None) for _ in range(4)]
         run(f"synthetic {recipe} bf16", sets, dtype, bd.cache_bytes(*sets[0][:3]))
         del sets
@@ -128,11 +137,12 @@ def main(argv=None):
         torch.cuda.empty_cache()
     res["elapsed_s"] = time.time() - t0
     save()
-    print("\n==== v6 summary ====")
+    print(f"\n==== {args.tag} summary ====")
     print("device:", res["device"].get("gpu"), "copy ceiling", round(res["copy_ceiling"]["gbps"]), "GB/s")
     print("checks ok:", all(c["ok"] for c in res["checks"]),
           "max rel err per variant:", {v: max(c["rel_err"] for c in res["checks"] if c["variant"] == v) for v in variants})
     cases = list(dict.fromkeys(r["case"] for r in res["rows"]))
+    variants = dict(variants, sdpa=None)
     print(f"{'case':34s} " + " ".join(f"{v:>10s}" for v in variants))
     for case in cases:
         ms = {r["variant"]: r["ms"] for r in res["rows"] if r["case"] == case}

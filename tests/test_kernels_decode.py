@@ -15,41 +15,7 @@ if triton_installed():
 
 from zipkv.kernels.decode_attention import decode_attention, decode_attention_reference  # noqa: E402
 from zipkv.kernels.packed import PackedSegment, dequantize_segment  # noqa: E402
-from zipkv.quant.schemes import quantize_keys_channelwise, quantize_values_tokenwise  # noqa: E402
-
-
-def make_segment(b, h, n, d, bits, key_group=None, value_group=None, cs=True, pieces=1, dtype=torch.float16, gen=None,
-                 value_bits=None):
-    """A tier built like the cache does: `pieces` blocks appended, each quantized alone.
-    `bits` for the keys, `value_bits` (default: bits) for the values."""
-    value_bits = value_bits or bits
-    k = (torch.randn(b, h, n, d, generator=gen) * 2 + 0.5).to(dtype)
-    v = torch.randn(b, h, n, d, generator=gen).to(dtype)
-    bounds = torch.linspace(0, n, pieces + 1).long().tolist()
-    parts = {name: [] for name in ("kc", "ks", "km", "tg", "vc", "vs", "vm", "vch", "tc")}
-    g0 = 0
-    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
-        kc, ks, km, groups = quantize_keys_channelwise(k[:, :, lo:hi], bits, key_group)
-        parts["kc"].append(kc)
-        parts["ks"].append(ks)
-        parts["km"].append(km)
-        parts["tg"].append(g0 + torch.arange(hi - lo) // (key_group or (hi - lo)))
-        g0 += groups
-        vc, vs, vm, f = quantize_values_tokenwise(v[:, :, lo:hi], value_bits, value_group, cs)
-        parts["vc"].append(vc)
-        parts["vs"].append(vs)
-        parts["vm"].append(vm)
-        if cs:
-            parts["vch"].append(f)
-            parts["tc"].append(torch.full((hi - lo,), i))
-    cat = {name: (torch.cat(x, 2) if x and x[0].dim() == 4 else (torch.cat(x) if x else None)) for name, x in parts.items()}
-    return PackedSegment(bits, cat["kc"], cat["ks"], cat["km"], cat["tg"].int(), cat["vc"], cat["vs"], cat["vm"],
-                         cat["vch"], None if cat["tc"] is None else cat["tc"].int(), value_bits=value_bits)
-
-
-def rel_err(out, ref):
-    assert torch.isfinite(out).all()
-    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+from packed_segments import make_segment, rel_err  # noqa: E402
 
 
 def test_segment_dequantization_matches_quant_module():

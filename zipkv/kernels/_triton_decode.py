@@ -638,7 +638,9 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, ca
                             block_n: int | None = None, block_n_fp: int = 64, num_warps: int = 4,
                             num_stages: int = 2, programs_per_sm: float = 32.0, maxnreg: int | None = 128,
                             use_asm: bool | None = None, tiers_per_launch: int = 2, lengths=None,
-                            dequant: bool | None = None):
+                            dequant: bool | None = None, cuda_kernel: bool | None = None,
+                            mma_warps: int = 4, mma_min_blocks: int = 1, mma_prefetch: bool = True,
+                            mma_ctas_per_sm: float = 16.0):
     """Defaults are the fastest measured on the H100 (benchmarks/NOTES.md, v5; results/v5.json).
 
     lengths: None, or int32 [len(segs) + 1] on the query's device: valid tokens of each tier
@@ -650,8 +652,16 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, ca
     (v5: (q*s) @ codes + q.m, (p*s) @ codes + p.m per value unit). None (default): v6 for a
     launch whose tiers average >= block_n tokens per key group (ZipCache, the zipkv preset:
     12-18% faster at 32K x 8 on the H100), v5 otherwise (KIVI's 32-token groups make v6 redo
-    the key dequantization per group in each block: 2.5% slower there; results/v6.json)."""
+    the key dequantization per group in each block: 2.5% slower there; results/v6.json).
+
+    cuda_kernel (v7, mma_decode.cu): packed tiers that the CUDA tensor-core kernel supports
+    (mma_decode.mma_supported) go through it, one launch per tier, with mma_warps warps per
+    block, mma_min_blocks blocks per SM for the register budget, mma_prefetch (load the next
+    16-token tile while computing this one) and about mma_ctas_per_sm blocks per SM in all;
+    the fp16 part and the merge stay in Triton. None: use it where supported; False: never;
+    True: raise when a tier is not supported."""
     from ._runtime import sm_count
+    from . import mma_decode
 
     b, hq, tq, d = query.shape
     heads = segs[0].k_codes.shape[1] if segs else k_fp.shape[1]
@@ -680,13 +690,24 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, ca
         parts.append((None, nf, _bytes_per_token(None, d, k_fp.element_size())))
     total = sum(n * w for _, n, w in parts) * b * heads
     per_prog = max(total / (programs_per_sm * sm_count(dev)), 1.0)
-    plan = []  # (seg or None, n, tokens_per_split, splits, key_offset)
+    per_cta = max(total / (mma_ctas_per_sm * sm_count(dev)), 1.0)
+    mask_rows = mask3 is not None and mask3.shape[1] > 1
+    plan = []  # (seg or None, n, tokens_per_split, splits, key_offset, by the CUDA kernel)
     offset = 0
     for seg, n, w in parts:
-        blk = block_n if seg is not None else block_n_fp
-        ts = max(blk, int(-(-per_prog / w // blk)) * blk)
+        use_mma = False
+        if seg is not None and cuda_kernel is not False:
+            reason = mma_decode.mma_supported(query, seg, mask_kind, mask_rows, causal)
+            if reason and cuda_kernel:
+                raise ValueError(f"cuda_kernel=True cannot read this tier: {reason}")
+            use_mma = reason is None
+        if use_mma:
+            blk, budget = mma_decode.TOKENS_PER_TILE * mma_warps, per_cta
+        else:
+            blk, budget = (block_n if seg is not None else block_n_fp), per_prog
+        ts = max(blk, int(-(-budget / w // blk)) * blk)
         ts = min(ts, -(-n // blk) * blk)
-        plan.append((seg, n, ts, -(-n // ts), offset))
+        plan.append((seg, n, ts, -(-n // ts), offset, use_mma))
         offset += n
     s_total = sum(p[3] for p in plan)
     po = torch.empty((b * heads, s_total, rt, d), device=dev, dtype=torch.float32)
@@ -697,17 +718,26 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, ca
     else:
         mask_t = mask3.view(torch.uint8) if mask_kind == 1 else mask3
         smb, smt, smn = mask_t.stride()
-        mask_rows = mask3.shape[1] > 1
     dummy = query
     qk_scale = scale * LOG2E
 
-    packed = [p for p in plan if p[0] is not None]
+    part_base = 0
+    for i, (seg, n, ts, splits, key_offset, use_mma) in enumerate(plan):
+        if use_mma:
+            mma_decode.launch(query, seg, None if mask3 is None else mask_t, smb, smn, po, pl, qk_scale=qk_scale,
+                              tokens_per_split=ts, splits=splits, key_offset=key_offset, part_base=part_base,
+                              s_total=s_total, n_dev=None if lengths is None else seg_lens[i], warps=mma_warps,
+                              min_blocks=mma_min_blocks, prefetch=mma_prefetch)
+            part_base += splits
+    LAST_LAUNCH["mma_tiers"] = sum(p[5] for p in plan)
+    LAST_LAUNCH["mma"] = dict(mma_decode.LAST) if LAST_LAUNCH["mma_tiers"] else None
+    seg_lens = [n for p, n in zip(plan, seg_lens) if not p[5]]
+    packed = [p for p in plan if p[0] is not None and not p[5]]
     fp_part = next((p for p in plan if p[0] is None), None)
     # One launch holds up to two tiers (its registers are the larger branch's); tiers_per_launch=1
     # gives each tier its own launch and register count.
     step = 2 if tiers_per_launch >= 2 else 1
     launches = [list(range(i, min(i + step, len(packed)))) for i in range(0, len(packed), step)] or [[]]
-    part_base = 0
     for li, pair in enumerate(launches):
         a = packed[pair[0]] if len(pair) > 0 else None
         c = packed[pair[1]] if len(pair) > 1 else None

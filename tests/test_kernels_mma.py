@@ -1,0 +1,135 @@
+"""The CUDA tensor-core decode kernel (mma_decode.cu) vs the float32 reference, on a GPU.
+
+CI has no GPU: these tests skip there (the Triton kernel's tests cover the same layouts
+under the interpreter). Run them on the lent GPU: pytest tests/test_kernels_mma.py.
+"""
+
+import pytest
+import torch
+
+from packed_segments import make_segment, rel_err
+
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
+                               reason="needs a CUDA GPU with compute capability >= 8.0")
+pytestmark = needs_gpu
+
+
+def _cuda(seg):
+    for name in ("k_codes", "k_scale", "k_min", "token_group", "v_codes", "v_scale", "v_min", "v_channel",
+                 "token_chunk"):
+        t = getattr(seg, name)
+        if t is not None:
+            setattr(seg, name, t.cuda())
+    return seg
+
+
+def _run(q, segs, kf, vf, mask=None, lengths=None, **tuning):
+    from zipkv.kernels._triton_decode import LAST_LAUNCH
+    from zipkv.kernels.decode_attention import decode_attention
+
+    out = decode_attention(q, segs, kf, vf, mask=mask, lengths=lengths, impl="triton", cuda_kernel=True, **tuning)
+    assert LAST_LAUNCH["mma_tiers"] == len(segs)
+    return out
+
+
+CASES = [  # (d, key bits, value bits, key_group, cs, R, Tq)
+    (128, 4, 2, None, True, 4, 1),   # the zipkv preset / ZipCache salient tier
+    (128, 2, 2, None, True, 4, 1),   # ZipCache's 2-bit tier
+    (128, 4, 4, 24, True, 8, 1),     # key groups straddle 16-token tiles, 8 query rows
+    (128, 8, 8, 128, False, 4, 2),   # 8-bit, two query tokens (rows = 8)
+    (64, 2, 4, 40, False, 3, 1),     # D=64, odd GQA ratio
+    (64, 4, 2, None, True, 1, 1),    # no GQA
+    (64, 8, 2, 16, True, 2, 3),
+]
+
+
+TUNINGS = [dict(), dict(mma_warps=2, mma_ctas_per_sm=64, mma_prefetch=False),  # many splits
+           dict(mma_warps=8, mma_ctas_per_sm=1, mma_min_blocks=2)]  # one split per (row, head)
+
+
+@pytest.mark.parametrize("d,kbits,vbits,key_group,cs,r,tq", CASES)
+def test_mma_decode_matches_reference(d, kbits, vbits, key_group, cs, r, tq):
+    from zipkv.kernels.decode_attention import decode_attention_reference
+
+    g = torch.Generator().manual_seed(d + kbits * 7 + vbits * 3 + r + tq)
+    b, hkv, nf = 3, 2, 37
+    segs = [make_segment(b, hkv, 700, d, kbits, key_group=key_group, cs=cs, pieces=5, gen=g, value_bits=vbits),
+            make_segment(b, hkv, 261, d, 2, key_group=key_group, cs=cs, pieces=2, gen=g)]
+    kf = torch.randn(b, hkv, nf, d, generator=g).half()
+    vf = torch.randn(b, hkv, nf, d, generator=g).half()
+    q = torch.randn(b, hkv * r, tq, d, generator=g).half()
+    nt = 700 + 261 + nf
+    keep = torch.ones(b, nt, dtype=torch.bool)
+    keep[1, :300] = False   # left padding that ends inside a tile
+    keep[2, 500:520] = False
+    refs = {True: decode_attention_reference(q, segs, kf, vf, mask=keep), False: decode_attention_reference(q, segs, kf, vf)}
+    segs = [_cuda(s) for s in segs]
+    for mask in (None, keep.cuda()):
+        want = refs[mask is not None]
+        for tuning in TUNINGS if kbits == 4 and d == 128 else TUNINGS[:1]:
+            out = _run(q.cuda(), segs, kf.cuda(), vf.cuda(), mask=mask, **tuning)
+            assert out.shape == want.shape and out.dtype == q.dtype
+            assert rel_err(out.cpu(), want) < 3e-3, tuning
+
+
+def test_mma_decode_bf16_and_fully_masked_row():
+    from zipkv.kernels.decode_attention import decode_attention_reference
+
+    g = torch.Generator().manual_seed(5)
+    b, hkv, r, d = 2, 2, 4, 128
+    segs = [_cuda(make_segment(b, hkv, 333, d, 4, cs=True, pieces=3, gen=g, value_bits=2, dtype=torch.bfloat16))]
+    kf = torch.randn(b, hkv, 5, d, generator=g).bfloat16().cuda()
+    vf = torch.randn(b, hkv, 5, d, generator=g).bfloat16().cuda()
+    q = torch.randn(b, hkv * r, 1, d, generator=g).bfloat16().cuda()
+    keep = torch.ones(b, 338, dtype=torch.bool, device="cuda")
+    keep[1, :333] = False  # row 1 sees only its fp16 part
+    out = _run(q, segs, kf, vf, mask=keep)
+    ref = decode_attention_reference(q, segs, kf, vf, mask=keep)
+    assert out.dtype == torch.bfloat16
+    assert rel_err(out.float(), ref.float()) < 1e-2  # bf16 output rounding
+    keep[1, :] = False  # nothing to attend: zeros, as the reference
+    out = _run(q, segs, kf, vf, mask=keep)
+    assert out[1].abs().max().item() == 0.0
+
+
+def test_mma_decode_reads_device_lengths():
+    """Capacity buffers + device lengths (the CUDA-graph layout): the slack is never read."""
+    from zipkv.kernels.decode_attention import decode_attention_reference
+    from zipkv.kernels.packed import PackedSegment
+
+    g = torch.Generator().manual_seed(11)
+    b, hkv, r, d = 2, 2, 4, 128
+    seg = make_segment(b, hkv, 150, d, 4, cs=True, pieces=2, gen=g, value_bits=2)
+    kf, vf = torch.randn(b, hkv, 9, d, generator=g).half(), torch.randn(b, hkv, 9, d, generator=g).half()
+    q = torch.randn(b, hkv * r, 1, d, generator=g).half()
+    ref = decode_attention_reference(q, [seg], kf, vf)
+
+    def grow(t, dim, extra=90):
+        shape = list(t.shape)
+        shape[dim] = extra
+        junk = (torch.randint(0, 256, shape, generator=g, dtype=torch.uint8) if t.dtype == torch.uint8 else
+                torch.zeros(shape, dtype=torch.int32) if t.dtype == torch.int32 else
+                torch.randn(shape, generator=g).to(t.dtype) * 100)
+        return torch.cat([t, junk], dim=dim)
+
+    cap = _cuda(PackedSegment(seg.bits, grow(seg.k_codes, 2), seg.k_scale, seg.k_min, grow(seg.token_group, 0),
+                              grow(seg.v_codes, 2), grow(seg.v_scale, 2), grow(seg.v_min, 2), seg.v_channel,
+                              grow(seg.token_chunk, 0), value_bits=2))
+    kf_cap, vf_cap = grow(kf, 2, 7).cuda(), grow(vf, 2, 7).cuda()
+    lengths = torch.tensor([150, 9], dtype=torch.int32, device="cuda")
+    out = _run(q.cuda(), [cap], kf_cap, vf_cap, lengths=lengths)
+    assert rel_err(out.cpu(), ref) < 3e-3
+
+
+def test_mma_decode_refuses_what_it_cannot_read():
+    from zipkv.kernels.decode_attention import decode_attention
+    from zipkv.kernels.mma_decode import mma_supported
+
+    g = torch.Generator().manual_seed(3)
+    seg = _cuda(make_segment(1, 2, 64, 64, 4, value_group=32, cs=False, gen=g))
+    q = torch.randn(1, 8, 1, 64, generator=g).half().cuda()
+    assert "value_group" in mma_supported(q, seg, 0, False, False)
+    with pytest.raises(ValueError, match="cuda_kernel=True"):
+        decode_attention(q, [seg], impl="triton", cuda_kernel=True)
+    assert "rows" in mma_supported(torch.zeros(1, 18, 1, 64, device="cuda").half(),
+                                   _cuda(make_segment(1, 2, 64, 64, 4, gen=g)), 0, False, False)

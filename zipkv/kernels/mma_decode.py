@@ -1,0 +1,131 @@
+"""Host side of the CUDA tensor-core decode kernel over one packed tier (mma_decode.cu, v7).
+
+The kernel is compiled at run time with NVRTC (`torch.cuda._compile_kernel`), once per
+configuration (head dim, bits, GQA rows, mask, dtype, warps), and launched on the current
+stream, so CUDA graphs capture it like any other launch. It writes split partials in the
+layout of the Triton decode kernel (`_triton_decode.py`), which still takes the fp16 part
+and the log-sum-exp merge; `mma_supported` says when a tier can go this way (else Triton
+takes it). Reference: `decode_attention_reference`; tests: tests/test_kernels_mma.py (GPU).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .packed import PackedSegment
+
+_SOURCE = Path(__file__).with_name("mma_decode.cu")
+_KERNELS: dict = {}
+_INT32_MAX = 2**31 - 1
+TOKENS_PER_TILE = 16  # one mma n-tile pair per warp step
+
+
+def available(device: torch.device) -> str | None:
+    """None when this device can run the kernel, else the reason."""
+    if device.type != "cuda":
+        return "the CUDA kernel needs a CUDA device"
+    if not hasattr(torch.cuda, "_compile_kernel"):
+        return f"torch {torch.__version__} has no torch.cuda._compile_kernel (NVRTC)"
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return "mma.sync m16n8k16 with bf16/fp16 needs compute capability >= 8.0"
+    if not _SOURCE.exists():
+        return f"{_SOURCE.name} is not installed with the package"
+    return None
+
+
+def mma_supported(query, seg: PackedSegment, mask_kind: int, mask_rows: bool, causal: bool) -> str | None:
+    """None when `seg` can be read by the CUDA kernel, else the reason (Triton takes it)."""
+    reason = available(query.device)
+    if reason:
+        return reason
+    b, hq, tq, d = query.shape
+    heads = seg.k_codes.shape[1]
+    if d not in (64, 128):
+        return f"head_dim {d} not in (64, 128)"
+    if (hq // heads) * tq > 8:
+        return f"{hq // heads} query heads per KV head x {tq} query tokens > 8 rows"
+    if query.dtype not in (torch.float16, torch.bfloat16):
+        return f"query dtype {query.dtype} is not fp16/bf16"
+    if seg.value_group != d:
+        return f"value_group {seg.value_group} != head_dim {d} (one value scale per token only)"
+    if mask_kind == 2 or mask_rows:
+        return "only a bool keep-mask [B, Nt] is supported"
+    if causal:
+        return "causal masking is not supported"
+    params = [seg.k_scale, seg.k_min, seg.v_scale, seg.v_min] + ([seg.v_channel] if seg.v_channel is not None else [])
+    if any(p.dtype != query.dtype for p in params):
+        return "the tier's scales must have the query's dtype"
+    tensors = [seg.k_codes, seg.v_codes] + params
+    if any(t.stride(-1) != 1 for t in tensors) or query.stride(-1) != 1:
+        return "every tensor needs a unit last stride"
+    if seg.k_scale.stride() != seg.k_min.stride() or seg.v_scale.stride() != seg.v_min.stride():
+        return "scale and min must share strides"
+    if any(s > _INT32_MAX for t in tensors + [query] for s in t.stride()):
+        return "strides beyond int32"
+    kb, vb = d * seg.bits // 32, d * seg.value_bits // 64  # bytes one lane loads per token row
+    for t, n in ((seg.k_codes, kb), (seg.v_codes, vb)):
+        if t.data_ptr() % 16 or any(s % n for s in t.stride()[:3]):
+            return "code rows must be aligned for vector loads"
+    if seg.token_group.dtype != torch.int32 or (seg.token_chunk is not None and seg.token_chunk.dtype != torch.int32):
+        return "token_group / token_chunk must be int32"
+    return None
+
+
+def _kernel(defines: dict):
+    key = tuple(sorted(defines.items()))
+    k = _KERNELS.get(key)
+    if k is None:
+        header = "".join(f"#define {n} {int(v)}\n" for n, v in defines.items())
+        k = torch.cuda._compile_kernel(header + _SOURCE.read_text(), "zipkv_mma_decode",
+                                        nvcc_options=["--use_fast_math", "-std=c++17"])
+        _KERNELS[key] = k
+    return k
+
+
+def registers(kernel) -> dict:
+    """Registers per thread and local (spill) bytes of a compiled kernel (cuFuncGetAttribute)."""
+    import ctypes
+
+    lib = torch.cuda._utils._get_gpu_runtime_library()
+    out = {}
+    for name, attr in (("n_regs", 4), ("local_bytes", 3)):  # CU_FUNC_ATTRIBUTE_NUM_REGS, _LOCAL_SIZE_BYTES
+        v = ctypes.c_int()
+        if lib.cuFuncGetAttribute(ctypes.byref(v), attr, kernel.func) == 0:
+            out[name] = v.value
+    return out
+
+
+LAST: dict = {}  # configuration and registers of the last launch (benchmarks record it)
+
+
+def launch(query, seg: PackedSegment, mask_u8, smb: int, smn: int, po, pl, *, qk_scale: float,
+           tokens_per_split: int, splits: int, key_offset: int, part_base: int, s_total: int,
+           n_dev=None, warps: int = 4, min_blocks: int = 1, prefetch: bool = True) -> None:
+    """One launch over `splits` splits of `tokens_per_split` tokens of `seg` for every
+    (batch row, KV head); writes po/pl rows [part_base, part_base + splits) of each."""
+    b, hq, tq, d = query.shape
+    heads = seg.k_codes.shape[1]
+    r = hq // heads
+    defines = dict(D=d, KBITS=seg.bits, VBITS=seg.value_bits, RT=r * tq, R=r, TQ=tq,
+                   HAS_VCH=seg.v_channel is not None, HAS_MASK=mask_u8 is not None,
+                   BF16=query.dtype == torch.bfloat16, LENS_DEV=n_dev is not None,
+                   WARPS=warps, MIN_BLOCKS=min_blocks, PREFETCH=prefetch)
+    kernel = _kernel(defines)
+    if LAST.get("defines") != defines:
+        LAST.clear()
+        LAST.update(defines=defines, **registers(kernel))
+    dummy = seg.token_group
+    vch = seg.v_channel if seg.v_channel is not None else seg.v_scale
+    vch_s = seg.v_channel.stride()[:3] if seg.v_channel is not None else (0, 0, 0)
+    args = [query, *query.stride()[:3], float(qk_scale),
+            seg.k_codes, *seg.k_codes.stride()[:3],
+            seg.k_scale, seg.k_min, *seg.k_scale.stride()[:3], seg.token_group,
+            seg.v_codes, *seg.v_codes.stride()[:3],
+            seg.v_scale, seg.v_min, *seg.v_scale.stride()[:3],
+            vch, *vch_s, seg.token_chunk if seg.token_chunk is not None else dummy,
+            mask_u8 if mask_u8 is not None else dummy, smb, smn, po, pl,
+            seg.num_tokens, n_dev if n_dev is not None else dummy, tokens_per_split, key_offset,
+            heads, s_total, part_base]
+    kernel(grid=(splits, b * heads, 1), block=(32 * warps, 1, 1), args=args)
