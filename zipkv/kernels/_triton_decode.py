@@ -639,8 +639,8 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, ca
                             num_stages: int = 2, programs_per_sm: float = 32.0, maxnreg: int | None = 128,
                             use_asm: bool | None = None, tiers_per_launch: int = 2, lengths=None,
                             dequant: bool | None = None, cuda_kernel: bool | None = None,
-                            mma_warps: int = 4, mma_min_blocks: int = 1, mma_prefetch: bool = True,
-                            mma_ctas_per_sm: float = 16.0):
+                            mma_warps: int = 4, mma_min_blocks: int = 3, mma_prefetch: bool = False,
+                            mma_ctas_per_sm: float = 4.0):
     """Defaults are the fastest measured on the H100 (benchmarks/NOTES.md, v5; results/v5.json).
 
     lengths: None, or int32 [len(segs) + 1] on the query's device: valid tokens of each tier
@@ -701,11 +701,16 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, ca
             if reason and cuda_kernel:
                 raise ValueError(f"cuda_kernel=True cannot read this tier: {reason}")
             use_mma = reason is None
-        if use_mma:
-            blk, budget = mma_decode.TOKENS_PER_TILE * mma_warps, per_cta
+        if use_mma:  # whole waves of resident blocks per launch (one launch per tier)
+            blk = mma_decode.TOKENS_PER_TILE * mma_warps
+            wave = sm_count(dev) * mma_decode.blocks_per_sm(query, seg, mask3 is not None, lengths is not None,
+                                                            mma_warps, mma_min_blocks, mma_prefetch)
+            waves = max(1, round(n * w * b * heads / per_cta / wave))
+            splits = max(1, waves * wave // (b * heads))
+            ts = -(-n // splits // blk) * blk if n >= splits * blk else blk
         else:
             blk, budget = (block_n if seg is not None else block_n_fp), per_prog
-        ts = max(blk, int(-(-budget / w // blk)) * blk)
+            ts = max(blk, int(-(-budget / w // blk)) * blk)
         ts = min(ts, -(-n // blk) * blk)
         plan.append((seg, n, ts, -(-n // ts), offset, use_mma))
         offset += n

@@ -6,7 +6,7 @@
 // Why a CUDA kernel: Triton pads the 4 GQA rows to a 16-row tile and splits warps along the
 // tokens, so every block pays cross-warp reductions and shared-memory layout conversions
 // (benchmarks/NOTES.md, v5). Here every warp owns a stream of 16-token tiles and its own
-// online softmax; packed bytes are loaded straight into the registers where mma.sync wants
+// online softmax over its own contiguous token range; packed bytes are loaded straight into the registers where mma.sync wants
 // them and unpacked there (no shared memory until the final merge of the warps).
 //
 // mma.sync m16n8k16 (f16 in, f32 accumulate), lane = 4*g + t (g = lane/4, t = lane%4):
@@ -49,6 +49,18 @@ typedef unsigned char u8;
 #define VP (8 / VBITS)       // value planes
 #define KSTEPS (D / 16)      // mma k steps over the channels = KP * KB / 4
 #define NT (D / 8)           // value n8 tiles = VP * VB
+
+#define LAZY_LOG2 8.0f
+
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+}
+
+// Pulls the next parameter row (D half-precision values) towards L2 while this one is used,
+// so a warp crossing a key group or value chunk boundary does not wait on HBM.
+__device__ __forceinline__ void prefetch_row(const u16* row, int lane) {
+    if (lane < D * 2 / 128) prefetch_l2(row + lane * 64);
+}
 
 __device__ __forceinline__ float neg_inf() { return __int_as_float(0xff800000); }
 
@@ -288,7 +300,7 @@ zipkv_mma_decode(const u16* q, int sqb, int sqh, int sqt, double qk_scale,
                  const u16* vch, int svch_b, int svch_h, int svch_c, const int* tc,
                  const u8* mask, int smb, int smn, float* po, float* pl,
                  int N, const int* n_dev, int tokens_per_split, int key_offset, int H, int S_total,
-                 int part_base) {
+                 int part_base, int n_groups, int n_chunks) {
     Args a;
     a.q = q; a.sqb = sqb; a.sqh = sqh; a.sqt = sqt; a.qk_scale = (float)qk_scale;
     a.kc = kc; a.skc_b = skc_b; a.skc_h = skc_h; a.skc_n = skc_n;
@@ -310,10 +322,15 @@ zipkv_mma_decode(const u16* q, int sqb, int sqh, int sqt, double qk_scale,
     float acc[NT][2];
 #pragma unroll
     for (int i = 0; i < NT; i++) acc[i][0] = acc[i][1] = 0.f;
+    // The warp's output rows live in shared memory (each lane owns the elements of its
+    // accumulator fragment, so no barrier): finished value chunks are folded in there, which
+    // keeps a second set of 2*NT accumulators out of the registers.
+    __shared__ float sm_m[WARPS][8], sm_l[WARPS][8];
+    __shared__ float sm_o[WARPS][8][D];
+    float* my_o = &sm_o[warp][g][0];
 #if HAS_VCH
-    float out[NT][2];
 #pragma unroll
-    for (int i = 0; i < NT; i++) out[i][0] = out[i][1] = 0.f;
+    for (int i = 0; i < NT; i++) my_o[acc_channel(i, t, 0)] = my_o[acc_channel(i, t, 1)] = 0.f;
     int cur_chunk = -1;
     const u16* fbase = a.vch + b * a.svch_b + h * a.svch_h;
 #endif
@@ -321,18 +338,24 @@ zipkv_mma_decode(const u16* q, int sqb, int sqh, int sqt, double qk_scale,
     float qm = 0.f;
     int cur_grp = -1;
 
+    // Each warp takes a contiguous quarter (WARPS-th) of the split: key groups and value
+    // chunks are runs of tokens, so a warp changes group rarely (interleaved tiles made every
+    // warp reload q*s at each 128-token group of a streamed cache).
+    const int per_warp = tokens_per_split / WARPS;  // a multiple of 16 (host)
+    const int w_begin = n_begin + warp * per_warp;
+    const int w_end = min(w_begin + per_warp, n_end);
     Tile cur;
-    int s0 = n_begin + 16 * warp;
+    int s0 = w_begin;
 #if PREFETCH  // registers hold the next tile's loads while this one is computed
     Tile nxt;
-    if (s0 < n_end) load_tile(cur, a, b, h, s0, n_end, key_offset, g, t);
+    if (s0 < w_end) load_tile(cur, a, b, h, s0, w_end, key_offset, g, t);
 #endif
-    for (; s0 < n_end; s0 += 16 * WARPS) {
+    for (; s0 < w_end; s0 += 16) {
 #if PREFETCH
-        const int s1 = s0 + 16 * WARPS;
-        if (s1 < n_end) load_tile(nxt, a, b, h, s1, n_end, key_offset, g, t);
+        const int s1 = s0 + 16;
+        if (s1 < w_end) load_tile(nxt, a, b, h, s1, w_end, key_offset, g, t);
 #else
-        load_tile(cur, a, b, h, s0, n_end, key_offset, g, t);
+        load_tile(cur, a, b, h, s0, w_end, key_offset, g, t);
 #endif
 
         // ---- scores, one pass per key group present in the tile (usually one)
@@ -342,6 +365,11 @@ zipkv_mma_decode(const u16* q, int sqb, int sqh, int sqt, double qk_scale,
             if (grp != cur_grp) {
                 group_operand(qa0, qa2, qm, a, b, h, grp, g, t);
                 cur_grp = grp;
+                if (grp + 1 < n_groups) {
+                    const long long off = b * a.sks_b + h * a.sks_h + (long long)(grp + 1) * a.sks_g;
+                    prefetch_row(a.ks + off, lane);
+                    prefetch_row(a.km + off, lane);
+                }
             }
             float sg[4];
             tile_scores(sg, cur, qa0, qa2, qm);
@@ -357,9 +385,14 @@ zipkv_mma_decode(const u16* q, int sqb, int sqh, int sqt, double qk_scale,
         float mx = fmaxf(fmaxf(s[0], s[1]), fmaxf(s[2], s[3]));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        const float m_new = fmaxf(m_run, mx);
+        // Lazy rescaling: the running max moves only when a score passes it by more than
+        // LAZY_LOG2 (p <= 2^LAZY_LOG2 meanwhile, safe in fp16 operands and fp32 sums); the final
+        // normalization uses the same max, so the result is exact, and the accumulators are
+        // rescaled a few times per split instead of at most tiles (random data: half of them).
+        const bool grow = mx > m_run + LAZY_LOG2;
+        const float m_new = grow ? mx : m_run;
         const float m_safe = m_new == neg_inf() ? 0.f : m_new;
-        const float alpha = exp2f(m_run - m_safe);
+        const float alpha = grow ? exp2f(m_run - m_safe) : 1.f;
         float pr[4];
 #pragma unroll
         for (int i = 0; i < 4; i++) pr[i] = exp2f(s[i] - m_safe);
@@ -370,8 +403,13 @@ zipkv_mma_decode(const u16* q, int sqb, int sqh, int sqt, double qk_scale,
 #pragma unroll
             for (int i = 0; i < NT; i++) { acc[i][0] *= alpha; acc[i][1] *= alpha; }
 #if HAS_VCH
+            if (cur_chunk >= 0) {
 #pragma unroll
-            for (int i = 0; i < NT; i++) { out[i][0] *= alpha; out[i][1] *= alpha; }
+                for (int i = 0; i < NT; i++) {
+                    my_o[acc_channel(i, t, 0)] *= alpha;
+                    my_o[acc_channel(i, t, 1)] *= alpha;
+                }
+            }
 #endif
         }
 
@@ -392,13 +430,14 @@ zipkv_mma_decode(const u16* q, int sqb, int sqh, int sqt, double qk_scale,
                     const u16* frow = fbase + (long long)cur_chunk * a.svch_c;
 #pragma unroll
                     for (int i = 0; i < NT; i++) {
-                        out[i][0] += to_f32(frow[acc_channel(i, t, 0)]) * (acc[i][0] + pt);
-                        out[i][1] += to_f32(frow[acc_channel(i, t, 1)]) * (acc[i][1] + pt);
+                        my_o[acc_channel(i, t, 0)] += to_f32(frow[acc_channel(i, t, 0)]) * (acc[i][0] + pt);
+                        my_o[acc_channel(i, t, 1)] += to_f32(frow[acc_channel(i, t, 1)]) * (acc[i][1] + pt);
                         acc[i][0] = acc[i][1] = 0.f;
                     }
                     pm = 0.f;
                 }
                 cur_chunk = c;
+                if (c + 1 < n_chunks) prefetch_row(fbase + (long long)(c + 1) * a.svch_c, lane);
             }
             float q4[4];
 #pragma unroll
@@ -418,7 +457,7 @@ zipkv_mma_decode(const u16* q, int sqb, int sqh, int sqt, double qk_scale,
 #endif
     }
 
-    // ---- this warp's result for row g: out (or acc) + p.m, unnormalized, with m_run, l
+    // ---- this warp's result for row g: sm_o (+ acc + p.m), unnormalized, with m_run, l
     float pt = pm + __shfl_xor_sync(0xffffffffu, pm, 1);
     pt += __shfl_xor_sync(0xffffffffu, pt, 2);
     float l = l_run + __shfl_xor_sync(0xffffffffu, l_run, 1);
@@ -428,25 +467,20 @@ zipkv_mma_decode(const u16* q, int sqb, int sqh, int sqt, double qk_scale,
         const u16* frow = fbase + (long long)cur_chunk * a.svch_c;
 #pragma unroll
         for (int i = 0; i < NT; i++) {
-            out[i][0] += to_f32(frow[acc_channel(i, t, 0)]) * (acc[i][0] + pt);
-            out[i][1] += to_f32(frow[acc_channel(i, t, 1)]) * (acc[i][1] + pt);
+            my_o[acc_channel(i, t, 0)] += to_f32(frow[acc_channel(i, t, 0)]) * (acc[i][0] + pt);
+            my_o[acc_channel(i, t, 1)] += to_f32(frow[acc_channel(i, t, 1)]) * (acc[i][1] + pt);
         }
     }
 #else
-    float (*out)[2] = acc;
 #pragma unroll
-    for (int i = 0; i < NT; i++) { out[i][0] += pt; out[i][1] += pt; }
+    for (int i = 0; i < NT; i++) {
+        my_o[acc_channel(i, t, 0)] = acc[i][0] + pt;
+        my_o[acc_channel(i, t, 1)] = acc[i][1] + pt;
+    }
 #endif
 
     // ---- merge the warps (shared memory) and write the split's partial
-    __shared__ float sm_m[WARPS][8], sm_l[WARPS][8];
-    __shared__ float sm_o[WARPS][8][D];
     if (t == 0) { sm_m[warp][g] = m_run; sm_l[warp][g] = l; }
-#pragma unroll
-    for (int i = 0; i < NT; i++) {
-        sm_o[warp][g][acc_channel(i, t, 0)] = out[i][0];
-        sm_o[warp][g][acc_channel(i, t, 1)] = out[i][1];
-    }
     __syncthreads();
     const int row0 = ((b * H + h) * S_total + part_base + split) * RT;
     for (int idx = threadIdx.x; idx < RT * D; idx += WARPS * 32) {

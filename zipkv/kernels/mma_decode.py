@@ -97,6 +97,31 @@ def registers(kernel) -> dict:
     return out
 
 
+def _defines(query, seg: PackedSegment, has_mask: bool, lens_dev: bool, warps: int, min_blocks: int,
+             prefetch: bool) -> dict:
+    b, hq, tq, d = query.shape
+    r = hq // seg.k_codes.shape[1]
+    return dict(D=d, KBITS=seg.bits, VBITS=seg.value_bits, RT=r * tq, R=r, TQ=tq,
+                HAS_VCH=seg.v_channel is not None, HAS_MASK=has_mask, BF16=query.dtype == torch.bfloat16,
+                LENS_DEV=lens_dev, WARPS=warps, MIN_BLOCKS=min_blocks, PREFETCH=prefetch)
+
+
+def blocks_per_sm(query, seg: PackedSegment, has_mask: bool, lens_dev: bool, warps: int = 4, min_blocks: int = 1,
+                  prefetch: bool = True) -> int:
+    """Blocks of this configuration resident per SM (registers and shared memory decide):
+    the split planner sizes each launch in whole waves of them (a launch of 1.2 waves ran its
+    last 0.2 wave on a nearly idle GPU: benchmarks/NOTES.md, v7)."""
+    import ctypes
+
+    kernel = _kernel(_defines(query, seg, has_mask, lens_dev, warps, min_blocks, prefetch))
+    lib = torch.cuda._utils._get_gpu_runtime_library()
+    n = ctypes.c_int()
+    if lib.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(n), kernel.func, ctypes.c_int(32 * warps),
+                                                       ctypes.c_size_t(0)) != 0:
+        return 1
+    return max(1, n.value)
+
+
 LAST: dict = {}  # configuration and registers of the last launch (benchmarks record it)
 
 
@@ -105,13 +130,9 @@ def launch(query, seg: PackedSegment, mask_u8, smb: int, smn: int, po, pl, *, qk
            n_dev=None, warps: int = 4, min_blocks: int = 1, prefetch: bool = True) -> None:
     """One launch over `splits` splits of `tokens_per_split` tokens of `seg` for every
     (batch row, KV head); writes po/pl rows [part_base, part_base + splits) of each."""
-    b, hq, tq, d = query.shape
+    b = query.shape[0]
     heads = seg.k_codes.shape[1]
-    r = hq // heads
-    defines = dict(D=d, KBITS=seg.bits, VBITS=seg.value_bits, RT=r * tq, R=r, TQ=tq,
-                   HAS_VCH=seg.v_channel is not None, HAS_MASK=mask_u8 is not None,
-                   BF16=query.dtype == torch.bfloat16, LENS_DEV=n_dev is not None,
-                   WARPS=warps, MIN_BLOCKS=min_blocks, PREFETCH=prefetch)
+    defines = _defines(query, seg, mask_u8 is not None, n_dev is not None, warps, min_blocks, prefetch)
     kernel = _kernel(defines)
     if LAST.get("defines") != defines:
         LAST.clear()
@@ -127,5 +148,6 @@ def launch(query, seg: PackedSegment, mask_u8, smb: int, smn: int, po, pl, *, qk
             vch, *vch_s, seg.token_chunk if seg.token_chunk is not None else dummy,
             mask_u8 if mask_u8 is not None else dummy, smb, smn, po, pl,
             seg.num_tokens, n_dev if n_dev is not None else dummy, tokens_per_split, key_offset,
-            heads, s_total, part_base]
+            heads, s_total, part_base, seg.k_scale.shape[2],
+            seg.v_channel.shape[2] if seg.v_channel is not None else 0]
     kernel(grid=(splits, b * heads, 1), block=(32 * warps, 1, 1), args=args)
