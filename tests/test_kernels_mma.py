@@ -11,7 +11,6 @@ from packed_segments import make_segment, rel_err
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
                                reason="needs a CUDA GPU with compute capability >= 8.0")
-pytestmark = needs_gpu
 
 
 def _cuda(seg):
@@ -47,6 +46,7 @@ TUNINGS = [dict(), dict(mma_warps=2, mma_ctas_per_sm=64, mma_prefetch=False),  #
            dict(mma_warps=8, mma_ctas_per_sm=1, mma_min_blocks=2)]  # one split per (row, head)
 
 
+@needs_gpu
 @pytest.mark.parametrize("d,kbits,vbits,key_group,cs,r,tq", CASES)
 def test_mma_decode_matches_reference(d, kbits, vbits, key_group, cs, r, tq):
     from zipkv.kernels.decode_attention import decode_attention_reference
@@ -72,6 +72,7 @@ def test_mma_decode_matches_reference(d, kbits, vbits, key_group, cs, r, tq):
             assert rel_err(out.cpu(), want) < 3e-3, tuning
 
 
+@needs_gpu
 def test_mma_decode_bf16_and_fully_masked_row():
     from zipkv.kernels.decode_attention import decode_attention_reference
 
@@ -92,6 +93,7 @@ def test_mma_decode_bf16_and_fully_masked_row():
     assert out[1].abs().max().item() == 0.0
 
 
+@needs_gpu
 def test_mma_decode_reads_device_lengths():
     """Capacity buffers + device lengths (the CUDA-graph layout): the slack is never read."""
     from zipkv.kernels.decode_attention import decode_attention_reference
@@ -121,6 +123,7 @@ def test_mma_decode_reads_device_lengths():
     assert rel_err(out.cpu(), ref) < 3e-3
 
 
+@needs_gpu
 def test_mma_decode_refuses_what_it_cannot_read():
     from zipkv.kernels.decode_attention import decode_attention
     from zipkv.kernels.mma_decode import mma_supported
@@ -133,3 +136,14 @@ def test_mma_decode_refuses_what_it_cannot_read():
         decode_attention(q, [seg], impl="triton", cuda_kernel=True)
     assert "rows" in mma_supported(torch.zeros(1, 18, 1, 64, device="cuda").half(),
                                    _cuda(make_segment(1, 2, 64, 64, 4, gen=g)), 0, False, False)
+
+
+def test_cpu_says_why_the_cuda_kernel_cannot_run():
+    """On a CPU the CUDA kernel is never chosen; asking for it names the reason."""
+    from zipkv.kernels.mma_decode import available, mma_supported
+
+    g = torch.Generator().manual_seed(4)
+    seg = make_segment(1, 2, 32, 64, 4, gen=g)
+    q = torch.randn(1, 4, 1, 64, generator=g).half()
+    assert "CUDA" in available(torch.device("cpu"))
+    assert "CUDA" in mma_supported(q, seg, 0, False, False)
