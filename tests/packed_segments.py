@@ -38,3 +38,22 @@ def make_segment(b, h, n, d, bits, key_group=None, value_group=None, cs=True, pi
 def rel_err(out, ref):
     assert torch.isfinite(out).all()
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def in_capacity(seg, extra, gen):
+    """seg's tensors inside buffers `extra` tokens longer, the slack filled with random codes
+    and parameters (what a preallocated store holds past its valid tokens)."""
+    def grow(t, dim):
+        shape = list(t.shape)
+        shape[dim] = extra
+        if t.dtype == torch.uint8:
+            junk = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
+        elif t.dtype == torch.int32:
+            junk = torch.zeros(shape, dtype=torch.int32)
+        else:
+            junk = torch.randn(shape, generator=gen).to(t.dtype) * 10
+        return torch.cat([t, junk], dim=dim)
+
+    return PackedSegment(seg.bits, grow(seg.k_codes, 2), seg.k_scale, seg.k_min, grow(seg.token_group, 0),
+                         grow(seg.v_codes, 2), grow(seg.v_scale, 2), grow(seg.v_min, 2), seg.v_channel,
+                         None if seg.token_chunk is None else grow(seg.token_chunk, 0), value_bits=seg.value_bits)

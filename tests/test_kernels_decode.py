@@ -15,7 +15,7 @@ if triton_installed():
 
 from zipkv.kernels.decode_attention import decode_attention, decode_attention_reference  # noqa: E402
 from zipkv.kernels.packed import PackedSegment, dequantize_segment  # noqa: E402
-from packed_segments import make_segment, rel_err  # noqa: E402
+from packed_segments import in_capacity, make_segment, rel_err  # noqa: E402
 
 
 def test_segment_dequantization_matches_quant_module():
@@ -230,25 +230,6 @@ def test_per_step_arguments_name_real_kernel_arguments():
     assert not {"a_skc_b", "a_svc_h", "c_skc_h", "f_sk_b", "f_sv_h"} & set(kernel._PER_STEP_ARGS)
 
 
-def _in_capacity(seg, extra, gen):
-    """seg's tensors inside buffers `extra` tokens longer, the slack filled with random codes
-    and parameters (what a preallocated store holds past its valid tokens)."""
-    def grow(t, dim):
-        shape = list(t.shape)
-        shape[dim] = extra
-        if t.dtype == torch.uint8:
-            junk = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
-        elif t.dtype == torch.int32:
-            junk = torch.zeros(shape, dtype=torch.int32)
-        else:
-            junk = torch.randn(shape, generator=gen).to(t.dtype) * 10
-        return torch.cat([t, junk], dim=dim)
-
-    return PackedSegment(seg.bits, grow(seg.k_codes, 2), seg.k_scale, seg.k_min, grow(seg.token_group, 0),
-                         grow(seg.v_codes, 2), grow(seg.v_scale, 2), grow(seg.v_min, 2), seg.v_channel,
-                         None if seg.token_chunk is None else grow(seg.token_chunk, 0), value_bits=seg.value_bits)
-
-
 @pytest.mark.parametrize("with_mask,high_value_bits", [(False, 4), (True, 4), (True, 2)])
 @pytest.mark.parametrize("dequant", [False, True])  # v5 / v6 (fp16 dequantization before the dots)
 def test_decode_reads_token_counts_from_device_lengths(with_mask, high_value_bits, dequant):
@@ -265,7 +246,7 @@ def test_decode_reads_token_counts_from_device_lengths(with_mask, high_value_bit
         mask = torch.ones(b, 70 + 45 + 9, dtype=torch.bool)
         mask[1, :5] = False
     ref = decode_attention_reference(q, [low, high], kf, vf, mask=mask)
-    caps = [_in_capacity(low, 30, g), _in_capacity(high, 19, g)]
+    caps = [in_capacity(low, 30, g), in_capacity(high, 19, g)]
     kf_cap = torch.cat([kf, torch.randn(b, hkv, 7, d, generator=g).half() * 10], dim=2)
     vf_cap = torch.cat([vf, torch.randn(b, hkv, 7, d, generator=g).half() * 10], dim=2)
     mask_cap = None

@@ -7,7 +7,7 @@ under the interpreter). Run them on the lent GPU: pytest tests/test_kernels_mma.
 import pytest
 import torch
 
-from packed_segments import make_segment, rel_err
+from packed_segments import in_capacity, make_segment, rel_err
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
                                reason="needs a CUDA GPU with compute capability >= 8.0")
@@ -97,7 +97,6 @@ def test_mma_decode_bf16_and_fully_masked_row():
 def test_mma_decode_reads_device_lengths():
     """Capacity buffers + device lengths (the CUDA-graph layout): the slack is never read."""
     from zipkv.kernels.decode_attention import decode_attention_reference
-    from zipkv.kernels.packed import PackedSegment
 
     g = torch.Generator().manual_seed(11)
     b, hkv, r, d = 2, 2, 4, 128
@@ -106,18 +105,9 @@ def test_mma_decode_reads_device_lengths():
     q = torch.randn(b, hkv * r, 1, d, generator=g).half()
     ref = decode_attention_reference(q, [seg], kf, vf)
 
-    def grow(t, dim, extra=90):
-        shape = list(t.shape)
-        shape[dim] = extra
-        junk = (torch.randint(0, 256, shape, generator=g, dtype=torch.uint8) if t.dtype == torch.uint8 else
-                torch.zeros(shape, dtype=torch.int32) if t.dtype == torch.int32 else
-                torch.randn(shape, generator=g).to(t.dtype) * 100)
-        return torch.cat([t, junk], dim=dim)
-
-    cap = _cuda(PackedSegment(seg.bits, grow(seg.k_codes, 2), seg.k_scale, seg.k_min, grow(seg.token_group, 0),
-                              grow(seg.v_codes, 2), grow(seg.v_scale, 2), grow(seg.v_min, 2), seg.v_channel,
-                              grow(seg.token_chunk, 0), value_bits=2))
-    kf_cap, vf_cap = grow(kf, 2, 7).cuda(), grow(vf, 2, 7).cuda()
+    cap = _cuda(in_capacity(seg, 90, g))
+    kf_cap = torch.cat([kf, torch.randn(b, hkv, 7, d, generator=g).half() * 10], dim=2).cuda()
+    vf_cap = torch.cat([vf, torch.randn(b, hkv, 7, d, generator=g).half() * 10], dim=2).cuda()
     lengths = torch.tensor([150, 9], dtype=torch.int32, device="cuda")
     out = _run(q.cuda(), [cap], kf_cap, vf_cap, lengths=lengths)
     assert rel_err(out.cpu(), ref) < 3e-3

@@ -719,7 +719,7 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, ca
     pl = torch.empty((b * heads, s_total, rt), device=dev, dtype=torch.float32)
 
     if mask3 is None:
-        mask_t, smb, smt, smn, mask_rows = query, 0, 0, 0, False
+        mask_t, smb, smt, smn = query, 0, 0, 0
     else:
         mask_t = mask3.view(torch.uint8) if mask_kind == 1 else mask3
         smb, smt, smn = mask_t.stride()

@@ -18,6 +18,7 @@ from .packed import PackedSegment
 
 _SOURCE = Path(__file__).with_name("mma_decode.cu")
 _KERNELS: dict = {}
+_BLOCKS_PER_SM: dict = {}  # per configuration: the occupancy query is a driver call
 _INT32_MAX = 2**31 - 1
 TOKENS_PER_TILE = 16  # one mma n-tile pair per warp step
 
@@ -113,13 +114,15 @@ def blocks_per_sm(query, seg: PackedSegment, has_mask: bool, lens_dev: bool, war
     last 0.2 wave on a nearly idle GPU: benchmarks/NOTES.md, v7)."""
     import ctypes
 
-    kernel = _kernel(_defines(query, seg, has_mask, lens_dev, warps, min_blocks, prefetch))
-    lib = torch.cuda._utils._get_gpu_runtime_library()
-    n = ctypes.c_int()
-    if lib.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(n), kernel.func, ctypes.c_int(32 * warps),
-                                                       ctypes.c_size_t(0)) != 0:
-        return 1
-    return max(1, n.value)
+    defines = _defines(query, seg, has_mask, lens_dev, warps, min_blocks, prefetch)
+    key = tuple(sorted(defines.items()))
+    if key not in _BLOCKS_PER_SM:
+        lib = torch.cuda._utils._get_gpu_runtime_library()
+        n = ctypes.c_int()
+        ok = lib.cuOccupancyMaxActiveBlocksPerMultiprocessor(ctypes.byref(n), _kernel(defines).func,
+                                                              ctypes.c_int(32 * warps), ctypes.c_size_t(0)) == 0
+        _BLOCKS_PER_SM[key] = max(1, n.value) if ok else 1
+    return _BLOCKS_PER_SM[key]
 
 
 LAST: dict = {}  # configuration and registers of the last launch (benchmarks record it)
