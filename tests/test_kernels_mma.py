@@ -42,8 +42,10 @@ CASES = [  # (d, key bits, value bits, key_group, cs, R, Tq)
 ]
 
 
-TUNINGS = [dict(), dict(mma_warps=2, mma_ctas_per_sm=64, mma_prefetch=False),  # many splits
-           dict(mma_warps=8, mma_ctas_per_sm=1, mma_min_blocks=2)]  # one split per (row, head)
+TUNINGS = [dict(),  # the defaults: 2 warps, a 4-stage copy ring
+           dict(mma_warps=2, mma_ctas_per_sm=64, mma_ring=2),  # many splits, the shortest ring
+           dict(mma_warps=4, mma_ctas_per_sm=1, mma_min_blocks=2, mma_ring=3),  # one split per (row, head)
+           dict(mma_warps=1, mma_min_blocks=8, mma_ring=8)]
 
 
 @needs_gpu
@@ -68,6 +70,8 @@ def test_mma_decode_matches_reference(d, kbits, vbits, key_group, cs, r, tq):
         want = refs[mask is not None]
         for tuning in TUNINGS if kbits == 4 and d == 128 else TUNINGS[:1]:
             out = _run(q.cuda(), segs, kf.cuda(), vf.cuda(), mask=mask, **tuning)
+            from zipkv.kernels.mma_decode import LAST
+            assert LAST["defines"]["RING"] == min(tuning.get("mma_ring", 4), 8)
             assert out.shape == want.shape and out.dtype == q.dtype
             assert rel_err(out.cpu(), want) < 3e-3, tuning
 
@@ -114,6 +118,29 @@ def test_mma_decode_reads_device_lengths():
 
 
 @needs_gpu
+def test_mma_decode_leaves_uncopyable_tiers_to_triton():
+    """A tier whose value scales are not contiguous along the tokens cannot be copied in
+    16-byte pieces: Triton reads it (still exactly), and cuda_kernel=True says why."""
+    from zipkv.kernels._triton_decode import LAST_LAUNCH
+    from zipkv.kernels.decode_attention import decode_attention, decode_attention_reference
+
+    g = torch.Generator().manual_seed(21)
+    b, hkv, r, d = 2, 2, 4, 128
+    seg = make_segment(b, hkv, 211, d, 2, cs=True, pieces=2, gen=g)
+    kf, vf = torch.randn(b, hkv, 3, d, generator=g).half(), torch.randn(b, hkv, 3, d, generator=g).half()
+    q = torch.randn(b, hkv * r, 1, d, generator=g).half()
+    ref = decode_attention_reference(q, [seg], kf, vf)
+    seg = _cuda(seg)
+    seg.v_scale = torch.cat([seg.v_scale, seg.v_scale], dim=3)[..., :1]  # token stride 2
+    seg.v_min = torch.cat([seg.v_min, seg.v_min], dim=3)[..., :1]
+    out = decode_attention(q.cuda(), [seg], kf.cuda(), vf.cuda(), impl="triton")
+    assert LAST_LAUNCH["mma_tiers"] == 0
+    assert rel_err(out.cpu(), ref) < 3e-3
+    with pytest.raises(ValueError, match="unit token stride"):
+        decode_attention(q.cuda(), [seg], kf.cuda(), vf.cuda(), impl="triton", cuda_kernel=True)
+
+
+@needs_gpu
 def test_mma_decode_refuses_what_it_cannot_read():
     from zipkv.kernels.decode_attention import decode_attention
     from zipkv.kernels.mma_decode import mma_supported
@@ -137,3 +164,22 @@ def test_cpu_says_why_the_cuda_kernel_cannot_run():
     q = torch.randn(1, 4, 1, 64, generator=g).half()
     assert "CUDA" in available(torch.device("cpu"))
     assert "CUDA" in mma_supported(q, seg, 0, False, False)
+
+
+def test_ring_stages_follow_alignment_and_shared_memory():
+    """The copy ring's depth comes from the 48 KiB of static shared memory and its 16-byte
+    pieces from the tier's strides: both decided on the host (no GPU needed)."""
+    from zipkv.kernels.mma_decode import _copy_alignment, ring_stages
+
+    g = torch.Generator().manual_seed(6)
+    q = torch.zeros(1, 8, 1, 128, dtype=torch.float16)
+    seg = make_segment(1, 2, 97, 128, 2, cs=True, gen=g)  # odd length: scale rows off 16 bytes (windows)
+    assert ring_stages(q, seg, warps=2, requested=4) == 4
+    assert _copy_alignment(seg) is None
+    seg8 = make_segment(1, 2, 96, 128, 8, cs=True, gen=g)
+    assert ring_stages(q, seg8, warps=2, requested=8) == 4  # 4.5 KiB stages: 4 of them fit
+    assert ring_stages(q, seg8, warps=8, requested=4) == 0  # not even 2 fit beside 8 warps' rows
+    seg.v_scale = torch.cat([seg.v_scale, seg.v_scale], dim=3)[..., :1]  # token stride 2
+    assert "unit token stride" in _copy_alignment(seg)
+    seg.token_group = torch.arange(194, dtype=torch.int32)[::2]
+    assert "token_group" in _copy_alignment(seg)

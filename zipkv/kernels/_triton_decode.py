@@ -639,8 +639,8 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, ca
                             num_stages: int = 2, programs_per_sm: float = 32.0, maxnreg: int | None = 128,
                             use_asm: bool | None = None, tiers_per_launch: int = 2, lengths=None,
                             dequant: bool | None = None, cuda_kernel: bool | None = None,
-                            mma_warps: int = 2, mma_min_blocks: int = 6, mma_prefetch: bool = False,
-                            mma_ctas_per_sm: float = 4.0):
+                            mma_warps: int = 2, mma_min_blocks: int = 6, mma_ctas_per_sm: float = 4.0,
+                            mma_ring: int = 4):
     """Defaults are the fastest measured on the H100 (benchmarks/NOTES.md, v5; results/v5.json).
 
     lengths: None, or int32 [len(segs) + 1] on the query's device: valid tokens of each tier
@@ -656,8 +656,8 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, ca
 
     cuda_kernel (v7, mma_decode.cu): packed tiers that the CUDA tensor-core kernel supports
     (mma_decode.mma_supported) go through it, one launch per tier, with mma_warps warps per
-    block, mma_min_blocks blocks per SM for the register budget, mma_prefetch (load the next
-    16-token tile while computing this one) and about mma_ctas_per_sm blocks per SM in all;
+    block, mma_min_blocks blocks per SM for the register budget, mma_ring stages of each warp's
+    cp.async copy ring in shared memory (v8) and about mma_ctas_per_sm blocks per SM in all;
     the fp16 part and the merge stay in Triton. None: use it where supported; False: never;
     True: raise when a tier is not supported."""
     from ._runtime import sm_count
@@ -698,13 +698,15 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, ca
         use_mma = False
         if seg is not None and cuda_kernel is not False:
             reason = mma_decode.mma_supported(query, seg, mask_kind, mask_rows, causal)
+            if reason is None and not mma_decode.ring_stages(query, seg, mma_warps, mma_ring):
+                reason = f"mma_warps={mma_warps} x mma_ring={mma_ring} leave no room for 2 copy stages in 48 KiB"
             if reason and cuda_kernel:
                 raise ValueError(f"cuda_kernel=True cannot read this tier: {reason}")
             use_mma = reason is None
         if use_mma:  # whole waves of resident blocks per launch (one launch per tier)
             blk = mma_decode.TOKENS_PER_TILE * mma_warps
             wave = sm_count(dev) * mma_decode.blocks_per_sm(query, seg, mask3 is not None, lengths is not None,
-                                                            mma_warps, mma_min_blocks, mma_prefetch)
+                                                            mma_warps, mma_min_blocks, mma_ring)
             waves = max(1, round(n * w * b * heads / per_cta / wave))
             splits = max(1, waves * wave // (b * heads))
             ts = -(-n // splits // blk) * blk if n >= splits * blk else blk
@@ -732,7 +734,7 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, ca
             mma_decode.launch(query, seg, None if mask3 is None else mask_t, smb, smn, po, pl, qk_scale=qk_scale,
                               tokens_per_split=ts, splits=splits, key_offset=key_offset, part_base=part_base,
                               s_total=s_total, n_dev=None if lengths is None else seg_lens[i], warps=mma_warps,
-                              min_blocks=mma_min_blocks, prefetch=mma_prefetch)
+                              min_blocks=mma_min_blocks, ring=mma_ring)
             part_base += splits
     LAST_LAUNCH["mma_tiers"] = sum(p[5] for p in plan)
     LAST_LAUNCH["mma"] = dict(mma_decode.LAST) if LAST_LAUNCH["mma_tiers"] else None

@@ -1,30 +1,31 @@
 // Split-K decode attention over ONE packed tier, on tensor cores with hand-placed fragments
-// (v7, issue 6). The host (mma_decode.py) compiles it with NVRTC, once per configuration,
+// (v8, issue 6). The host (mma_decode.py) compiles it with NVRTC, once per configuration,
 // with the #defines below prepended; the Triton kernel still takes the fp16 part and the
 // log-sum-exp merge. Reference: decode_attention_reference (decode_attention.py).
 //
-// Why a CUDA kernel: Triton pads the 4 GQA rows to a 16-row tile and splits warps along the
-// tokens, so every block pays cross-warp reductions and shared-memory layout conversions
-// (benchmarks/NOTES.md, v5). Here every warp owns a stream of 16-token tiles and its own
-// online softmax over its own contiguous token range; packed bytes are loaded straight into the registers where mma.sync wants
-// them and unpacked there (no shared memory until the final merge of the warps).
+// Every warp owns a contiguous token range, streams it in 16-token tiles through its own
+// cp.async ring in shared memory (RING stages: RING-1 tiles in flight, no registers held for
+// them) and keeps its own online softmax; the warps of a block merge once, at the end.
 //
-// mma.sync m16n8k16 (f16 in, f32 accumulate), lane = 4*g + t (g = lane/4, t = lane%4):
-//   A [16 x 16]: a0 = (row g, k 2t..2t+1), a1 = (row g+8, ...), a2 = (row g, k 2t+8..), a3
+// Tokens are the M dimension of mma.sync m16n8k16 (f16 in, f32 accumulate) and the <= 8 query
+// rows of a KV head are N, so no fragment is zero padding (v7 put the rows in M: half of every
+// A fragment was zeros and it took twice the mma and register moves; benchmarks/NOTES.md, v8).
+// lane = 4*g + t (g = lane/4, t = lane%4):
+//   A [16 x 16]: a0 = (row g, k 2t..2t+1), a1 = (row g+8, ...), a2 = (row g, k 2t+8..), a3 = (g+8, ..)
 //   B [16 x 8] : b0 = (k 2t..2t+1, col g), b1 = (k 2t+8..2t+9, col g)
-//   C [16 x 8] : c0,c1 = (row g, cols 2t, 2t+1), c2,c3 = row g+8
-// Rows are the R*TQ query rows of one KV head (<= 8, so a1 = a3 = 0 and c2/c3 are unused).
+//   C [16 x 8] : c0,c1 = (row g, cols 2t, 2t+1), c2,c3 = (row g+8, cols 2t, 2t+1)
 //
-// Scores S = (q*s) @ codes^T + q.m per key group (channelwise keys): two n8 tiles of 8 tokens.
-//   B: lane (g, t) holds token s0 + g (+8) and reads KB = W/4 bytes of its row at t*KB. The
-//   k index of mma step (plane p, word j) maps byte i of that word to channel
-//   p*W + t*KB + 4j + i (k = 2t, 2t+1, 2t+8, 2t+9 <- bytes 0..3); A (q*s) uses the same map.
-//   C: lane (g, t) ends with row g's scores of tokens s0 + {2t, 2t+1, 2t+8, 2t+9}.
-// Values O += (p*s_n) @ codes + p.m_n (tokenwise values, one scale per token):
-//   A = p*s from those score registers (k = token), B: 16 n8 tiles of channels; lane (g, t)
-//   reads VB = WV/8 bytes at g*VB of its 4 tokens' rows; tile (plane p, byte i), column n is
-//   channel p*WV + n*VB + i. Channel factors (CS values) are per token chunk: a chunk's sum
-//   is kept apart and folded in, times its factor row, when the chunk changes.
+// Scores S^T = codes @ (q*s)^T + q.m per key group (channelwise keys): A = key codes of tokens
+//   g, g+8 (lane (g, t) reads KB = W/4 bytes of each row at t*KB; byte i of word j of plane p is
+//   channel p*W + t*KB + 4j + i, k = 2t, 2t+1, 2t+8, 2t+9 <- bytes 0..3), B = q*s of row g in
+//   the same channel order. C: lane (g, t) holds tokens g, g+8 x rows 2t, 2t+1.
+// Values O^T += codes^T @ (p*s_n)^T + p.m_n (tokenwise values, one scale per token): A = value
+//   codes of channel pairs (M) x the tile's tokens (K): lane (g, t) reads VB = WV/8 bytes at
+//   g*VB of tokens 2t, 2t+1, 2t+8, 2t+9; byte bi of plane p ("combo" c = p*VB + bi) is channel
+//   p*WV + g*VB + bi; m16 tile u takes combo 2u in rows g and 2u+1 in rows g+8. B = (p*s)^T:
+//   the score C fragments, one movmatrix.trans each, are exactly b0 and b1. Channel factors (CS
+//   values) are per token chunk: a chunk's sum is kept apart and folded in, times its factor
+//   row, when the chunk changes.
 //
 // Codes become fp16 with the magic-number trick: a byte x placed under 0x64 reads as
 // 1024 + x in fp16 (exact); masking plane p leaves 1024 + code * 2^(p*BITS), and one fma by
@@ -33,7 +34,7 @@
 // Configuration (#define): D, KBITS, VBITS, RT (rows = R*TQ <= 8), R, TQ, HAS_VCH (0/1),
 // HAS_MASK (0/1: bool keep-mask [B, Nt]), BF16 (0/1: q and all parameters are bf16, else fp16),
 // LENS_DEV (0/1: the valid-token count is read from n_dev), WARPS, MIN_BLOCKS (per SM),
-// PREFETCH (0/1: load tile i+1 into registers before computing tile i).
+// RING (2..8 stages; the host checks the 16-byte alignment the copies need).
 
 typedef unsigned int u32;
 typedef unsigned short u16;
@@ -47,10 +48,22 @@ typedef unsigned char u8;
 #define VWORDS ((VB + 3) / 4)
 #define KP (8 / KBITS)       // key planes
 #define VP (8 / VBITS)       // value planes
-#define KSTEPS (D / 16)      // mma k steps over the channels = KP * KB / 4
-#define NT (D / 8)           // value n8 tiles = VP * VB
+#define KSTEPS (D / 16)      // score mma k steps = KP * KB / 4
+#define MT (D / 16)          // value mma m tiles (two combos each)
 
 #define LAZY_LOG2 8.0f
+
+// Stage layout (bytes): key rows [16][W], value rows [16][WV + 16] (the pad spreads the value
+// fragment reads over all banks), token_group [16] int32, token_chunk [16] int32, value scale
+// and min: 48-byte windows each, from the 16-byte boundary at or below the tile's first token
+// (a head's scales need not start on one: [B, H, N, 1] with any N), read at an offset.
+#define VPITCH (WV + 16)
+#define ST_V (16 * W)
+#define ST_TG (ST_V + 16 * VPITCH)
+#define ST_TC (ST_TG + 64)
+#define ST_VS (ST_TC + 64)
+#define ST_VM (ST_VS + 48)
+#define STAGE_BYTES (ST_VM + 48)
 
 __device__ __forceinline__ void prefetch_l2(const void* p) {
     asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
@@ -86,6 +99,13 @@ __device__ __forceinline__ u32 prmt(u32 a, u32 b, u32 sel) {
     return r;
 }
 
+// The transpose of an 8x8 fp16 matrix held one row per 4 lanes (lane 4r + c: cols 2c, 2c+1).
+__device__ __forceinline__ u32 transpose8x8(u32 x) {
+    u32 r;
+    asm volatile("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(r) : "r"(x));
+    return r;
+}
+
 // Bytes 0 and 2 of w hold two packed bytes; returns their plane-p codes as fp16x2.
 template <int BITS, int P>
 __device__ __forceinline__ u32 codes_half2(u32 w) {
@@ -116,43 +136,39 @@ __device__ __forceinline__ u32 codes_plane(u32 w, int p) {
     }
 }
 
-__device__ __forceinline__ void mma16816(float* c, u32 a0, u32 a2, u32 b0, u32 b1) {
+__device__ __forceinline__ void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
         "{%0,%1,%2,%3};"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a0), "r"(0u), "r"(a2), "r"(0u), "r"(b0), "r"(b1));
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
 template <int NBYTES>
-__device__ __forceinline__ void load_bytes(u32* dst, const u8* src, bool ok) {
-    if (NBYTES == 16) {
-        uint4 v = ok ? *reinterpret_cast<const uint4*>(src) : make_uint4(0, 0, 0, 0);
-        dst[0] = v.x; dst[1] = v.y; dst[2] = v.z; dst[3] = v.w;
-    } else if (NBYTES == 32) {
-        uint4 v = ok ? reinterpret_cast<const uint4*>(src)[0] : make_uint4(0, 0, 0, 0);
-        uint4 u = ok ? reinterpret_cast<const uint4*>(src)[1] : make_uint4(0, 0, 0, 0);
-        dst[0] = v.x; dst[1] = v.y; dst[2] = v.z; dst[3] = v.w;
-        dst[4] = u.x; dst[5] = u.y; dst[6] = u.z; dst[7] = u.w;
+__device__ __forceinline__ void load_bytes(u32* dst, const u8* src) {  // shared memory, aligned
+    if (NBYTES == 16 || NBYTES == 32) {
+#pragma unroll
+        for (int i = 0; i < NBYTES / 16; i++) {
+            uint4 v = reinterpret_cast<const uint4*>(src)[i];
+            dst[4 * i] = v.x; dst[4 * i + 1] = v.y; dst[4 * i + 2] = v.z; dst[4 * i + 3] = v.w;
+        }
     } else if (NBYTES == 8) {
-        uint2 v = ok ? *reinterpret_cast<const uint2*>(src) : make_uint2(0, 0);
+        uint2 v = *reinterpret_cast<const uint2*>(src);
         dst[0] = v.x; dst[1] = v.y;
     } else if (NBYTES == 4) {
-        dst[0] = ok ? *reinterpret_cast<const u32*>(src) : 0u;
+        dst[0] = *reinterpret_cast<const u32*>(src);
     } else {  // 2
-        dst[0] = ok ? (u32)*reinterpret_cast<const u16*>(src) : 0u;
+        dst[0] = (u32)*reinterpret_cast<const u16*>(src);
     }
 }
 
-// One tile's raw loads (prefetched one tile ahead).
-struct Tile {
-    u32 k[2][KWORDS];   // key bytes of tokens s0+g and s0+8+g
-    u32 v[4][VWORDS];   // value bytes of tokens s0 + {2t, 2t+1, 2t+8, 2t+9}
-    int grp[4];         // their key groups (-1: not a valid token)
-    int chunk[4];       // their channel-factor chunks
-    u32 svm[4];         // their value scale (low half) and min (high half), raw 16-bit
-    u32 keep;           // bit i: token i valid and not masked
-};
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_group %0;" ::"n"(N)); }
 
 struct Args {
     const u16* q; long long sqb, sqh, sqt; float qk_scale;
@@ -165,45 +181,122 @@ struct Args {
     float* po; float* pl;
 };
 
-__device__ __forceinline__ int tile_token(int s0, int t, int i) {  // the lane's i-th score token
-    return s0 + 2 * t + (i & 1) + ((i >> 1) << 3);
+// What one lane copies of every tile: fixed for the warp's range, so the per-tile cost is an
+// add and a compare per 16-byte piece (v8's first cut recomputed 64-bit addresses per tile).
+struct Feed {
+    const u8* k; const u8* v;  // the lane's first key / value piece at token 0 of the range's (b, h)
+    int k_dst, v_dst, k_row, v_row;
+    const u8* m;               // per-token parameter piece at token 0 (tg, tc, scale or min window)
+    int m_dst, m_tok, m_eb;    // its stage offset, first token relative to s0, bytes per token
+    bool m_on;
+};
+
+#define K_PIECES_ROW (W / 16)
+#define V_PIECES_ROW (WV / 16)
+#define K_ROWS_PASS (32 / K_PIECES_ROW)  // rows one pass of 32 lanes covers
+#define V_ROWS_PASS (32 / V_PIECES_ROW)
+
+__device__ __forceinline__ Feed make_feed(const Args& a, int b, int h, int lane, int& shifts) {
+    Feed f;
+    f.k_row = lane / K_PIECES_ROW;
+    f.k = a.kc + b * a.skc_b + h * a.skc_h + (long long)f.k_row * a.skc_n + 16 * (lane % K_PIECES_ROW);
+    f.k_dst = f.k_row * W + 16 * (lane % K_PIECES_ROW);
+    f.v_row = lane / V_PIECES_ROW;
+    f.v = a.vc + b * a.svc_b + h * a.svc_h + (long long)f.v_row * a.svc_n + 16 * (lane % V_PIECES_ROW);
+    f.v_dst = ST_V + f.v_row * VPITCH + 16 * (lane % V_PIECES_ROW);
+    const long long soff = b * a.svs_b + h * a.svs_h;
+    const unsigned long long vs_row = (unsigned long long)(a.vs + soff), vm_row = (unsigned long long)(a.vm + soff);
+    const int vs_shift = (int)((vs_row & 15ull) >> 1), vm_shift = (int)((vm_row & 15ull) >> 1);
+    shifts = vs_shift | (vm_shift << 8);
+    // lanes 0-3: token_group, 4-7: token_chunk (4 tokens each), 8-10 / 11-13: scale / min windows
+    const int piece = lane < 8 ? (lane & 3) : (lane - 8) % 3;
+    f.m_on = lane < 14 && (HAS_VCH || lane < 4 || lane >= 8);
+    if (lane < 8) {
+        f.m = reinterpret_cast<const u8*>(lane < 4 ? a.tg : a.tc) + 16 * piece;
+        f.m_dst = (lane < 4 ? ST_TG : ST_TC) + 16 * piece;
+        f.m_tok = 4 * piece;
+        f.m_eb = 4;
+    } else {
+        const bool s = lane < 11;
+        f.m = reinterpret_cast<const u8*>((s ? vs_row : vm_row) & ~15ull) + 16 * piece;
+        f.m_dst = (s ? ST_VS : ST_VM) + 16 * piece;
+        f.m_tok = 8 * piece - (s ? vs_shift : vm_shift);
+        f.m_eb = 2;
+    }
+    return f;
 }
 
-__device__ __forceinline__ void load_tile(Tile& T, const Args& a, int b, int h, int s0, int n_end,
-                                          int key_offset, int g, int t) {
-    const u8* kbase = a.kc + b * a.skc_b + h * a.skc_h;
+// The warp's lanes copy one tile (tokens s0 .. s0+15; those >= n_end zero-filled) into a stage.
+__device__ __forceinline__ void issue_tile(u8* st, const Feed& f, const Args& a, int s0, int n_end, int lane) {
 #pragma unroll
-    for (int nt = 0; nt < 2; nt++) {
-        int tok = s0 + nt * 8 + g;
-        load_bytes<KB>(T.k[nt], kbase + (long long)tok * a.skc_n + t * KB, tok < n_end);
+    for (int i = 0; i < (16 * K_PIECES_ROW + 31) / 32; i++) {
+        const int r = f.k_row + i * K_ROWS_PASS;
+        if (16 * K_PIECES_ROW >= 32 || r < 16) {
+            const bool ok = s0 + r < n_end;
+            cp_async16(st + f.k_dst + i * K_ROWS_PASS * W, f.k + (ok ? (long long)(s0 + i * K_ROWS_PASS) * a.skc_n : 0),
+                       ok ? 16 : 0);
+        }
     }
-    const u8* vbase = a.vc + b * a.svc_b + h * a.svc_h;
-    const u16* vsb = a.vs + b * a.svs_b + h * a.svs_h;
-    const u16* vmb = a.vm + b * a.svs_b + h * a.svs_h;
 #pragma unroll
-    for (int i = 0; i < 4; i++) {
-        int tok = tile_token(s0, t, i);
-        bool ok = tok < n_end;
-        load_bytes<VB>(T.v[i], vbase + (long long)tok * a.svc_n + g * VB, ok);
-        T.grp[i] = ok ? a.tg[tok] : -1;
+    for (int i = 0; i < (16 * V_PIECES_ROW + 31) / 32; i++) {
+        const int r = f.v_row + i * V_ROWS_PASS;
+        if (16 * V_PIECES_ROW >= 32 || r < 16) {
+            const bool ok = s0 + r < n_end;
+            cp_async16(st + f.v_dst + i * V_ROWS_PASS * VPITCH,
+                       f.v + (ok ? (long long)(s0 + i * V_ROWS_PASS) * a.svc_n : 0), ok ? 16 : 0);
+        }
+    }
+    if (f.m_on) {
+        const int n = max(0, min(16 / f.m_eb, n_end - (s0 + f.m_tok))) * f.m_eb;
+        cp_async16(st + f.m_dst, f.m + (n ? f.m_eb * s0 : 0), n);
+    }
+}
+
+// One tile's operands, read from its stage.
+struct Tile {
+    u32 k[2][KWORDS];   // key bytes of tokens g and g+8
+    u32 v[4][VWORDS];   // value bytes of tokens 2t, 2t+1, 2t+8, 2t+9
+    int grp[2];         // key groups of tokens g, g+8 (-1: not a valid token)
+    int chunk[2];       // their channel-factor chunks
+    float vsc[2], vmn[2];  // their value scale and min
+    u32 keep;           // bit e: token g + 8e valid and not masked
+};
+
+__device__ __forceinline__ int value_token(int t, int i) { return 2 * t + (i & 1) + ((i >> 1) << 3); }
+
+__device__ __forceinline__ void read_tile(Tile& T, const u8* st, const Args& a, int b, int shifts, int s0,
+                                          int n_end, int key_offset, int g, int t) {
+#pragma unroll
+    for (int e = 0; e < 2; e++) load_bytes<KB>(T.k[e], st + (g + 8 * e) * W + t * KB);
+#pragma unroll
+    for (int i = 0; i < 4; i++) load_bytes<VB>(T.v[i], st + ST_V + value_token(t, i) * VPITCH + g * VB);
+    const int* tg = reinterpret_cast<const int*>(st + ST_TG);
+    const u16* vs_w = reinterpret_cast<const u16*>(st + ST_VS) + (shifts & 0xff);
+    const u16* vm_w = reinterpret_cast<const u16*>(st + ST_VM) + (shifts >> 8);
+    T.keep = 0u;
+#pragma unroll
+    for (int e = 0; e < 2; e++) {
+        const int r = g + 8 * e, tok = s0 + r;
+        const bool ok = tok < n_end;
+        T.grp[e] = ok ? tg[r] : -1;
 #if HAS_VCH
-        T.chunk[i] = ok ? a.tc[tok] : -1;
+        T.chunk[e] = ok ? reinterpret_cast<const int*>(st + ST_TC)[r] : -1;
 #else
-        T.chunk[i] = 0;
+        T.chunk[e] = ok ? 0 : -1;
 #endif
-        T.svm[i] = ok ? ((u32)vsb[(long long)tok * a.svs_n] | ((u32)vmb[(long long)tok * a.svs_n] << 16)) : 0u;
+        T.vsc[e] = to_f32(vs_w[r]);
+        T.vmn[e] = to_f32(vm_w[r]);
 #if HAS_MASK
         const bool keep = ok && a.mask[b * a.smb + (long long)(key_offset + tok) * a.smn] != 0;
 #else
         const bool keep = ok;
 #endif
-        if (i == 0) T.keep = 0u;
-        T.keep |= (u32)keep << i;
+        T.keep |= (u32)keep << e;
     }
 }
 
-// q*s of one key group in A-fragment order (a0, a2 per k step) and q.m of row g.
-__device__ __forceinline__ void group_operand(u32* a0, u32* a2, float& qm, const Args& a, int b, int h,
+// q*s of one key group as B fragments (b0, b1 per k step) for row g, and q.m of row g.
+__device__ __forceinline__ void group_operand(u32* b0, u32* b1, float& qm, const Args& a, int b, int h,
                                               int grp, int g, int t) {
     float part = 0.f;
     const bool row_ok = g < RT;
@@ -223,8 +316,8 @@ __device__ __forceinline__ void group_operand(u32* a0, u32* a2, float& qm, const
                 v[i] = qv * to_f32(srow[ch]);
                 part += qv * to_f32(mrow[ch]);
             }
-            a0[p * (KB / 4) + j] = pack_half2(v[0], v[1]);
-            a2[p * (KB / 4) + j] = pack_half2(v[2], v[3]);
+            b0[p * (KB / 4) + j] = pack_half2(v[0], v[1]);
+            b1[p * (KB / 4) + j] = pack_half2(v[2], v[3]);
         }
     }
     part += __shfl_xor_sync(0xffffffffu, part, 1);
@@ -232,62 +325,56 @@ __device__ __forceinline__ void group_operand(u32* a0, u32* a2, float& qm, const
     qm = part;
 }
 
-// Row g's scores of the lane's 4 tokens against one key group's operand.
-__device__ __forceinline__ void tile_scores(float* s, const Tile& T, const u32* a0, const u32* a2, float qm) {
-    float c[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+// Scores of tokens g, g+8 x rows 2t, 2t+1 (C layout) against one key group's operand.
+__device__ __forceinline__ void tile_scores(float* c, const Tile& T, const u32* b0, const u32* b1) {
+    c[0] = c[1] = c[2] = c[3] = 0.f;
 #pragma unroll
-    for (int nt = 0; nt < 2; nt++) {
+    for (int j = 0; j < KB / 4; j++) {
+        const u32 lo0 = prmt(T.k[0][j], 0u, 0x1100u), hi0 = prmt(T.k[0][j], 0u, 0x3322u);  // token g
+        const u32 lo1 = prmt(T.k[1][j], 0u, 0x1100u), hi1 = prmt(T.k[1][j], 0u, 0x3322u);  // token g+8
 #pragma unroll
-        for (int j = 0; j < KB / 4; j++) {
-            u32 w = T.k[nt][j];
-            u32 lo = prmt(w, 0u, 0x1100u);  // bytes 0, 1 -> k 2t, 2t+1
-            u32 hi = prmt(w, 0u, 0x3322u);  // bytes 2, 3 -> k 2t+8, 2t+9
-#pragma unroll
-            for (int p = 0; p < KP; p++) {
-                int ks = p * (KB / 4) + j;
-                mma16816(c[nt], a0[ks], a2[ks], codes_plane<KBITS>(lo, p), codes_plane<KBITS>(hi, p));
-            }
+        for (int p = 0; p < KP; p++) {
+            const int ks = p * (KB / 4) + j;
+            mma16816(c, codes_plane<KBITS>(lo0, p), codes_plane<KBITS>(lo1, p), codes_plane<KBITS>(hi0, p),
+                     codes_plane<KBITS>(hi1, p), b0[ks], b1[ks]);
         }
     }
-    s[0] = c[0][0] + qm; s[1] = c[0][1] + qm; s[2] = c[1][0] + qm; s[3] = c[1][1] + qm;
 }
 
-// acc[n8 tile] += (p*s) @ value codes over the tile's 16 tokens; pa0/pa2: A fragments.
-__device__ __forceinline__ void tile_values(float (*acc)[2], const Tile& T, u32 pa0, u32 pa2) {
+// acc[m tile] += value codes^T @ (p*s)^T over the tile's 16 tokens; pb0/pb1: B fragments.
+__device__ __forceinline__ void tile_values(float (*acc)[4], const Tile& T, u32 pb0, u32 pb1) {
 #pragma unroll
-    for (int wd = 0; wd < VWORDS; wd++) {
+    for (int bi = 0; bi < VB; bi += 2) {  // combos (p, bi) in rows g and (p, bi+1) in rows g+8
+        const int wd = bi / 4, by = bi % 4;
+        const u32 sel0 = (u32)((4 + by) << 8) | (u32)by, sel1 = sel0 + 0x101u;
+        const u32 lo0 = prmt(T.v[0][wd], T.v[1][wd], sel0), hi0 = prmt(T.v[2][wd], T.v[3][wd], sel0);
+        const u32 lo1 = prmt(T.v[0][wd], T.v[1][wd], sel1), hi1 = prmt(T.v[2][wd], T.v[3][wd], sel1);
 #pragma unroll
-        for (int bi = 0; bi < 4 && wd * 4 + bi < VB; bi++) {
-            const u32 sel = (u32)((4 + bi) << 8) | (u32)bi;  // byte bi of token a -> byte 0, of b -> byte 2
-            u32 w01 = prmt(T.v[0][wd], T.v[1][wd], sel);
-            u32 w23 = prmt(T.v[2][wd], T.v[3][wd], sel);
-#pragma unroll
-            for (int p = 0; p < VP; p++) {
-                int tile = p * VB + wd * 4 + bi;
-                float c[4] = {acc[tile][0], acc[tile][1], 0.f, 0.f};
-                mma16816(c, pa0, pa2, codes_plane<VBITS>(w01, p), codes_plane<VBITS>(w23, p));
-                acc[tile][0] = c[0];
-                acc[tile][1] = c[1];
-            }
+        for (int p = 0; p < VP; p++) {
+            const int u = (p * VB + bi) / 2;
+            mma16816(acc[u], codes_plane<VBITS>(lo0, p), codes_plane<VBITS>(lo1, p), codes_plane<VBITS>(hi0, p),
+                     codes_plane<VBITS>(hi1, p), pb0, pb1);
         }
     }
+}
+
+// Output channel of accumulator element e (0, 1: combo 2u; 2, 3: combo 2u+1) of m tile u.
+__device__ __forceinline__ int acc_channel(int u, int e, int g) {
+    const int c = 2 * u + (e >> 1);
+    return (c / VB) * WV + g * VB + (c % VB);
 }
 
 // Smallest and largest id among the warp's valid tokens (ids < 0 mark invalid tokens).
 __device__ __forceinline__ int warp_min_id(const int* id) {
-    int m = 0x7fffffff;
-#pragma unroll
-    for (int i = 0; i < 4; i++) m = id[i] < 0 ? m : min(m, id[i]);
+    const int m = min(id[0] < 0 ? 0x7fffffff : id[0], id[1] < 0 ? 0x7fffffff : id[1]);
     return __reduce_min_sync(0xffffffffu, m);
 }
-__device__ __forceinline__ int warp_max_id(const int* id) {
-    return __reduce_max_sync(0xffffffffu, max(max(id[0], id[1]), max(id[2], id[3])));
-}
+__device__ __forceinline__ int warp_max_id(const int* id) { return __reduce_max_sync(0xffffffffu, max(id[0], id[1])); }
 
-// Output channel of the lane's accumulator (n8 tile, column 2t + e).
-__device__ __forceinline__ int acc_channel(int tile, int t, int e) {
-    int p = tile / VB, i = tile % VB;
-    return p * WV + (2 * t + e) * VB + i;
+__device__ __forceinline__ float sum_over_g(float x) {  // the 8 lanes that share t
+    x += __shfl_xor_sync(0xffffffffu, x, 4);
+    x += __shfl_xor_sync(0xffffffffu, x, 8);
+    return x + __shfl_xor_sync(0xffffffffu, x, 16);
 }
 
 // Flat parameters (NVRTC launches pass each argument by pointer: tensors, int32, double).
@@ -318,52 +405,68 @@ zipkv_mma_decode(const u16* q, int sqb, int sqh, int sqt, double qk_scale,
     const int n_begin = split * tokens_per_split;
     const int n_end = min(n_begin + tokens_per_split, N);
 
-    float m_run = neg_inf(), l_run = 0.f, pm = 0.f;
-    float acc[NT][2];
+    // Rows 2t and 2t+1 of this lane: running max, sum of p, sum of p * value min.
+    float m_run[2] = {neg_inf(), neg_inf()}, l_run[2] = {0.f, 0.f}, pm[2] = {0.f, 0.f};
+    float acc[MT][4];
 #pragma unroll
-    for (int i = 0; i < NT; i++) acc[i][0] = acc[i][1] = 0.f;
+    for (int u = 0; u < MT; u++) acc[u][0] = acc[u][1] = acc[u][2] = acc[u][3] = 0.f;
     // The warp's output rows live in shared memory (each lane owns the elements of its
     // accumulator fragment, so no barrier): finished value chunks are folded in there, which
-    // keeps a second set of 2*NT accumulators out of the registers.
+    // keeps a second set of accumulators out of the registers.
     __shared__ float sm_m[WARPS][8], sm_l[WARPS][8];
     __shared__ float sm_o[WARPS][8][D];
-    float* my_o = &sm_o[warp][g][0];
+    float* my_o = &sm_o[warp][0][0];
 #if HAS_VCH
 #pragma unroll
-    for (int i = 0; i < NT; i++) my_o[acc_channel(i, t, 0)] = my_o[acc_channel(i, t, 1)] = 0.f;
+    for (int u = 0; u < MT; u++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) my_o[(2 * t + (e & 1)) * D + acc_channel(u, e, g)] = 0.f;
     int cur_chunk = -1;
     const u16* fbase = a.vch + b * a.svch_b + h * a.svch_h;
 #endif
-    u32 qa0[KSTEPS], qa2[KSTEPS];
-    float qm = 0.f;
+    u32 qb0[KSTEPS], qb1[KSTEPS];
+    float qm[2] = {0.f, 0.f};
     int cur_grp = -1;
 
-    // Each warp takes a contiguous quarter (WARPS-th) of the split: key groups and value
-    // chunks are runs of tokens, so a warp changes group rarely (interleaved tiles made every
-    // warp reload q*s at each 128-token group of a streamed cache).
+    // Each warp takes a contiguous WARPS-th of the split: key groups and value chunks are runs
+    // of tokens, so a warp changes group rarely.
     const int per_warp = tokens_per_split / WARPS;  // a multiple of 16 (host)
     const int w_begin = n_begin + warp * per_warp;
     const int w_end = min(w_begin + per_warp, n_end);
+
+    __shared__ __align__(16) u8 sm_ring[WARPS][RING][STAGE_BYTES];
+    u8* ring = &sm_ring[warp][0][0];
+    int shifts;
+    const Feed feed = make_feed(a, b, h, lane, shifts);
+#pragma unroll
+    for (int i = 0; i < RING - 1; i++) {  // prologue: RING-1 tiles in flight
+        if (w_begin + 16 * i < w_end) issue_tile(ring + i * STAGE_BYTES, feed, a, w_begin + 16 * i, w_end, lane);
+        cp_async_commit();
+    }
+    int stage = 0;
     Tile cur;
-    int s0 = w_begin;
-#if PREFETCH  // registers hold the next tile's loads while this one is computed
-    Tile nxt;
-    if (s0 < w_end) load_tile(cur, a, b, h, s0, w_end, key_offset, g, t);
-#endif
-    for (; s0 < w_end; s0 += 16) {
-#if PREFETCH
-        const int s1 = s0 + 16;
-        if (s1 < w_end) load_tile(nxt, a, b, h, s1, w_end, key_offset, g, t);
-#else
-        load_tile(cur, a, b, h, s0, w_end, key_offset, g, t);
-#endif
+    for (int s0 = w_begin; s0 < w_end; s0 += 16) {
+        {  // refill the stage consumed last iteration, then wait for this tile's stage
+            const int s_next = s0 + 16 * (RING - 1);
+            const int st_next = stage == 0 ? RING - 1 : stage - 1;
+            if (s_next < w_end) issue_tile(ring + st_next * STAGE_BYTES, feed, a, s_next, w_end, lane);
+            cp_async_commit();
+            cp_async_wait<RING - 1>();
+            __syncwarp();
+            read_tile(cur, ring + stage * STAGE_BYTES, a, b, shifts, s0, w_end, key_offset, g, t);
+            __syncwarp();  // every lane has its operands before the stage is refilled
+            stage = stage == RING - 1 ? 0 : stage + 1;
+        }
 
         // ---- scores, one pass per key group present in the tile (usually one)
-        float s[4] = {0.f, 0.f, 0.f, 0.f};
+        float s[4] = {0.f, 0.f, 0.f, 0.f};  // (token g, row 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)
         const int glo = warp_min_id(cur.grp), ghi = warp_max_id(cur.grp);
         for (int grp = glo; grp <= ghi; grp++) {
             if (grp != cur_grp) {
-                group_operand(qa0, qa2, qm, a, b, h, grp, g, t);
+                float qm_g;
+                group_operand(qb0, qb1, qm_g, a, b, h, grp, g, t);
+                qm[0] = __shfl_sync(0xffffffffu, qm_g, 8 * t);      // row 2t lives in lanes 4*(2t)..
+                qm[1] = __shfl_sync(0xffffffffu, qm_g, 8 * t + 4);  // row 2t+1
                 cur_grp = grp;
                 if (grp + 1 < n_groups) {
                     const long long off = b * a.sks_b + h * a.sks_h + (long long)(grp + 1) * a.sks_g;
@@ -371,70 +474,80 @@ zipkv_mma_decode(const u16* q, int sqb, int sqh, int sqt, double qk_scale,
                     prefetch_row(a.km + off, lane);
                 }
             }
-            float sg[4];
-            tile_scores(sg, cur, qa0, qa2, qm);
+            float c[4];
+            tile_scores(c, cur, qb0, qb1);
 #pragma unroll
             for (int i = 0; i < 4; i++)
-                if (cur.grp[i] == grp) s[i] = sg[i];
+                if (cur.grp[i >> 1] == grp) s[i] = c[i] + qm[i & 1];
         }
 #pragma unroll
         for (int i = 0; i < 4; i++)
-            if (!((cur.keep >> i) & 1u)) s[i] = neg_inf();
+            if (!((cur.keep >> (i >> 1)) & 1u)) s[i] = neg_inf();
 
-        // ---- online softmax of row g (the 4 lanes t of a row hold its 16 tokens)
-        float mx = fmaxf(fmaxf(s[0], s[1]), fmaxf(s[2], s[3]));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        // ---- online softmax of rows 2t, 2t+1 (the 8 lanes of a t hold the tile's 16 tokens)
         // Lazy rescaling: the running max moves only when a score passes it by more than
         // LAZY_LOG2 (p <= 2^LAZY_LOG2 meanwhile, safe in fp16 operands and fp32 sums); the final
-        // normalization uses the same max, so the result is exact, and the accumulators are
-        // rescaled a few times per split instead of at most tiles (random data: half of them).
-        const bool grow = mx > m_run + LAZY_LOG2;
-        const float m_new = grow ? mx : m_run;
-        const float m_safe = m_new == neg_inf() ? 0.f : m_new;
-        const float alpha = grow ? exp2f(m_run - m_safe) : 1.f;
+        // normalization uses the same max, so the result is exact.
+        float alpha[2], m_safe[2];
+        bool rescale = false;
+#pragma unroll
+        for (int e = 0; e < 2; e++) {
+            float mx = fmaxf(s[e], s[2 + e]);
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+            const bool grow = mx > m_run[e] + LAZY_LOG2;
+            const float m_new = grow ? mx : m_run[e];
+            m_safe[e] = m_new == neg_inf() ? 0.f : m_new;
+            alpha[e] = grow ? exp2f(m_run[e] - m_safe[e]) : 1.f;
+            m_run[e] = m_new;
+            rescale |= grow;
+        }
         float pr[4];
 #pragma unroll
-        for (int i = 0; i < 4; i++) pr[i] = exp2f(s[i] - m_safe);
-        l_run = l_run * alpha + (pr[0] + pr[1]) + (pr[2] + pr[3]);
-        m_run = m_new;
-        if (__any_sync(0xffffffffu, alpha != 1.f)) {
-            pm *= alpha;
+        for (int i = 0; i < 4; i++) pr[i] = exp2f(s[i] - m_safe[i & 1]);
 #pragma unroll
-            for (int i = 0; i < NT; i++) { acc[i][0] *= alpha; acc[i][1] *= alpha; }
+        for (int e = 0; e < 2; e++) l_run[e] = l_run[e] * alpha[e] + (pr[e] + pr[2 + e]);
+        if (__any_sync(0xffffffffu, rescale)) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) pm[e] *= alpha[e];
+#pragma unroll
+            for (int u = 0; u < MT; u++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) acc[u][e] *= alpha[e & 1];
 #if HAS_VCH
             if (cur_chunk >= 0) {
 #pragma unroll
-                for (int i = 0; i < NT; i++) {
-                    my_o[acc_channel(i, t, 0)] *= alpha;
-                    my_o[acc_channel(i, t, 1)] *= alpha;
-                }
+                for (int u = 0; u < MT; u++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) my_o[(2 * t + (e & 1)) * D + acc_channel(u, e, g)] *= alpha[e & 1];
             }
 #endif
         }
 
-        // ---- values: (p * s_n) @ codes + p . m_n, per channel-factor chunk
+        // ---- values: codes^T @ (p * s_n)^T + p . m_n, per channel-factor chunk
         float ps[4], pmv[4];
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            ps[i] = pr[i] * to_f32((u16)(cur.svm[i] & 0xffffu));
-            pmv[i] = pr[i] * to_f32((u16)(cur.svm[i] >> 16));
+            ps[i] = pr[i] * cur.vsc[i >> 1];
+            pmv[i] = pr[i] * cur.vmn[i >> 1];
         }
 #if HAS_VCH
         const int clo = warp_min_id(cur.chunk), chi = warp_max_id(cur.chunk);
         for (int c = clo; c <= chi; c++) {
             if (c != cur_chunk) {
                 if (cur_chunk >= 0) {  // fold the finished chunk: out += f * (acc + p.m)
-                    float pt = pm + __shfl_xor_sync(0xffffffffu, pm, 1);
-                    pt += __shfl_xor_sync(0xffffffffu, pt, 2);
+                    const float pt[2] = {sum_over_g(pm[0]), sum_over_g(pm[1])};
                     const u16* frow = fbase + (long long)cur_chunk * a.svch_c;
 #pragma unroll
-                    for (int i = 0; i < NT; i++) {
-                        my_o[acc_channel(i, t, 0)] += to_f32(frow[acc_channel(i, t, 0)]) * (acc[i][0] + pt);
-                        my_o[acc_channel(i, t, 1)] += to_f32(frow[acc_channel(i, t, 1)]) * (acc[i][1] + pt);
-                        acc[i][0] = acc[i][1] = 0.f;
-                    }
-                    pm = 0.f;
+                    for (int u = 0; u < MT; u++)
+#pragma unroll
+                        for (int e = 0; e < 4; e++) {
+                            const int ch = acc_channel(u, e, g);
+                            my_o[(2 * t + (e & 1)) * D + ch] += to_f32(frow[ch]) * (acc[u][e] + pt[e & 1]);
+                            acc[u][e] = 0.f;
+                        }
+                    pm[0] = pm[1] = 0.f;
                 }
                 cur_chunk = c;
                 if (c + 1 < n_chunks) prefetch_row(fbase + (long long)(c + 1) * a.svch_c, lane);
@@ -442,45 +555,42 @@ zipkv_mma_decode(const u16* q, int sqb, int sqh, int sqt, double qk_scale,
             float q4[4];
 #pragma unroll
             for (int i = 0; i < 4; i++) {
-                bool in = cur.chunk[i] == c;
+                const bool in = cur.chunk[i >> 1] == c;
                 q4[i] = in ? ps[i] : 0.f;
-                pm += in ? pmv[i] : 0.f;
+                pm[i & 1] += in ? pmv[i] : 0.f;
             }
-            tile_values(acc, cur, pack_half2(q4[0], q4[1]), pack_half2(q4[2], q4[3]));
+            tile_values(acc, cur, transpose8x8(pack_half2(q4[0], q4[1])), transpose8x8(pack_half2(q4[2], q4[3])));
         }
 #else
-        pm += (pmv[0] + pmv[1]) + (pmv[2] + pmv[3]);
-        tile_values(acc, cur, pack_half2(ps[0], ps[1]), pack_half2(ps[2], ps[3]));
-#endif
-#if PREFETCH
-        cur = nxt;
+#pragma unroll
+        for (int e = 0; e < 2; e++) pm[e] += pmv[e] + pmv[2 + e];
+        tile_values(acc, cur, transpose8x8(pack_half2(ps[0], ps[1])), transpose8x8(pack_half2(ps[2], ps[3])));
 #endif
     }
+    cp_async_wait<0>();  // no copy may land in shared memory after the warp moves on
 
-    // ---- this warp's result for row g: sm_o (+ acc + p.m), unnormalized, with m_run, l
-    float pt = pm + __shfl_xor_sync(0xffffffffu, pm, 1);
-    pt += __shfl_xor_sync(0xffffffffu, pt, 2);
-    float l = l_run + __shfl_xor_sync(0xffffffffu, l_run, 1);
-    l += __shfl_xor_sync(0xffffffffu, l, 2);
+    // ---- this warp's result for rows 2t, 2t+1: sm_o (+ acc + p.m), unnormalized, with m_run, l
+    const float pt[2] = {sum_over_g(pm[0]), sum_over_g(pm[1])};
+    const float l[2] = {sum_over_g(l_run[0]), sum_over_g(l_run[1])};
+#pragma unroll
+    for (int u = 0; u < MT; u++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+            const int ch = acc_channel(u, e, g);
 #if HAS_VCH
-    if (cur_chunk >= 0) {
-        const u16* frow = fbase + (long long)cur_chunk * a.svch_c;
-#pragma unroll
-        for (int i = 0; i < NT; i++) {
-            my_o[acc_channel(i, t, 0)] += to_f32(frow[acc_channel(i, t, 0)]) * (acc[i][0] + pt);
-            my_o[acc_channel(i, t, 1)] += to_f32(frow[acc_channel(i, t, 1)]) * (acc[i][1] + pt);
-        }
-    }
+            if (cur_chunk >= 0)
+                my_o[(2 * t + (e & 1)) * D + ch] +=
+                    to_f32((fbase + (long long)cur_chunk * a.svch_c)[ch]) * (acc[u][e] + pt[e & 1]);
 #else
-#pragma unroll
-    for (int i = 0; i < NT; i++) {
-        my_o[acc_channel(i, t, 0)] = acc[i][0] + pt;
-        my_o[acc_channel(i, t, 1)] = acc[i][1] + pt;
-    }
+            my_o[(2 * t + (e & 1)) * D + ch] = acc[u][e] + pt[e & 1];
 #endif
+        }
 
     // ---- merge the warps (shared memory) and write the split's partial
-    if (t == 0) { sm_m[warp][g] = m_run; sm_l[warp][g] = l; }
+    if (g == 0) {
+#pragma unroll
+        for (int e = 0; e < 2; e++) { sm_m[warp][2 * t + e] = m_run[e]; sm_l[warp][2 * t + e] = l[e]; }
+    }
     __syncthreads();
     const int row0 = ((b * H + h) * S_total + part_base + split) * RT;
     for (int idx = threadIdx.x; idx < RT * D; idx += WARPS * 32) {

@@ -1,4 +1,4 @@
-"""Host side of the CUDA tensor-core decode kernel over one packed tier (mma_decode.cu, v7).
+"""Host side of the CUDA tensor-core decode kernel over one packed tier (mma_decode.cu, v8).
 
 The kernel is compiled at run time with NVRTC (`torch.cuda._compile_kernel`), once per
 configuration (head dim, bits, GQA rows, mask, dtype, warps), and launched on the current
@@ -65,12 +65,37 @@ def mma_supported(query, seg: PackedSegment, mask_kind: int, mask_rows: bool, ca
         return "scale and min must share strides"
     if any(s > _INT32_MAX for t in tensors + [query] for s in t.stride()):
         return "strides beyond int32"
-    kb, vb = d * seg.bits // 32, d * seg.value_bits // 64  # bytes one lane loads per token row
-    for t, n in ((seg.k_codes, kb), (seg.v_codes, vb)):
-        if t.data_ptr() % 16 or any(s % n for s in t.stride()[:3]):
-            return "code rows must be aligned for vector loads"
     if seg.token_group.dtype != torch.int32 or (seg.token_chunk is not None and seg.token_chunk.dtype != torch.int32):
         return "token_group / token_chunk must be int32"
+    return _copy_alignment(seg)
+
+
+_STATIC_SMEM = 48 * 1024  # the kernel's shared memory is static: at most 48 KiB per block
+
+
+def ring_stages(query, seg: PackedSegment, warps: int, requested: int) -> int:
+    """Stages of the per-warp cp.async ring: `requested`, fewer if the ring would not fit the
+    block's static shared memory beside the warps' output rows; 0 if not even 2 fit."""
+    d = query.shape[-1]
+    w, wv = d * seg.bits // 8, d * seg.value_bits // 8
+    stage = 16 * w + 16 * (wv + 16) + 224  # key rows, padded value rows, tg, tc, scale/min windows
+    fixed = warps * 8 * (d + 2) * 4
+    n = min(requested, (_STATIC_SMEM - fixed) // (warps * stage), 8)
+    return n if n >= 2 else 0
+
+
+def _copy_alignment(seg: PackedSegment) -> str | None:
+    """None when every tensor the ring copies in 16-byte pieces allows it, else the reason."""
+    for name in ("k_codes", "v_codes"):
+        t = getattr(seg, name)
+        if t.shape[-1] % 16 or t.data_ptr() % 16 or any(s % 16 for s in t.stride()[:3]):
+            return f"{name} rows must be 16-byte aligned multiples of 16 bytes"
+    for name in ("token_group", "token_chunk"):
+        t = getattr(seg, name)
+        if t is not None and (t.data_ptr() % 16 or t.stride(-1) != 1):
+            return f"{name} must be contiguous and 16-byte aligned"
+    if seg.v_scale.stride(2) != 1 or seg.v_scale.data_ptr() % 2 or seg.v_min.data_ptr() % 2:
+        return "value scale/min need a unit token stride"
     return None
 
 
@@ -99,22 +124,22 @@ def registers(kernel) -> dict:
 
 
 def _defines(query, seg: PackedSegment, has_mask: bool, lens_dev: bool, warps: int, min_blocks: int,
-             prefetch: bool) -> dict:
+             ring: int) -> dict:
     b, hq, tq, d = query.shape
     r = hq // seg.k_codes.shape[1]
     return dict(D=d, KBITS=seg.bits, VBITS=seg.value_bits, RT=r * tq, R=r, TQ=tq,
                 HAS_VCH=seg.v_channel is not None, HAS_MASK=has_mask, BF16=query.dtype == torch.bfloat16,
-                LENS_DEV=lens_dev, WARPS=warps, MIN_BLOCKS=min_blocks, PREFETCH=prefetch)
+                LENS_DEV=lens_dev, WARPS=warps, MIN_BLOCKS=min_blocks, RING=ring_stages(query, seg, warps, ring))
 
 
-def blocks_per_sm(query, seg: PackedSegment, has_mask: bool, lens_dev: bool, warps: int = 4, min_blocks: int = 1,
-                  prefetch: bool = True) -> int:
+def blocks_per_sm(query, seg: PackedSegment, has_mask: bool, lens_dev: bool, warps: int = 2, min_blocks: int = 6,
+                  ring: int = 4) -> int:
     """Blocks of this configuration resident per SM (registers and shared memory decide):
     the split planner sizes each launch in whole waves of them (a launch of 1.2 waves ran its
     last 0.2 wave on a nearly idle GPU: benchmarks/NOTES.md, v7)."""
     import ctypes
 
-    defines = _defines(query, seg, has_mask, lens_dev, warps, min_blocks, prefetch)
+    defines = _defines(query, seg, has_mask, lens_dev, warps, min_blocks, ring)
     key = tuple(sorted(defines.items()))
     if key not in _BLOCKS_PER_SM:
         lib = torch.cuda._utils._get_gpu_runtime_library()
@@ -130,12 +155,14 @@ LAST: dict = {}  # configuration and registers of the last launch (benchmarks re
 
 def launch(query, seg: PackedSegment, mask_u8, smb: int, smn: int, po, pl, *, qk_scale: float,
            tokens_per_split: int, splits: int, key_offset: int, part_base: int, s_total: int,
-           n_dev=None, warps: int = 4, min_blocks: int = 1, prefetch: bool = True) -> None:
+           n_dev=None, warps: int = 2, min_blocks: int = 6, ring: int = 4) -> None:
     """One launch over `splits` splits of `tokens_per_split` tokens of `seg` for every
     (batch row, KV head); writes po/pl rows [part_base, part_base + splits) of each."""
     b = query.shape[0]
     heads = seg.k_codes.shape[1]
-    defines = _defines(query, seg, mask_u8 is not None, n_dev is not None, warps, min_blocks, prefetch)
+    defines = _defines(query, seg, mask_u8 is not None, n_dev is not None, warps, min_blocks, ring)
+    if defines["RING"] < 2:
+        raise ValueError(f"{warps} warps leave no room for a 2-stage copy ring of this tier in 48 KiB")
     kernel = _kernel(defines)
     if LAST.get("defines") != defines:
         LAST.clear()
