@@ -187,7 +187,7 @@ struct Feed {
     const u8* k; const u8* v;  // the lane's first key / value piece at token 0 of the range's (b, h)
     int k_dst, v_dst, k_row, v_row;
     const u8* m;               // per-token parameter piece at token 0 (tg, tc, scale or min window)
-    int m_dst, m_tok, m_eb;    // its stage offset, first token relative to s0, bytes per token
+    int m_dst, m_tok, m_log;   // its stage offset, first token relative to s0, log2 bytes per token
     bool m_on;
 };
 
@@ -215,25 +215,26 @@ __device__ __forceinline__ Feed make_feed(const Args& a, int b, int h, int lane,
         f.m = reinterpret_cast<const u8*>(lane < 4 ? a.tg : a.tc) + 16 * piece;
         f.m_dst = (lane < 4 ? ST_TG : ST_TC) + 16 * piece;
         f.m_tok = 4 * piece;
-        f.m_eb = 4;
+        f.m_log = 2;
     } else {
         const bool s = lane < 11;
         f.m = reinterpret_cast<const u8*>((s ? vs_row : vm_row) & ~15ull) + 16 * piece;
         f.m_dst = (s ? ST_VS : ST_VM) + 16 * piece;
         f.m_tok = 8 * piece - (s ? vs_shift : vm_shift);
-        f.m_eb = 2;
+        f.m_log = 1;
     }
     return f;
 }
 
 // The warp's lanes copy one tile (tokens s0 .. s0+15; those >= n_end zero-filled) into a stage.
-__device__ __forceinline__ void issue_tile(u8* st, const Feed& f, const Args& a, int s0, int n_end, int lane) {
+// Offsets from the range's (b, h) fit 32 bits (the host checks strides * tokens < 2^31).
+__device__ __forceinline__ void issue_tile(u8* st, const Feed& f, const Args& a, int s0, int n_end) {
 #pragma unroll
     for (int i = 0; i < (16 * K_PIECES_ROW + 31) / 32; i++) {
         const int r = f.k_row + i * K_ROWS_PASS;
         if (16 * K_PIECES_ROW >= 32 || r < 16) {
             const bool ok = s0 + r < n_end;
-            cp_async16(st + f.k_dst + i * K_ROWS_PASS * W, f.k + (ok ? (long long)(s0 + i * K_ROWS_PASS) * a.skc_n : 0),
+            cp_async16(st + f.k_dst + i * K_ROWS_PASS * W, f.k + (ok ? (s0 + i * K_ROWS_PASS) * (int)a.skc_n : 0),
                        ok ? 16 : 0);
         }
     }
@@ -242,13 +243,13 @@ __device__ __forceinline__ void issue_tile(u8* st, const Feed& f, const Args& a,
         const int r = f.v_row + i * V_ROWS_PASS;
         if (16 * V_PIECES_ROW >= 32 || r < 16) {
             const bool ok = s0 + r < n_end;
-            cp_async16(st + f.v_dst + i * V_ROWS_PASS * VPITCH,
-                       f.v + (ok ? (long long)(s0 + i * V_ROWS_PASS) * a.svc_n : 0), ok ? 16 : 0);
+            cp_async16(st + f.v_dst + i * V_ROWS_PASS * VPITCH, f.v + (ok ? (s0 + i * V_ROWS_PASS) * (int)a.svc_n : 0),
+                       ok ? 16 : 0);
         }
     }
     if (f.m_on) {
-        const int n = max(0, min(16 / f.m_eb, n_end - (s0 + f.m_tok))) * f.m_eb;
-        cp_async16(st + f.m_dst, f.m + (n ? f.m_eb * s0 : 0), n);
+        const int n = max(0, min(16 >> f.m_log, n_end - (s0 + f.m_tok))) << f.m_log;
+        cp_async16(st + f.m_dst, f.m + (n ? s0 << f.m_log : 0), n);
     }
 }
 
@@ -325,9 +326,10 @@ __device__ __forceinline__ void group_operand(u32* b0, u32* b1, float& qm, const
     qm = part;
 }
 
-// Scores of tokens g, g+8 x rows 2t, 2t+1 (C layout) against one key group's operand.
+// Scores of tokens g, g+8 x rows 2t, 2t+1 (C layout) against one key group's operand. Two
+// accumulator chains: one chain of KSTEPS dependent mma was the warps' longest wait (v8 profile).
 __device__ __forceinline__ void tile_scores(float* c, const Tile& T, const u32* b0, const u32* b1) {
-    c[0] = c[1] = c[2] = c[3] = 0.f;
+    float c2[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
     for (int j = 0; j < KB / 4; j++) {
         const u32 lo0 = prmt(T.k[0][j], 0u, 0x1100u), hi0 = prmt(T.k[0][j], 0u, 0x3322u);  // token g
@@ -335,10 +337,12 @@ __device__ __forceinline__ void tile_scores(float* c, const Tile& T, const u32* 
 #pragma unroll
         for (int p = 0; p < KP; p++) {
             const int ks = p * (KB / 4) + j;
-            mma16816(c, codes_plane<KBITS>(lo0, p), codes_plane<KBITS>(lo1, p), codes_plane<KBITS>(hi0, p),
+            mma16816(c2[ks & 1], codes_plane<KBITS>(lo0, p), codes_plane<KBITS>(lo1, p), codes_plane<KBITS>(hi0, p),
                      codes_plane<KBITS>(hi1, p), b0[ks], b1[ks]);
         }
     }
+#pragma unroll
+    for (int i = 0; i < 4; i++) c[i] = c2[0][i] + c2[1][i];
 }
 
 // acc[m tile] += value codes^T @ (p*s)^T over the tile's 16 tokens; pb0/pb1: B fragments.
@@ -440,7 +444,7 @@ zipkv_mma_decode(const u16* q, int sqb, int sqh, int sqt, double qk_scale,
     const Feed feed = make_feed(a, b, h, lane, shifts);
 #pragma unroll
     for (int i = 0; i < RING - 1; i++) {  // prologue: RING-1 tiles in flight
-        if (w_begin + 16 * i < w_end) issue_tile(ring + i * STAGE_BYTES, feed, a, w_begin + 16 * i, w_end, lane);
+        if (w_begin + 16 * i < w_end) issue_tile(ring + i * STAGE_BYTES, feed, a, w_begin + 16 * i, w_end);
         cp_async_commit();
     }
     int stage = 0;
@@ -449,7 +453,7 @@ zipkv_mma_decode(const u16* q, int sqb, int sqh, int sqt, double qk_scale,
         {  // refill the stage consumed last iteration, then wait for this tile's stage
             const int s_next = s0 + 16 * (RING - 1);
             const int st_next = stage == 0 ? RING - 1 : stage - 1;
-            if (s_next < w_end) issue_tile(ring + st_next * STAGE_BYTES, feed, a, s_next, w_end, lane);
+            if (s_next < w_end) issue_tile(ring + st_next * STAGE_BYTES, feed, a, s_next, w_end);
             cp_async_commit();
             cp_async_wait<RING - 1>();
             __syncwarp();
@@ -458,8 +462,15 @@ zipkv_mma_decode(const u16* q, int sqb, int sqh, int sqt, double qk_scale,
             stage = stage == RING - 1 ? 0 : stage + 1;
         }
 
-        // ---- scores, one pass per key group present in the tile (usually one)
+        // ---- scores, one pass per key group present in the tile (usually one: the current)
         float s[4] = {0.f, 0.f, 0.f, 0.f};  // (token g, row 2t), (g, 2t+1), (g+8, 2t), (g+8, 2t+1)
+        if (__all_sync(0xffffffffu, (cur.grp[0] == cur_grp || cur.grp[0] < 0) && (cur.grp[1] == cur_grp || cur.grp[1] < 0))
+            && cur_grp >= 0) {
+            float c[4];
+            tile_scores(c, cur, qb0, qb1);
+#pragma unroll
+            for (int i = 0; i < 4; i++) s[i] = c[i] + qm[i & 1];  // invalid tokens: masked below
+        } else {
         const int glo = warp_min_id(cur.grp), ghi = warp_max_id(cur.grp);
         for (int grp = glo; grp <= ghi; grp++) {
             if (grp != cur_grp) {
@@ -480,6 +491,7 @@ zipkv_mma_decode(const u16* q, int sqb, int sqh, int sqt, double qk_scale,
             for (int i = 0; i < 4; i++)
                 if (cur.grp[i >> 1] == grp) s[i] = c[i] + qm[i & 1];
         }
+        }
 #pragma unroll
         for (int i = 0; i < 4; i++)
             if (!((cur.keep >> (i >> 1)) & 1u)) s[i] = neg_inf();
@@ -488,20 +500,28 @@ zipkv_mma_decode(const u16* q, int sqb, int sqh, int sqt, double qk_scale,
         // Lazy rescaling: the running max moves only when a score passes it by more than
         // LAZY_LOG2 (p <= 2^LAZY_LOG2 meanwhile, safe in fp16 operands and fp32 sums); the final
         // normalization uses the same max, so the result is exact.
-        float alpha[2], m_safe[2];
+        // The row maxima are reduced across lanes only on the rare tiles where some lane's own
+        // scores pass its running max by LAZY_LOG2 (a vote instead of six shuffles per tile).
+        float alpha[2] = {1.f, 1.f}, m_safe[2];
         bool rescale = false;
+        const float lmx[2] = {fmaxf(s[0], s[2]), fmaxf(s[1], s[3])};
+        if (__any_sync(0xffffffffu, lmx[0] > m_run[0] + LAZY_LOG2 || lmx[1] > m_run[1] + LAZY_LOG2)) {
 #pragma unroll
-        for (int e = 0; e < 2; e++) {
-            float mx = fmaxf(s[e], s[2 + e]);
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
-            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
-            const bool grow = mx > m_run[e] + LAZY_LOG2;
-            const float m_new = grow ? mx : m_run[e];
-            m_safe[e] = m_new == neg_inf() ? 0.f : m_new;
-            alpha[e] = grow ? exp2f(m_run[e] - m_safe[e]) : 1.f;
-            m_run[e] = m_new;
-            rescale |= grow;
+            for (int e = 0; e < 2; e++) {
+                float mx = lmx[e];
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+                mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+                const bool grow = mx > m_run[e] + LAZY_LOG2;
+                const float m_new = grow ? mx : m_run[e];
+                m_safe[e] = m_new == neg_inf() ? 0.f : m_new;
+                alpha[e] = grow ? exp2f(m_run[e] - m_safe[e]) : 1.f;
+                m_run[e] = m_new;
+                rescale |= grow;
+            }
+        } else {
+#pragma unroll
+            for (int e = 0; e < 2; e++) m_safe[e] = m_run[e] == neg_inf() ? 0.f : m_run[e];
         }
         float pr[4];
 #pragma unroll
@@ -533,6 +553,12 @@ zipkv_mma_decode(const u16* q, int sqb, int sqh, int sqt, double qk_scale,
             pmv[i] = pr[i] * cur.vmn[i >> 1];
         }
 #if HAS_VCH
+        if (__all_sync(0xffffffffu, (cur.chunk[0] == cur_chunk || cur.chunk[0] < 0) &&
+                                        (cur.chunk[1] == cur_chunk || cur.chunk[1] < 0)) && cur_chunk >= 0) {
+#pragma unroll
+            for (int e = 0; e < 2; e++) pm[e] += pmv[e] + pmv[2 + e];  // invalid tokens have p = 0
+            tile_values(acc, cur, transpose8x8(pack_half2(ps[0], ps[1])), transpose8x8(pack_half2(ps[2], ps[3])));
+        } else {
         const int clo = warp_min_id(cur.chunk), chi = warp_max_id(cur.chunk);
         for (int c = clo; c <= chi; c++) {
             if (c != cur_chunk) {
@@ -560,6 +586,7 @@ zipkv_mma_decode(const u16* q, int sqb, int sqh, int sqt, double qk_scale,
                 pm[i & 1] += in ? pmv[i] : 0.f;
             }
             tile_values(acc, cur, transpose8x8(pack_half2(q4[0], q4[1])), transpose8x8(pack_half2(q4[2], q4[3])));
+        }
         }
 #else
 #pragma unroll

@@ -65,6 +65,8 @@ def mma_supported(query, seg: PackedSegment, mask_kind: int, mask_rows: bool, ca
         return "scale and min must share strides"
     if any(s > _INT32_MAX for t in tensors + [query] for s in t.stride()):
         return "strides beyond int32"
+    if max(seg.k_codes.stride(2), seg.v_codes.stride(2)) * seg.k_codes.shape[2] > _INT32_MAX:
+        return "a head's code rows span more than 2 GiB"
     if seg.token_group.dtype != torch.int32 or (seg.token_chunk is not None and seg.token_chunk.dtype != torch.int32):
         return "token_group / token_chunk must be int32"
     return _copy_alignment(seg)
