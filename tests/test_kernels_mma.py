@@ -42,7 +42,7 @@ CASES = [  # (d, key bits, value bits, key_group, cs, R, Tq)
 ]
 
 
-TUNINGS = [dict(),  # the defaults: 2 warps, a 4-stage copy ring
+TUNINGS = [dict(),  # the defaults: 4 warps x 3 blocks/SM, a 4-stage copy ring
            dict(mma_warps=2, mma_ctas_per_sm=64, mma_ring=2),  # many splits, the shortest ring
            dict(mma_warps=4, mma_ctas_per_sm=1, mma_min_blocks=2, mma_ring=3),  # one split per (row, head)
            dict(mma_warps=1, mma_min_blocks=8, mma_ring=8)]

@@ -639,7 +639,7 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, ca
                             num_stages: int = 2, programs_per_sm: float = 32.0, maxnreg: int | None = 128,
                             use_asm: bool | None = None, tiers_per_launch: int = 2, lengths=None,
                             dequant: bool | None = None, cuda_kernel: bool | None = None,
-                            mma_warps: int = 2, mma_min_blocks: int = 6, mma_ctas_per_sm: float = 4.0,
+                            mma_warps: int = 4, mma_min_blocks: int = 3, mma_ctas_per_sm: float = 4.0,
                             mma_ring: int = 4):
     """Defaults are the fastest measured on the H100 (benchmarks/NOTES.md, v5; results/v5.json).
 

@@ -134,7 +134,7 @@ def _defines(query, seg: PackedSegment, has_mask: bool, lens_dev: bool, warps: i
                 LENS_DEV=lens_dev, WARPS=warps, MIN_BLOCKS=min_blocks, RING=ring_stages(query, seg, warps, ring))
 
 
-def blocks_per_sm(query, seg: PackedSegment, has_mask: bool, lens_dev: bool, warps: int = 2, min_blocks: int = 6,
+def blocks_per_sm(query, seg: PackedSegment, has_mask: bool, lens_dev: bool, warps: int = 4, min_blocks: int = 3,
                   ring: int = 4) -> int:
     """Blocks of this configuration resident per SM (registers and shared memory decide):
     the split planner sizes each launch in whole waves of them (a launch of 1.2 waves ran its
@@ -157,7 +157,7 @@ LAST: dict = {}  # configuration and registers of the last launch (benchmarks re
 
 def launch(query, seg: PackedSegment, mask_u8, smb: int, smn: int, po, pl, *, qk_scale: float,
            tokens_per_split: int, splits: int, key_offset: int, part_base: int, s_total: int,
-           n_dev=None, warps: int = 2, min_blocks: int = 6, ring: int = 4) -> None:
+           n_dev=None, warps: int = 4, min_blocks: int = 3, ring: int = 4) -> None:
     """One launch over `splits` splits of `tokens_per_split` tokens of `seg` for every
     (batch row, KV head); writes po/pl rows [part_base, part_base + splits) of each."""
     b = query.shape[0]
