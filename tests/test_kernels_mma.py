@@ -72,6 +72,8 @@ def test_mma_decode_matches_reference(d, kbits, vbits, key_group, cs, r, tq):
             out = _run(q.cuda(), segs, kf.cuda(), vf.cuda(), mask=mask, **tuning)
             from zipkv.kernels.mma_decode import LAST
             assert LAST["defines"]["RING"] == min(tuning.get("mma_ring", 4), 8)
+            if kbits == 8 and not tuning:  # 4 warps' rings of 8-bit rows exceed 48 KiB: 2 warps x 6 blocks
+                assert (LAST["defines"]["WARPS"], LAST["defines"]["MIN_BLOCKS"]) == (2, 6)
             assert out.shape == want.shape and out.dtype == q.dtype
             assert rel_err(out.cpu(), want) < 3e-3, tuning
 

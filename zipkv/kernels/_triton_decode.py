@@ -692,21 +692,26 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, ca
     per_prog = max(total / (programs_per_sm * sm_count(dev)), 1.0)
     per_cta = max(total / (mma_ctas_per_sm * sm_count(dev)), 1.0)
     mask_rows = mask3 is not None and mask3.shape[1] > 1
-    plan = []  # (seg or None, n, tokens_per_split, splits, key_offset, by the CUDA kernel)
+    plan = []  # (seg or None, n, tokens_per_split, splits, key_offset, (warps, blocks) for the CUDA kernel or None)
     offset = 0
     for seg, n, w in parts:
-        use_mma = False
+        mma_cfg = None
         if seg is not None and cuda_kernel is not False:
             reason = mma_decode.mma_supported(query, seg, mask_kind, mask_rows, causal)
-            if reason is None and not mma_decode.ring_stages(query, seg, mma_warps, mma_ring):
-                reason = f"mma_warps={mma_warps} x mma_ring={mma_ring} leave no room for 2 copy stages in 48 KiB"
+            warps, blocks = mma_warps, mma_min_blocks
+            # Wide tiers (8-bit) may leave no room for mma_warps warps' copy rings in 48 KiB of
+            # shared memory: they run with fewer warps per block and more blocks per SM.
+            while reason is None and warps > 1 and not mma_decode.ring_stages(query, seg, warps, mma_ring):
+                warps, blocks = warps // 2, blocks * 2
+            if reason is None and not mma_decode.ring_stages(query, seg, warps, mma_ring):
+                reason = f"mma_ring={mma_ring} leaves no room for 2 copy stages in 48 KiB"
             if reason and cuda_kernel:
                 raise ValueError(f"cuda_kernel=True cannot read this tier: {reason}")
-            use_mma = reason is None
-        if use_mma:  # whole waves of resident blocks per launch (one launch per tier)
-            blk = mma_decode.TOKENS_PER_TILE * mma_warps
+            mma_cfg = None if reason else (warps, blocks)
+        if mma_cfg:  # whole waves of resident blocks per launch (one launch per tier)
+            blk = mma_decode.TOKENS_PER_TILE * mma_cfg[0]
             wave = sm_count(dev) * mma_decode.blocks_per_sm(query, seg, mask3 is not None, lengths is not None,
-                                                            mma_warps, mma_min_blocks, mma_ring)
+                                                            *mma_cfg, mma_ring)
             waves = max(1, round(n * w * b * heads / per_cta / wave))
             splits = max(1, waves * wave // (b * heads))
             ts = -(-n // splits // blk) * blk if n >= splits * blk else blk
@@ -714,7 +719,7 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, ca
             blk, budget = (block_n if seg is not None else block_n_fp), per_prog
             ts = max(blk, int(-(-budget / w // blk)) * blk)
         ts = min(ts, -(-n // blk) * blk)
-        plan.append((seg, n, ts, -(-n // ts), offset, use_mma))
+        plan.append((seg, n, ts, -(-n // ts), offset, mma_cfg))
         offset += n
     s_total = sum(p[3] for p in plan)
     po = torch.empty((b * heads, s_total, rt, d), device=dev, dtype=torch.float32)
@@ -729,14 +734,14 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, ca
     qk_scale = scale * LOG2E
 
     part_base = 0
-    for i, (seg, n, ts, splits, key_offset, use_mma) in enumerate(plan):
-        if use_mma:
+    for i, (seg, n, ts, splits, key_offset, mma_cfg) in enumerate(plan):
+        if mma_cfg:
             mma_decode.launch(query, seg, None if mask3 is None else mask_t, smb, smn, po, pl, qk_scale=qk_scale,
                               tokens_per_split=ts, splits=splits, key_offset=key_offset, part_base=part_base,
-                              s_total=s_total, n_dev=None if lengths is None else seg_lens[i], warps=mma_warps,
-                              min_blocks=mma_min_blocks, ring=mma_ring)
+                              s_total=s_total, n_dev=None if lengths is None else seg_lens[i], warps=mma_cfg[0],
+                              min_blocks=mma_cfg[1], ring=mma_ring)
             part_base += splits
-    LAST_LAUNCH["mma_tiers"] = sum(p[5] for p in plan)
+    LAST_LAUNCH["mma_tiers"] = sum(p[5] is not None for p in plan)
     LAST_LAUNCH["mma"] = dict(mma_decode.LAST) if LAST_LAUNCH["mma_tiers"] else None
     seg_lens = [n for p, n in zip(plan, seg_lens) if not p[5]]
     packed = [p for p in plan if p[0] is not None and not p[5]]
