@@ -193,8 +193,6 @@ struct Feed {
 
 #define K_PIECES_ROW (W / 16)
 #define V_PIECES_ROW (WV / 16)
-#define K_ROWS_PASS (32 / K_PIECES_ROW)  // rows one pass of 32 lanes covers
-#define V_ROWS_PASS (32 / V_PIECES_ROW)
 
 __device__ __forceinline__ Feed make_feed(const Args& a, int b, int h, int lane, int& shifts) {
     Feed f;
@@ -226,27 +224,26 @@ __device__ __forceinline__ Feed make_feed(const Args& a, int b, int h, int lane,
     return f;
 }
 
+// 16 rows of ROW bytes (token stride `stride` bytes) into a stage region of row pitch PITCH:
+// lane `row` (and row + 32/(ROW/16) per further pass) copies its 16-byte piece of each.
+template <int ROW, int PITCH>
+__device__ __forceinline__ void copy_rows(u8* dst, const u8* src, int row, int stride, int s0, int n_end) {
+    constexpr int per_row = ROW / 16, rows_pass = 32 / per_row;
+#pragma unroll
+    for (int i = 0; i < (16 * per_row + 31) / 32; i++) {
+        const int r = row + i * rows_pass;
+        if (16 * per_row >= 32 || r < 16) {
+            const bool ok = s0 + r < n_end;
+            cp_async16(dst + i * rows_pass * PITCH, src + (ok ? (s0 + i * rows_pass) * stride : 0), ok ? 16 : 0);
+        }
+    }
+}
+
 // The warp's lanes copy one tile (tokens s0 .. s0+15; those >= n_end zero-filled) into a stage.
 // Offsets from the range's (b, h) fit 32 bits (the host checks strides * tokens < 2^31).
 __device__ __forceinline__ void issue_tile(u8* st, const Feed& f, const Args& a, int s0, int n_end) {
-#pragma unroll
-    for (int i = 0; i < (16 * K_PIECES_ROW + 31) / 32; i++) {
-        const int r = f.k_row + i * K_ROWS_PASS;
-        if (16 * K_PIECES_ROW >= 32 || r < 16) {
-            const bool ok = s0 + r < n_end;
-            cp_async16(st + f.k_dst + i * K_ROWS_PASS * W, f.k + (ok ? (s0 + i * K_ROWS_PASS) * (int)a.skc_n : 0),
-                       ok ? 16 : 0);
-        }
-    }
-#pragma unroll
-    for (int i = 0; i < (16 * V_PIECES_ROW + 31) / 32; i++) {
-        const int r = f.v_row + i * V_ROWS_PASS;
-        if (16 * V_PIECES_ROW >= 32 || r < 16) {
-            const bool ok = s0 + r < n_end;
-            cp_async16(st + f.v_dst + i * V_ROWS_PASS * VPITCH, f.v + (ok ? (s0 + i * V_ROWS_PASS) * (int)a.svc_n : 0),
-                       ok ? 16 : 0);
-        }
-    }
+    copy_rows<W, W>(st + f.k_dst, f.k, f.k_row, (int)a.skc_n, s0, n_end);
+    copy_rows<WV, VPITCH>(st + f.v_dst, f.v, f.v_row, (int)a.svc_n, s0, n_end);
     if (f.m_on) {
         const int n = max(0, min(16 >> f.m_log, n_end - (s0 + f.m_tok))) << f.m_log;
         cp_async16(st + f.m_dst, f.m + (n ? s0 << f.m_log : 0), n);
