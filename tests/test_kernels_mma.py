@@ -169,7 +169,7 @@ def test_cpu_says_why_the_cuda_kernel_cannot_run():
 def test_ring_stages_follow_alignment_and_shared_memory():
     """The copy ring's depth comes from the 48 KiB of static shared memory and its 16-byte
     pieces from the tier's strides: both decided on the host (no GPU needed)."""
-    from zipkv.kernels.mma_decode import _copy_alignment, ring_stages
+    from zipkv.kernels.mma_decode import _copy_alignment, fit_warps, ring_stages
 
     g = torch.Generator().manual_seed(6)
     q = torch.zeros(1, 8, 1, 128, dtype=torch.float16)
@@ -179,6 +179,8 @@ def test_ring_stages_follow_alignment_and_shared_memory():
     seg8 = make_segment(1, 2, 96, 128, 8, cs=True, gen=g)
     assert ring_stages(q, seg8, warps=2, requested=8) == 4  # 4.5 KiB stages: 4 of them fit
     assert ring_stages(q, seg8, warps=8, requested=4) == 0  # not even 2 fit beside 8 warps' rows
+    assert fit_warps(q, seg, warps=4, min_blocks=3, ring=4) == (4, 3)
+    assert fit_warps(q, seg8, warps=4, min_blocks=3, ring=4) == (2, 6)  # 8-bit rows: half the warps, twice the blocks
     seg.v_scale = torch.cat([seg.v_scale, seg.v_scale], dim=3)[..., :1]  # token stride 2
     assert "unit token stride" in _copy_alignment(seg)
     seg.token_group = torch.arange(194, dtype=torch.int32)[::2]

@@ -698,16 +698,12 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, ca
         mma_cfg = None
         if seg is not None and cuda_kernel is not False:
             reason = mma_decode.mma_supported(query, seg, mask_kind, mask_rows, causal)
-            warps, blocks = mma_warps, mma_min_blocks
-            # Wide tiers (8-bit) may leave no room for mma_warps warps' copy rings in 48 KiB of
-            # shared memory: they run with fewer warps per block and more blocks per SM.
-            while reason is None and warps > 1 and not mma_decode.ring_stages(query, seg, warps, mma_ring):
-                warps, blocks = warps // 2, blocks * 2
-            if reason is None and not mma_decode.ring_stages(query, seg, warps, mma_ring):
-                reason = f"mma_ring={mma_ring} leaves no room for 2 copy stages in 48 KiB"
+            if reason is None:
+                mma_cfg = mma_decode.fit_warps(query, seg, mma_warps, mma_min_blocks, mma_ring)
+                if mma_cfg is None:
+                    reason = f"mma_ring={mma_ring} leaves no room for 2 copy stages in 48 KiB"
             if reason and cuda_kernel:
                 raise ValueError(f"cuda_kernel=True cannot read this tier: {reason}")
-            mma_cfg = None if reason else (warps, blocks)
         if mma_cfg:  # whole waves of resident blocks per launch (one launch per tier)
             blk = mma_decode.TOKENS_PER_TILE * mma_cfg[0]
             wave = sm_count(dev) * mma_decode.blocks_per_sm(query, seg, mask3 is not None, lengths is not None,

@@ -20,7 +20,7 @@ _SOURCE = Path(__file__).with_name("mma_decode.cu")
 _KERNELS: dict = {}
 _BLOCKS_PER_SM: dict = {}  # per configuration: the occupancy query is a driver call
 _INT32_MAX = 2**31 - 1
-TOKENS_PER_TILE = 16  # one mma n-tile pair per warp step
+TOKENS_PER_TILE = 16  # the M of one mma: a warp's step
 
 
 def available(device: torch.device) -> str | None:
@@ -84,6 +84,15 @@ def ring_stages(query, seg: PackedSegment, warps: int, requested: int) -> int:
     fixed = warps * 8 * (d + 2) * 4
     n = min(requested, (_STATIC_SMEM - fixed) // (warps * stage), 8)
     return n if n >= 2 else 0
+
+
+def fit_warps(query, seg: PackedSegment, warps: int, min_blocks: int, ring: int) -> tuple[int, int] | None:
+    """(warps, blocks per SM) that leave room for `ring`'s copy stages: wide tiers (8-bit rows
+    of 128 channels) run with fewer warps per block and more blocks per SM; None if even one
+    warp's 2 stages do not fit."""
+    while warps > 1 and not ring_stages(query, seg, warps, ring):
+        warps, min_blocks = warps // 2, min_blocks * 2
+    return (warps, min_blocks) if ring_stages(query, seg, warps, ring) else None
 
 
 def _copy_alignment(seg: PackedSegment) -> str | None:
