@@ -22,7 +22,7 @@ import torch
 
 from ..attention import hand_queries_to
 from ..kernels.decode_attention import decode_attention
-from ..saliency import attention_scores
+from ..kernels.window_step import window_append, window_scores
 from .layer import ZipCacheLayer, _gather_tokens, salient_split
 from .static_tier import StaticTier
 from .tier import PackedTier
@@ -79,7 +79,6 @@ class StaticZipLayer(ZipCacheLayer):
         offset = sum(t.capacity for t in self.attended)
         self.pad_mask = torch.ones((b, offset + w), dtype=torch.bool, device=dev)
         self.window_offset = offset
-        self.positions = torch.arange(w, device=dev, dtype=torch.int32)
         self.lengths = torch.zeros(len(self.attended) + 1, dtype=torch.int32, device=dev)
         for i, tier in enumerate(self.attended):
             tier.count_in(self.lengths, i)
@@ -224,12 +223,9 @@ class StaticZipLayer(ZipCacheLayer):
             raise ValueError(f"a static (CUDA-graph) cache decodes one token per step (got {key_states.shape[2]})")
         if self.awaiting_queries:
             raise self.missing_attention_error()
-        slot = self.lengths[-1:].long()
-        keys, values = key_states.to(self.store_dtype), value_states.to(self.store_dtype)
-        # NaN/inf are recorded here and raised at the next flush: a check now would stop the graph.
-        self.nonfinite |= ~(torch.isfinite(keys).all() & torch.isfinite(values).all())
-        self.k_win.index_copy_(2, slot, keys)
-        self.v_win.index_copy_(2, slot, values)
+        # One launch on CUDA (the slot is read on the device). NaN/inf are recorded here and
+        # raised at the next flush: a check now would stop the graph.
+        window_append(key_states, value_states, self.k_win, self.v_win, self.lengths, self.nonfinite)
         self.lengths[-1:] += 1
         self.awaiting_queries = True
         self.returned_fp16_only = True
@@ -241,11 +237,8 @@ class StaticZipLayer(ZipCacheLayer):
         segments = [t.segment() for t in self.attended]
         output = decode_attention(query, segments, self.k_win, self.v_win, mask=self.pad_mask if self.padded else None,
                                   scale=scaling, lengths=self.lengths)
-        if self.settings.needs_queries:
-            visible = (self.positions[None, :] < self.lengths[-1]) & self.real_win
-            _, summed, counts = attention_scores(query, self.k_win, visible[:, None, None, :], scaling)
-            self.score_win += summed
-            self.count_win += counts
+        if self.settings.needs_queries:  # saliency of the window slots, one launch on CUDA
+            window_scores(query, self.k_win, self.lengths, self.real_win, self.score_win, self.count_win, scaling)
         self.awaiting_queries = False
         return output.transpose(1, 2).contiguous(), None
 
@@ -254,7 +247,7 @@ class StaticZipLayer(ZipCacheLayer):
         return sum(t.num_tokens for t in self.attended) + self.n_fp
 
     def held_tensors(self) -> list[torch.Tensor]:
-        own = [self.k_win, self.v_win, self.score_win, self.count_win, self.sink_win, self.pad_mask, self.positions,
+        own = [self.k_win, self.v_win, self.score_win, self.count_win, self.sink_win, self.pad_mask,
                self.lengths, self.nonfinite, self.pads_low]
         return own + [t for tier in (self.low, self.high) for t in tier.tensors()]
 

@@ -106,14 +106,21 @@ __device__ __forceinline__ u32 transpose8x8(u32 x) {
     return r;
 }
 
-// Bytes 0 and 2 of w hold two packed bytes; returns their plane-p codes as fp16x2.
+// Bytes 0 and 2 of w hold two packed bytes; returns 1024 + (plane-p code) * 2^(P*BITS) in each
+// fp16 half, exactly (the "magic number" 0x6400 = 1024 with the code's bits in the mantissa).
 template <int BITS, int P>
-__device__ __forceinline__ u32 codes_half2(u32 w) {
+__device__ __forceinline__ u32 magic_half2(u32 w) {
     constexpr u32 field = ((1u << BITS) - 1u) << (P * BITS);
     constexpr u32 mask = field | (field << 16);
     u32 x;
     asm volatile("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(x) : "r"(w), "r"(mask), "r"(0x64006400u));
-    // x = 1024 + code * 2^(P*BITS) in each half; (x - 1024) * 2^-(P*BITS) = code, exactly.
+    return x;
+}
+
+// The plane-p codes themselves as fp16x2: (x - 1024) * 2^-(P*BITS), exactly.
+template <int BITS, int P>
+__device__ __forceinline__ u32 codes_half2(u32 w) {
+    const u32 x = magic_half2<BITS, P>(w);
     constexpr u32 inv = (u32)(15 - P * BITS) << 10;  // fp16 of 2^-(P*BITS)
     constexpr u32 mul = inv | (inv << 16);
     constexpr u32 negoff = (u32)(0x8000 | ((25 - P * BITS) << 10));  // -1024 * 2^-(P*BITS)
@@ -123,9 +130,9 @@ __device__ __forceinline__ u32 codes_half2(u32 w) {
     return r;
 }
 
+// p is a compile-time constant after unrolling.
 template <int BITS>
 __device__ __forceinline__ u32 codes_plane(u32 w, int p) {
-    // p is a compile-time constant after unrolling
     if (BITS == 8) return codes_half2<8, 0>(w);
     if (BITS == 4) return p == 0 ? codes_half2<4, 0>(w) : codes_half2<4, 1>(w);
     switch (p) {
@@ -134,6 +141,25 @@ __device__ __forceinline__ u32 codes_plane(u32 w, int p) {
         case 2: return codes_half2<2, 2>(w);
         default: return codes_half2<2, 3>(w);
     }
+}
+template <int BITS>
+__device__ __forceinline__ u32 magic_plane(u32 w, int p) {
+    if (BITS == 8) return magic_half2<8, 0>(w);
+    if (BITS == 4) return p == 0 ? magic_half2<4, 0>(w) : magic_half2<4, 1>(w);
+    switch (p) {
+        case 0: return magic_half2<2, 0>(w);
+        case 1: return magic_half2<2, 1>(w);
+        case 2: return magic_half2<2, 2>(w);
+        default: return magic_half2<2, 3>(w);
+    }
+}
+
+// lo + hi of an fp16x2 word, in fp32 (exact: both convert exactly).
+__device__ __forceinline__ float half2_sum(u32 x) {
+    float lo, hi;
+    asm("{.reg .b16 l, h;\n\tmov.b32 {l, h}, %2;\n\tcvt.f32.f16 %0, l;\n\tcvt.f32.f16 %1, h;}"
+        : "=f"(lo), "=f"(hi) : "r"(x));
+    return lo + hi;
 }
 
 __device__ __forceinline__ void mma16816(float* c, u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
@@ -162,9 +188,12 @@ __device__ __forceinline__ void load_bytes(u32* dst, const u8* src) {  // shared
     }
 }
 
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
-    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(d), "l"(src), "r"(src_bytes));
+// dst: a shared-memory address (32 bits); src_bytes < 16 zero-fills the rest of the piece.
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src, int src_bytes) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async16(u32 dst, const void* src) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src));
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;"); }
 template <int N>
@@ -181,26 +210,31 @@ struct Args {
     float* po; float* pl;
 };
 
-// What one lane copies of every tile: fixed for the warp's range, so the per-tile cost is an
-// add and a compare per 16-byte piece (v8's first cut recomputed 64-bit addresses per tile).
+// What one lane copies of every tile. The pointers walk with the warp's copies (they point at
+// the next tile to issue), so a full tile costs a 64-bit add per piece: v8's first cut
+// recomputed the addresses from the token index per tile (~80 instructions of a ~420
+// instruction tile, benchmarks/NOTES.md, v9).
 struct Feed {
-    const u8* k; const u8* v;  // the lane's first key / value piece at token 0 of the range's (b, h)
-    int k_dst, v_dst, k_row, v_row;
-    const u8* m;               // per-token parameter piece at token 0 (tg, tc, scale or min window)
-    int m_dst, m_tok, m_log;   // its stage offset, first token relative to s0, log2 bytes per token
+    const u8* k; const u8* v;  // the lane's first key / value piece of the next tile
+    const u8* m;               // its per-token parameter piece (tg, tc, scale or min window)
+    u32 k_dst, v_dst, m_dst;   // stage-relative shared offsets
+    int k_row, v_row;          // tile row of the first key / value piece
+    int m_tok, m_log;          // first token of the parameter piece relative to the tile; log2 bytes per token
+    int m_full;                // bytes of it a full tile copies (a scale window's last piece: part)
     bool m_on;
 };
 
 #define K_PIECES_ROW (W / 16)
 #define V_PIECES_ROW (WV / 16)
 
-__device__ __forceinline__ Feed make_feed(const Args& a, int b, int h, int lane, int& shifts) {
+// The feed of `lane` for a warp whose first tile starts at token s_first.
+__device__ __forceinline__ Feed make_feed(const Args& a, int b, int h, int lane, int s_first, int& shifts) {
     Feed f;
     f.k_row = lane / K_PIECES_ROW;
-    f.k = a.kc + b * a.skc_b + h * a.skc_h + (long long)f.k_row * a.skc_n + 16 * (lane % K_PIECES_ROW);
+    f.k = a.kc + b * a.skc_b + h * a.skc_h + (long long)(s_first + f.k_row) * a.skc_n + 16 * (lane % K_PIECES_ROW);
     f.k_dst = f.k_row * W + 16 * (lane % K_PIECES_ROW);
     f.v_row = lane / V_PIECES_ROW;
-    f.v = a.vc + b * a.svc_b + h * a.svc_h + (long long)f.v_row * a.svc_n + 16 * (lane % V_PIECES_ROW);
+    f.v = a.vc + b * a.svc_b + h * a.svc_h + (long long)(s_first + f.v_row) * a.svc_n + 16 * (lane % V_PIECES_ROW);
     f.v_dst = ST_V + f.v_row * VPITCH + 16 * (lane % V_PIECES_ROW);
     const long long soff = b * a.svs_b + h * a.svs_h;
     const unsigned long long vs_row = (unsigned long long)(a.vs + soff), vm_row = (unsigned long long)(a.vm + soff);
@@ -221,33 +255,45 @@ __device__ __forceinline__ Feed make_feed(const Args& a, int b, int h, int lane,
         f.m_tok = 8 * piece - (s ? vs_shift : vm_shift);
         f.m_log = 1;
     }
+    f.m += (long long)s_first << f.m_log;
+    f.m_full = max(0, min(16 >> f.m_log, 16 - f.m_tok)) << f.m_log;
     return f;
 }
 
 // 16 rows of ROW bytes (token stride `stride` bytes) into a stage region of row pitch PITCH:
-// lane `row` (and row + 32/(ROW/16) per further pass) copies its 16-byte piece of each.
-template <int ROW, int PITCH>
-__device__ __forceinline__ void copy_rows(u8* dst, const u8* src, int row, int stride, int s0, int n_end) {
+// lane `row` (and row + 32/(ROW/16) per further pass) copies its 16-byte piece of each; rows
+// at or past `rows` are zero-filled (FULL: the tile has all 16).
+template <int ROW, int PITCH, bool FULL>
+__device__ __forceinline__ void copy_rows(u32 dst, const u8* src, int row, int stride, int rows) {
     constexpr int per_row = ROW / 16, rows_pass = 32 / per_row;
 #pragma unroll
     for (int i = 0; i < (16 * per_row + 31) / 32; i++) {
         const int r = row + i * rows_pass;
         if (16 * per_row >= 32 || r < 16) {
-            const bool ok = s0 + r < n_end;
-            cp_async16(dst + i * rows_pass * PITCH, src + (ok ? (s0 + i * rows_pass) * stride : 0), ok ? 16 : 0);
+            if (FULL) {
+                cp_async16(dst + i * rows_pass * PITCH, src + i * rows_pass * stride);
+            } else {
+                const bool ok = r < rows;
+                cp_async16(dst + i * rows_pass * PITCH, src + (ok ? i * rows_pass * stride : 0), ok ? 16 : 0);
+            }
         }
     }
 }
 
-// The warp's lanes copy one tile (tokens s0 .. s0+15; those >= n_end zero-filled) into a stage.
-// Offsets from the range's (b, h) fit 32 bits (the host checks strides * tokens < 2^31).
-__device__ __forceinline__ void issue_tile(u8* st, const Feed& f, const Args& a, int s0, int n_end) {
-    copy_rows<W, W>(st + f.k_dst, f.k, f.k_row, (int)a.skc_n, s0, n_end);
-    copy_rows<WV, VPITCH>(st + f.v_dst, f.v, f.v_row, (int)a.svc_n, s0, n_end);
+// The warp's lanes copy the next tile (its `rows` <= 16 tokens; the rest zero-filled) into the
+// stage at shared address st, and step the feed to the tile after it.
+// Offsets within a head fit 32 bits (the host checks strides * tokens < 2^31).
+template <bool FULL>
+__device__ __forceinline__ void issue_tile(u32 st, Feed& f, const Args& a, int rows) {
+    copy_rows<W, W, FULL>(st + f.k_dst, f.k, f.k_row, (int)a.skc_n, rows);
+    copy_rows<WV, VPITCH, FULL>(st + f.v_dst, f.v, f.v_row, (int)a.svc_n, rows);
     if (f.m_on) {
-        const int n = max(0, min(16 >> f.m_log, n_end - (s0 + f.m_tok))) << f.m_log;
-        cp_async16(st + f.m_dst, f.m + (n ? s0 << f.m_log : 0), n);
+        const int n = FULL ? f.m_full : max(0, min(16 >> f.m_log, rows - f.m_tok)) << f.m_log;
+        cp_async16(st + f.m_dst, n ? f.m : f.v, n);
     }
+    f.k += 16 * (int)a.skc_n;
+    f.v += 16 * (int)a.svc_n;
+    f.m += 16 << f.m_log;
 }
 
 // One tile's operands, read from its stage.
@@ -262,8 +308,10 @@ struct Tile {
 
 __device__ __forceinline__ int value_token(int t, int i) { return 2 * t + (i & 1) + ((i >> 1) << 3); }
 
+// The tile's operands from its stage; rows: its valid tokens (FULL: all 16).
+template <bool FULL>
 __device__ __forceinline__ void read_tile(Tile& T, const u8* st, const Args& a, int b, int shifts, int s0,
-                                          int n_end, int key_offset, int g, int t) {
+                                          int rows, int key_offset, int g, int t) {
 #pragma unroll
     for (int e = 0; e < 2; e++) load_bytes<KB>(T.k[e], st + (g + 8 * e) * W + t * KB);
 #pragma unroll
@@ -275,7 +323,7 @@ __device__ __forceinline__ void read_tile(Tile& T, const u8* st, const Args& a, 
 #pragma unroll
     for (int e = 0; e < 2; e++) {
         const int r = g + 8 * e, tok = s0 + r;
-        const bool ok = tok < n_end;
+        const bool ok = FULL || r < rows;
         T.grp[e] = ok ? tg[r] : -1;
 #if HAS_VCH
         T.chunk[e] = ok ? reinterpret_cast<const int*>(st + ST_TC)[r] : -1;
@@ -293,10 +341,15 @@ __device__ __forceinline__ void read_tile(Tile& T, const u8* st, const Args& a, 
     }
 }
 
-// q*s of one key group as B fragments (b0, b1 per k step) for row g, and q.m of row g.
+// The key operand of one group, for row g: B fragments (b0, b1 per k step) of q*s*2^-(p*KBITS)
+// for the channels of plane p, and qm = q.m - 1024 * (sum of those fp16 values). The score mma
+// then reads the key codes as "magic" fp16 (1024 + code * 2^(p*KBITS), one lop3 per register, no
+// fma): the 1024 offsets add exactly 1024 * sum(B), which qm takes back once per group. The
+// products are exact in the tensor core and the accumulator restarts every tile, so the offset
+// costs only the low bits of 8 fp32 additions (measured: tests/test_kernels_mma.py tolerances).
 __device__ __forceinline__ void group_operand(u32* b0, u32* b1, float& qm, const Args& a, int b, int h,
                                               int grp, int g, int t) {
-    float part = 0.f;
+    float part = 0.f, offset = 0.f;
     const bool row_ok = g < RT;
     const int rr = row_ok ? g : 0;
     const u16* qrow = a.q + b * a.sqb + (h * R + rr / TQ) * a.sqh + (rr % TQ) * a.sqt;
@@ -304,6 +357,7 @@ __device__ __forceinline__ void group_operand(u32* b0, u32* b1, float& qm, const
     const u16* mrow = a.km + b * a.sks_b + h * a.sks_h + (long long)grp * a.sks_g;
 #pragma unroll
     for (int p = 0; p < KP; p++) {
+        const float plane_scale = 1.f / (float)(1 << (p * KBITS));
 #pragma unroll
         for (int j = 0; j < KB / 4; j++) {
             float v[4];
@@ -311,13 +365,16 @@ __device__ __forceinline__ void group_operand(u32* b0, u32* b1, float& qm, const
             for (int i = 0; i < 4; i++) {
                 int ch = p * W + t * KB + 4 * j + i;
                 float qv = row_ok ? to_f32(qrow[ch]) * a.qk_scale : 0.f;
-                v[i] = qv * to_f32(srow[ch]);
+                v[i] = qv * to_f32(srow[ch]) * plane_scale;
                 part += qv * to_f32(mrow[ch]);
             }
-            b0[p * (KB / 4) + j] = pack_half2(v[0], v[1]);
-            b1[p * (KB / 4) + j] = pack_half2(v[2], v[3]);
+            const u32 w0 = pack_half2(v[0], v[1]), w1 = pack_half2(v[2], v[3]);
+            b0[p * (KB / 4) + j] = w0;
+            b1[p * (KB / 4) + j] = w1;
+            offset += half2_sum(w0) + half2_sum(w1);
         }
     }
+    part -= 1024.f * offset;
     part += __shfl_xor_sync(0xffffffffu, part, 1);
     part += __shfl_xor_sync(0xffffffffu, part, 2);
     qm = part;
@@ -334,8 +391,8 @@ __device__ __forceinline__ void tile_scores(float* c, const Tile& T, const u32* 
 #pragma unroll
         for (int p = 0; p < KP; p++) {
             const int ks = p * (KB / 4) + j;
-            mma16816(c2[ks & 1], codes_plane<KBITS>(lo0, p), codes_plane<KBITS>(lo1, p), codes_plane<KBITS>(hi0, p),
-                     codes_plane<KBITS>(hi1, p), b0[ks], b1[ks]);
+            mma16816(c2[ks & 1], magic_plane<KBITS>(lo0, p), magic_plane<KBITS>(lo1, p), magic_plane<KBITS>(hi0, p),
+                     magic_plane<KBITS>(hi1, p), b0[ks], b1[ks]);
         }
     }
 #pragma unroll
@@ -343,6 +400,8 @@ __device__ __forceinline__ void tile_scores(float* c, const Tile& T, const u32* 
 }
 
 // acc[m tile] += value codes^T @ (p*s)^T over the tile's 16 tokens; pb0/pb1: B fragments.
+// (The values keep the fma that removes the 1024 offset: folding it into one sum per range, as
+// the scores do per tile, cost up to 2% relative error on real caches, benchmarks/NOTES.md v9.)
 __device__ __forceinline__ void tile_values(float (*acc)[4], const Tile& T, u32 pb0, u32 pb1) {
 #pragma unroll
     for (int bi = 0; bi < VB; bi += 2) {  // combos (p, bi) in rows g and (p, bi+1) in rows g+8
@@ -437,24 +496,30 @@ zipkv_mma_decode(const u16* q, int sqb, int sqh, int sqt, double qk_scale,
 
     __shared__ __align__(16) u8 sm_ring[WARPS][RING][STAGE_BYTES];
     u8* ring = &sm_ring[warp][0][0];
+    const u32 ring_s = (u32)__cvta_generic_to_shared(ring);
     int shifts;
-    const Feed feed = make_feed(a, b, h, lane, shifts);
+    Feed feed = make_feed(a, b, h, lane, w_begin, shifts);
+    int s_issue = w_begin;  // the next tile to copy
 #pragma unroll
     for (int i = 0; i < RING - 1; i++) {  // prologue: RING-1 tiles in flight
-        if (w_begin + 16 * i < w_end) issue_tile(ring + i * STAGE_BYTES, feed, a, w_begin + 16 * i, w_end);
+        if (s_issue + 16 <= w_end) issue_tile<true>(ring_s + i * STAGE_BYTES, feed, a, 16);
+        else if (s_issue < w_end) issue_tile<false>(ring_s + i * STAGE_BYTES, feed, a, w_end - s_issue);
+        s_issue += 16;
         cp_async_commit();
     }
     int stage = 0;
     Tile cur;
     for (int s0 = w_begin; s0 < w_end; s0 += 16) {
         {  // refill the stage consumed last iteration, then wait for this tile's stage
-            const int s_next = s0 + 16 * (RING - 1);
             const int st_next = stage == 0 ? RING - 1 : stage - 1;
-            if (s_next < w_end) issue_tile(ring + st_next * STAGE_BYTES, feed, a, s_next, w_end);
+            if (s_issue + 16 <= w_end) issue_tile<true>(ring_s + st_next * STAGE_BYTES, feed, a, 16);
+            else if (s_issue < w_end) issue_tile<false>(ring_s + st_next * STAGE_BYTES, feed, a, w_end - s_issue);
+            s_issue += 16;
             cp_async_commit();
             cp_async_wait<RING - 1>();
             __syncwarp();
-            read_tile(cur, ring + stage * STAGE_BYTES, a, b, shifts, s0, w_end, key_offset, g, t);
+            if (s0 + 16 <= w_end) read_tile<true>(cur, ring + stage * STAGE_BYTES, a, b, shifts, s0, 16, key_offset, g, t);
+            else read_tile<false>(cur, ring + stage * STAGE_BYTES, a, b, shifts, s0, w_end - s0, key_offset, g, t);
             __syncwarp();  // every lane has its operands before the stage is refilled
             stage = stage == RING - 1 ? 0 : stage + 1;
         }
