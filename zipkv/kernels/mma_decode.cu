@@ -130,27 +130,22 @@ __device__ __forceinline__ u32 codes_half2(u32 w) {
     return r;
 }
 
-// p is a compile-time constant after unrolling.
-template <int BITS>
-__device__ __forceinline__ u32 codes_plane(u32 w, int p) {
-    if (BITS == 8) return codes_half2<8, 0>(w);
-    if (BITS == 4) return p == 0 ? codes_half2<4, 0>(w) : codes_half2<4, 1>(w);
-    switch (p) {
-        case 0: return codes_half2<2, 0>(w);
-        case 1: return codes_half2<2, 1>(w);
-        case 2: return codes_half2<2, 2>(w);
-        default: return codes_half2<2, 3>(w);
-    }
+template <int BITS, int P, bool MAGIC>
+__device__ __forceinline__ u32 plane_half2(u32 w) {
+    return MAGIC ? magic_half2<BITS, P>(w) : codes_half2<BITS, P>(w);
 }
-template <int BITS>
-__device__ __forceinline__ u32 magic_plane(u32 w, int p) {
-    if (BITS == 8) return magic_half2<8, 0>(w);
-    if (BITS == 4) return p == 0 ? magic_half2<4, 0>(w) : magic_half2<4, 1>(w);
+
+// Plane p of two packed bytes as fp16x2: the codes, or (MAGIC) 1024 + code * 2^(p*BITS).
+// p is a compile-time constant after unrolling.
+template <int BITS, bool MAGIC>
+__device__ __forceinline__ u32 unpack_plane(u32 w, int p) {
+    if (BITS == 8) return plane_half2<8, 0, MAGIC>(w);
+    if (BITS == 4) return p == 0 ? plane_half2<4, 0, MAGIC>(w) : plane_half2<4, 1, MAGIC>(w);
     switch (p) {
-        case 0: return magic_half2<2, 0>(w);
-        case 1: return magic_half2<2, 1>(w);
-        case 2: return magic_half2<2, 2>(w);
-        default: return magic_half2<2, 3>(w);
+        case 0: return plane_half2<2, 0, MAGIC>(w);
+        case 1: return plane_half2<2, 1, MAGIC>(w);
+        case 2: return plane_half2<2, 2, MAGIC>(w);
+        default: return plane_half2<2, 3, MAGIC>(w);
     }
 }
 
@@ -391,8 +386,8 @@ __device__ __forceinline__ void tile_scores(float* c, const Tile& T, const u32* 
 #pragma unroll
         for (int p = 0; p < KP; p++) {
             const int ks = p * (KB / 4) + j;
-            mma16816(c2[ks & 1], magic_plane<KBITS>(lo0, p), magic_plane<KBITS>(lo1, p), magic_plane<KBITS>(hi0, p),
-                     magic_plane<KBITS>(hi1, p), b0[ks], b1[ks]);
+            mma16816(c2[ks & 1], unpack_plane<KBITS, true>(lo0, p), unpack_plane<KBITS, true>(lo1, p), unpack_plane<KBITS, true>(hi0, p),
+                     unpack_plane<KBITS, true>(hi1, p), b0[ks], b1[ks]);
         }
     }
 #pragma unroll
@@ -412,8 +407,8 @@ __device__ __forceinline__ void tile_values(float (*acc)[4], const Tile& T, u32 
 #pragma unroll
         for (int p = 0; p < VP; p++) {
             const int u = (p * VB + bi) / 2;
-            mma16816(acc[u], codes_plane<VBITS>(lo0, p), codes_plane<VBITS>(lo1, p), codes_plane<VBITS>(hi0, p),
-                     codes_plane<VBITS>(hi1, p), pb0, pb1);
+            mma16816(acc[u], unpack_plane<VBITS, false>(lo0, p), unpack_plane<VBITS, false>(lo1, p), unpack_plane<VBITS, false>(hi0, p),
+                     unpack_plane<VBITS, false>(hi1, p), pb0, pb1);
         }
     }
 }
