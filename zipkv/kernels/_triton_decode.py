@@ -654,7 +654,7 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, ca
     12-18% faster at 32K x 8 on the H100), v5 otherwise (KIVI's 32-token groups make v6 redo
     the key dequantization per group in each block: 2.5% slower there; results/v6.json).
 
-    cuda_kernel (v7-v8, mma_decode.cu): packed tiers that the CUDA tensor-core kernel supports
+    cuda_kernel (v7-v9, mma_decode.cu): packed tiers that the CUDA tensor-core kernel supports
     (mma_decode.mma_supported) go through it, one launch per tier, with mma_warps warps per
     block, mma_min_blocks blocks per SM for the register budget, mma_ring stages of each warp's
     cp.async copy ring in shared memory (v8) and about mma_ctas_per_sm blocks per SM in all;

@@ -1,5 +1,5 @@
 // Split-K decode attention over ONE packed tier, on tensor cores with hand-placed fragments
-// (v8, issue 6). The host (mma_decode.py) compiles it with NVRTC, once per configuration,
+// (v9, issue 6). The host (mma_decode.py) compiles it with NVRTC, once per configuration,
 // with the #defines below prepended; the Triton kernel still takes the fp16 part and the
 // log-sum-exp merge. Reference: decode_attention_reference (decode_attention.py).
 //
@@ -29,7 +29,9 @@
 //
 // Codes become fp16 with the magic-number trick: a byte x placed under 0x64 reads as
 // 1024 + x in fp16 (exact); masking plane p leaves 1024 + code * 2^(p*BITS), and one fma by
-// 2^-(p*BITS) gives the code exactly.
+// 2^-(p*BITS) gives the code exactly. Value codes take that fma; key codes enter the score mma
+// as the masked word itself, their offset and weight folded into the group's operand (v9,
+// group_operand).
 //
 // Configuration (#define): D, KBITS, VBITS, RT (rows = R*TQ <= 8), R, TQ, HAS_VCH (0/1),
 // HAS_MASK (0/1: bool keep-mask [B, Nt]), BF16 (0/1: q and all parameters are bf16, else fp16),

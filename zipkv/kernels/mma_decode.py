@@ -1,4 +1,4 @@
-"""Host side of the CUDA tensor-core decode kernel over one packed tier (mma_decode.cu, v8).
+"""Host side of the CUDA tensor-core decode kernel over one packed tier (mma_decode.cu, v9).
 
 The kernel is compiled at run time with NVRTC (`torch.cuda._compile_kernel`), once per
 configuration (head dim, bits, GQA rows, mask, dtype, warps), and launched on the current
