@@ -217,7 +217,6 @@ struct Feed {
     u32 k_dst, v_dst, m_dst;   // stage-relative shared offsets
     int k_row, v_row;          // tile row of the first key / value piece
     int m_tok, m_log;          // first token of the parameter piece relative to the tile; log2 bytes per token
-    int m_full;                // bytes of it a full tile copies (a scale window's last piece: part)
     bool m_on;
 };
 
@@ -253,8 +252,13 @@ __device__ __forceinline__ Feed make_feed(const Args& a, int b, int h, int lane,
         f.m_log = 1;
     }
     f.m += (long long)s_first << f.m_log;
-    f.m_full = max(0, min(16 >> f.m_log, 16 - f.m_tok)) << f.m_log;
     return f;
+}
+
+// Bytes of the lane's parameter piece inside a tile of `rows` valid tokens (a scale window's
+// last piece reaches past the tile: part of it, or none).
+__device__ __forceinline__ int param_bytes(const Feed& f, int rows) {
+    return max(0, min(16 >> f.m_log, rows - f.m_tok)) << f.m_log;
 }
 
 // 16 rows of ROW bytes (token stride `stride` bytes) into a stage region of row pitch PITCH:
@@ -285,7 +289,7 @@ __device__ __forceinline__ void issue_tile(u32 st, Feed& f, const Args& a, int r
     copy_rows<W, W, FULL>(st + f.k_dst, f.k, f.k_row, (int)a.skc_n, rows);
     copy_rows<WV, VPITCH, FULL>(st + f.v_dst, f.v, f.v_row, (int)a.svc_n, rows);
     if (f.m_on) {
-        const int n = FULL ? f.m_full : max(0, min(16 >> f.m_log, rows - f.m_tok)) << f.m_log;
+        const int n = param_bytes(f, FULL ? 16 : rows);
         cp_async16(st + f.m_dst, n ? f.m : f.v, n);
     }
     f.k += 16 * (int)a.skc_n;
