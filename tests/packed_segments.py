@@ -1,5 +1,7 @@
 """Packed tiers built like the cache builds them (zipkv.quant), for the decode-kernel tests."""
 
+import dataclasses
+
 import torch
 
 from zipkv.kernels.packed import PackedSegment
@@ -57,3 +59,9 @@ def in_capacity(seg, extra, gen):
     return PackedSegment(seg.bits, grow(seg.k_codes, 2), seg.k_scale, seg.k_min, grow(seg.token_group, 0),
                          grow(seg.v_codes, 2), grow(seg.v_scale, 2), grow(seg.v_min, 2), seg.v_channel,
                          None if seg.token_chunk is None else grow(seg.token_chunk, 0), value_bits=seg.value_bits)
+
+
+def to_cuda(seg):
+    """seg with every tensor moved to the GPU."""
+    return dataclasses.replace(seg, **{f.name: getattr(seg, f.name).cuda() for f in dataclasses.fields(seg)
+                                       if isinstance(getattr(seg, f.name), torch.Tensor)})

@@ -7,19 +7,10 @@ under the interpreter). Run them on the lent GPU: pytest tests/test_kernels_mma.
 import pytest
 import torch
 
-from packed_segments import in_capacity, make_segment, rel_err
+from packed_segments import in_capacity, make_segment, rel_err, to_cuda
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 0),
                                reason="needs a CUDA GPU with compute capability >= 8.0")
-
-
-def _cuda(seg):
-    for name in ("k_codes", "k_scale", "k_min", "token_group", "v_codes", "v_scale", "v_min", "v_channel",
-                 "token_chunk"):
-        t = getattr(seg, name)
-        if t is not None:
-            setattr(seg, name, t.cuda())
-    return seg
 
 
 def _run(q, segs, kf, vf, mask=None, lengths=None, **tuning):
@@ -65,7 +56,7 @@ def test_mma_decode_matches_reference(d, kbits, vbits, key_group, cs, r, tq):
     keep[1, :300] = False   # left padding that ends inside a tile
     keep[2, 500:520] = False
     refs = {True: decode_attention_reference(q, segs, kf, vf, mask=keep), False: decode_attention_reference(q, segs, kf, vf)}
-    segs = [_cuda(s) for s in segs]
+    segs = [to_cuda(s) for s in segs]
     for mask in (None, keep.cuda()):
         want = refs[mask is not None]
         for tuning in TUNINGS if kbits == 4 and d == 128 else TUNINGS[:1]:
@@ -92,7 +83,7 @@ def test_mma_decode_long_ranges_keep_precision(kbits, vbits):
     kf, vf = torch.randn(b, hkv, 3, d, generator=g).half(), torch.randn(b, hkv, 3, d, generator=g).half()
     q = torch.randn(b, hkv * r, 1, d, generator=g).half()
     ref = decode_attention_reference(q, [seg], kf, vf)
-    seg = _cuda(seg)
+    seg = to_cuda(seg)
     out = _run(q.cuda(), [seg], kf.cuda(), vf.cuda(), mma_ctas_per_sm=1, mma_min_blocks=2)
     assert rel_err(out.cpu(), ref) < 3e-3
 
@@ -103,7 +94,7 @@ def test_mma_decode_bf16_and_fully_masked_row():
 
     g = torch.Generator().manual_seed(5)
     b, hkv, r, d = 2, 2, 4, 128
-    segs = [_cuda(make_segment(b, hkv, 333, d, 4, cs=True, pieces=3, gen=g, value_bits=2, dtype=torch.bfloat16))]
+    segs = [to_cuda(make_segment(b, hkv, 333, d, 4, cs=True, pieces=3, gen=g, value_bits=2, dtype=torch.bfloat16))]
     kf = torch.randn(b, hkv, 5, d, generator=g).bfloat16().cuda()
     vf = torch.randn(b, hkv, 5, d, generator=g).bfloat16().cuda()
     q = torch.randn(b, hkv * r, 1, d, generator=g).bfloat16().cuda()
@@ -130,7 +121,7 @@ def test_mma_decode_reads_device_lengths():
     q = torch.randn(b, hkv * r, 1, d, generator=g).half()
     ref = decode_attention_reference(q, [seg], kf, vf)
 
-    cap = _cuda(in_capacity(seg, 90, g))
+    cap = to_cuda(in_capacity(seg, 90, g))
     kf_cap = torch.cat([kf, torch.randn(b, hkv, 7, d, generator=g).half() * 10], dim=2).cuda()
     vf_cap = torch.cat([vf, torch.randn(b, hkv, 7, d, generator=g).half() * 10], dim=2).cuda()
     lengths = torch.tensor([150, 9], dtype=torch.int32, device="cuda")
@@ -151,7 +142,7 @@ def test_mma_decode_leaves_uncopyable_tiers_to_triton():
     kf, vf = torch.randn(b, hkv, 3, d, generator=g).half(), torch.randn(b, hkv, 3, d, generator=g).half()
     q = torch.randn(b, hkv * r, 1, d, generator=g).half()
     ref = decode_attention_reference(q, [seg], kf, vf)
-    seg = _cuda(seg)
+    seg = to_cuda(seg)
     seg.v_scale = torch.cat([seg.v_scale, seg.v_scale], dim=3)[..., :1]  # token stride 2
     seg.v_min = torch.cat([seg.v_min, seg.v_min], dim=3)[..., :1]
     out = decode_attention(q.cuda(), [seg], kf.cuda(), vf.cuda(), impl="triton")
@@ -167,13 +158,13 @@ def test_mma_decode_refuses_what_it_cannot_read():
     from zipkv.kernels.mma_decode import mma_supported
 
     g = torch.Generator().manual_seed(3)
-    seg = _cuda(make_segment(1, 2, 64, 64, 4, value_group=32, cs=False, gen=g))
+    seg = to_cuda(make_segment(1, 2, 64, 64, 4, value_group=32, cs=False, gen=g))
     q = torch.randn(1, 8, 1, 64, generator=g).half().cuda()
     assert "value_group" in mma_supported(q, seg, 0, False, False)
     with pytest.raises(ValueError, match="cuda_kernel=True"):
         decode_attention(q, [seg], impl="triton", cuda_kernel=True)
     assert "rows" in mma_supported(torch.zeros(1, 18, 1, 64, device="cuda").half(),
-                                   _cuda(make_segment(1, 2, 64, 64, 4, gen=g)), 0, False, False)
+                                   to_cuda(make_segment(1, 2, 64, 64, 4, gen=g)), 0, False, False)
 
 
 def test_cpu_says_why_the_cuda_kernel_cannot_run():

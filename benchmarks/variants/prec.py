@@ -2,16 +2,8 @@
 import sys
 import torch
 sys.path[:0] = ["tests", "."]
-from packed_segments import make_segment, rel_err
+from packed_segments import make_segment, rel_err, to_cuda
 from zipkv.kernels.decode_attention import decode_attention, decode_attention_reference
-
-
-def cuda(seg):
-    for name in ("k_codes", "k_scale", "k_min", "token_group", "v_codes", "v_scale", "v_min", "v_channel", "token_chunk"):
-        t = getattr(seg, name)
-        if t is not None:
-            setattr(seg, name, t.cuda())
-    return seg
 
 
 for n in (1024, 32768):
@@ -23,7 +15,7 @@ for n in (1024, 32768):
             kf, vf = torch.randn(b, hkv, 3, d, generator=g).half(), torch.randn(b, hkv, 3, d, generator=g).half()
             q = torch.randn(b, hkv * r, 1, d, generator=g).half()
             ref = decode_attention_reference(q, [seg], kf, vf)
-            seg = cuda(seg)
+            seg = to_cuda(seg)
             out = decode_attention(q.cuda(), [seg], kf.cuda(), vf.cuda(), impl="triton", cuda_kernel=True,
                                    mma_ctas_per_sm=1, mma_min_blocks=2)
             out4 = decode_attention(q.cuda(), [seg], kf.cuda(), vf.cuda(), impl="triton", cuda_kernel=True)
