@@ -152,17 +152,19 @@ class ZipCacheLayer(ZipkvLayer):
             raise self.missing_attention_error()
         n = key_states.shape[2]
         b = key_states.shape[0]
-        stored = to_store_dtype(key_states, self.store_dtype, "key_states", self.layer_idx)
+        # Detached at the door: quantization is not differentiable, and a held tensor that
+        # requires grad would keep the forward's whole autograd graph alive with the cache.
+        stored = to_store_dtype(key_states.detach(), self.store_dtype, "key_states", self.layer_idx)
         self.keys = torch.cat([self.keys, stored], dim=2)
-        stored = to_store_dtype(value_states, self.store_dtype, "value_states", self.layer_idx)
+        stored = to_store_dtype(value_states.detach(), self.store_dtype, "value_states", self.layer_idx)
         self.values = torch.cat([self.values, stored], dim=2)
         if self.settings.needs_queries:
             self.score_sum = torch.cat([self.score_sum, self.score_sum.new_zeros(b, self.score_sum.shape[1], n)], dim=2)
             self.score_count = torch.cat([self.score_count, self.score_count.new_zeros(b, 1, n)], dim=2)
         self.is_real = torch.cat([self.is_real, self.is_real.new_ones(b, n)], dim=1)
         self.is_sink = torch.cat([self.is_sink, self.is_sink.new_zeros(b, n)], dim=1)
-        if self.settings.lossless:
-            return self.keys, self.values
+        if self.settings.lossless:  # the prefill attends (and differentiates) like DynamicCache
+            return (key_states, value_states) if self.keys.shape[2] == n else (self.keys, self.values)
         # zipkv attention (switched on by the cache) takes over from here: attend(), then
         # score and compress. Compression waits until attention has read what was returned.
         self.awaiting_queries = True
@@ -227,6 +229,11 @@ class ZipCacheLayer(ZipkvLayer):
         hold more tiers (zipkv.vlm) extend this list and everything else follows."""
         return [self.low, self.high]
 
+    def fp16_token_flags(self) -> dict:
+        """Per-token bool flags [B, n_fp] of the fp16 part that a subclass's policy keeps
+        beyond the base ones (a VLM layer: is_visual); the static form mirrors them."""
+        return {}
+
     def attention_inputs(self):
         """[tiers | fp16] keys and values, the quantized tiers dequantized (reference path,
         correct with any attention implementation)."""
@@ -283,6 +290,8 @@ class ZipCacheLayer(ZipkvLayer):
         pass over the keys.
         """
         self.awaiting_queries = False
+        # scores are kept: detached, so they hold no autograd graph
+        query, lse = query.detach(), None if lse is None else lse.detach()
         q_len, n_fp = query.shape[2], self.keys.shape[2]
         batch = query.shape[0]
         mask = self._mark_padding(attention_mask, q_len)

@@ -27,6 +27,8 @@ from .layer import ZipCacheLayer, _gather_tokens, salient_split
 from .static_tier import StaticTier
 from .tier import PackedTier
 
+_STATIC_FORMS: dict[type, type] = {}  # eager layer class -> its static class (built once)
+
 
 def _future_blocks(settings, n_fp: int, extra_tokens: int) -> int:
     """Upper bound on the blocks quantized while `extra_tokens` more tokens arrive."""
@@ -34,36 +36,63 @@ def _future_blocks(settings, n_fp: int, extra_tokens: int) -> int:
     return max(0, (n_fp + extra_tokens - s.residual_length) // s.stream_interval) + 1
 
 
+def static_form_of(layer_class: type) -> type:
+    """The static class of an eager ZipCacheLayer class: StaticZipLayer's buffers and decode
+    step in front of the eager class's policy (a VLM layer keeps its four-tier block split), so
+    a flush between replays quantizes exactly as the eager layer would."""
+    if layer_class is ZipCacheLayer or issubclass(layer_class, StaticZipLayer):
+        return StaticZipLayer if layer_class is ZipCacheLayer else layer_class
+    if layer_class not in _STATIC_FORMS:
+        _STATIC_FORMS[layer_class] = type(f"Static{layer_class.__name__}", (StaticZipLayer, layer_class), {})
+    return _STATIC_FORMS[layer_class]
+
+
+def tier_attributes(layer) -> list[tuple[str, object]]:
+    """(attribute name, tier) of every tier of `layer`, in attention order."""
+    names = {id(value): name for name, value in vars(layer).items()}
+    return [(names[id(tier)], tier) for tier in layer.tiers()]
+
+
 class StaticZipLayer(ZipCacheLayer):
     @classmethod
     def from_layer(cls, layer: ZipCacheLayer, extra_tokens: int, prompt_padding: torch.Tensor | None):
         """A static copy of an eager layer that holds a prompt, with room for `extra_tokens`
-        more tokens. prompt_padding: [B] padding tokens of each row's prompt (None: none)."""
+        more tokens. prompt_padding: [B] padding tokens of each row's prompt (None: none).
+        Every tier of the layer is copied (a VLM layer's visual tiers too), so the static
+        form holds every token the eager one did."""
         s = layer.settings
         if not layer.is_initialized:
             raise ValueError(f"layer {layer.layer_idx}: to_static() needs a cache that holds the prompt")
-        for tier in layer.tiers():
-            if not isinstance(tier, PackedTier):
-                raise ValueError("static (CUDA-graph) decoding needs quantized tiers; 16-bit tiers are not supported")
+        tiers = tier_attributes(layer)
+        for name, tier in tiers:
+            # low and high receive every decoded block; other tiers only what the window holds now
+            if not isinstance(tier, PackedTier) and (name in ("low", "high") or tier.num_tokens):
+                raise ValueError(
+                    f"layer {layer.layer_idx}: static (CUDA-graph) decoding reads packed tiers; the {name!r} tier is a "
+                    f"{type(tier).__name__} ({getattr(tier, 'bits', '?')} bits), which the decode kernel cannot read "
+                    "(16-bit and VidKV tiers are not supported): decode with model.generate() instead")
         if layer.awaiting_queries:
             raise layer.missing_attention_error()
-        self = cls.__new__(cls)
-        ZipCacheLayer.__init__(self, s, layer.layer_idx)
-        self.owner = layer.owner
-        self.dtype, self.device, self.store_dtype = layer.dtype, layer.device, layer.store_dtype
-        self.is_initialized = True
-        self.num_sinks, self.sinks_chosen, self.prompt_done = layer.num_sinks, layer.sinks_chosen, True
+        self = static_form_of(type(layer)).__new__(static_form_of(type(layer)))
+        self.__dict__.update(vars(layer))  # the policy's own state (settings, sinks, VLM tags and counts)
+        self.prompt_done = True
 
         b, h, n_fp, d = layer.keys.shape
         blocks = _future_blocks(s, n_fp, extra_tokens)
         block_tokens = blocks * s.stream_interval
         groups = blocks * (1 if s.key_group_size is None else -(-s.stream_interval // s.key_group_size))
         template = layer.keys.new_zeros(b, h, 1, d)
-        # All tokens go to the low tier unless salient ones are split off (mixed precision).
-        self.low = StaticTier(layer.low, template, block_tokens, groups, blocks)
-        high_extra = block_tokens if s.mixed_precision else 0
-        self.high = StaticTier(layer.high, template, high_extra, groups if high_extra else 0, blocks if high_extra else 0)
-        self.attended = [t for t in (self.low, self.high) if t.capacity > 0]
+        # Decoded blocks go to low, and to high when salient tokens are split off (mixed
+        # precision); other tiers (visual) can only receive what the window holds now.
+        window_groups = 1 if s.key_group_size is None else -(-n_fp // s.key_group_size)
+        room = {"low": (block_tokens, groups, blocks)}
+        room["high"] = (block_tokens, groups, blocks) if s.mixed_precision else (0, 0, 0)
+        for name, tier in tiers:
+            extra = room.get(name, (n_fp, window_groups, 1) if n_fp else (0, 0, 0))
+            setattr(self, name, StaticTier(tier, template, *extra) if isinstance(tier, PackedTier) else tier)
+        self.attended = [t for t in self.tiers() if isinstance(t, StaticTier) and t.capacity > 0]
+        if self.attended[0] is not self.low:
+            raise RuntimeError(f"layer {self.layer_idx}: the low tier must come first (padding sits at its front)")
 
         # The window: sinks, the recent residual tokens and at most one block waiting.
         w = s.sink_tokens + s.residual_length + s.stream_interval
@@ -76,6 +105,8 @@ class StaticZipLayer(ZipCacheLayer):
         self.score_win = torch.zeros((b, h if track else 0, w if track else 0), dtype=torch.float32, device=dev)
         self.count_win = torch.zeros((b, int(track), w if track else 0), dtype=torch.float32, device=dev)
         self.sink_win = torch.zeros((b, w), dtype=torch.bool, device=dev)
+        # the policy's other per-token flags of the fp16 part (a VLM layer's is_visual)
+        self.flag_win = {name: torch.zeros((b, w), dtype=torch.bool, device=dev) for name in layer.fp16_token_flags()}
         offset = sum(t.capacity for t in self.attended)
         self.pad_mask = torch.ones((b, offset + w), dtype=torch.bool, device=dev)
         self.window_offset = offset
@@ -84,7 +115,8 @@ class StaticZipLayer(ZipCacheLayer):
             tier.count_in(self.lengths, i)
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=dev)
         self.n_fp = 0
-        self._store_window(layer.keys, layer.values, layer.score_sum, layer.score_count, layer.is_real, layer.is_sink)
+        self._store_window(layer.keys, layer.values, layer.score_sum, layer.score_count, layer.is_real, layer.is_sink,
+                           layer.fp16_token_flags())
 
         pads_in_window = (~layer.is_real).sum(dim=1)
         pads = pads_in_window if prompt_padding is None else prompt_padding.to(dev)
@@ -95,7 +127,14 @@ class StaticZipLayer(ZipCacheLayer):
         self.window_padded = bool((pads_in_window > 0).any())
         self._write_low_mask()
         self.keys, self.values = self.k_win, self.v_win  # shapes for stats(); the policy gets views in flush()
+        self._drop_fp16_part_views()
         return self
+
+    def _drop_fp16_part_views(self) -> None:
+        """Between flushes the policy's fp16-part tensors live only in the window buffers."""
+        self.score_sum = self.score_count = self.is_real = self.is_sink = None
+        for name in self.flag_win:
+            setattr(self, name, None)
 
     @property
     def real_win(self) -> torch.Tensor:
@@ -103,7 +142,7 @@ class StaticZipLayer(ZipCacheLayer):
         return self.pad_mask[:, self.window_offset:]
 
     # -- host-side bookkeeping between replays ---------------------------------------------------
-    def _store_window(self, keys, values, score_sum, score_count, is_real, is_sink) -> None:
+    def _store_window(self, keys, values, score_sum, score_count, is_real, is_sink, flags) -> None:
         """Put the eager fp16 part (compact tensors of n tokens) at the window's front, reset
         the slots after it, and publish the counts to the device."""
         n = keys.shape[2]
@@ -118,6 +157,9 @@ class StaticZipLayer(ZipCacheLayer):
         self.real_win[:, :n] = is_real
         self.sink_win.zero_()
         self.sink_win[:, :n] = is_sink
+        for name, flag in flags.items():
+            self.flag_win[name].zero_()
+            self.flag_win[name][:, :n] = flag
         self.n_fp = n
         # one fill per count (a host scalar in the launch): no copy from pageable memory, no wait
         for i, count in enumerate([t.num_tokens for t in self.attended] + [n]):
@@ -152,17 +194,19 @@ class StaticZipLayer(ZipCacheLayer):
         self.keys, self.values = self.k_win[:, :, :n], self.v_win[:, :, :n]
         self.score_sum, self.score_count = self.score_win[:, :, :n], self.count_win[:, :, :n]
         self.is_real, self.is_sink = self.real_win[:, :n].clone(), self.sink_win[:, :n]
+        for name, flag in self.flag_win.items():
+            setattr(self, name, flag[:, :n])
         pads_before = (~self.is_real).sum(dim=1)
         self.compress_due()
         kept = [t.clone() for t in (self.keys, self.values, self.score_sum, self.score_count, self.is_real, self.is_sink)]
-        self._store_window(*kept)
+        self._store_window(*kept, {name: flag.clone() for name, flag in self.fp16_token_flags().items()})
         pads_after = (~self.is_real).sum(dim=1)
         self.pads_low = self.pads_low + pads_before - pads_after
         self.window_padded = bool((pads_after > 0).any())
         self._write_low_mask()
         # nothing but the buffers stays held (stats() counts held_tensors())
         self.keys, self.values = self.k_win, self.v_win
-        self.score_sum = self.score_count = self.is_real = self.is_sink = None
+        self._drop_fp16_part_views()
 
     # -- the same block quantization with device-side offsets (capturable) -------------------------
     def can_flush_on_device(self) -> bool:
@@ -170,6 +214,8 @@ class StaticZipLayer(ZipCacheLayer):
         chosen (they sit at the window's front), no padding in the window, exactly one block
         due, and room for it."""
         s = self.settings
+        if type(self).compress_due is not ZipCacheLayer.compress_due or type(self)._quantize_block is not ZipCacheLayer._quantize_block:
+            return False  # another policy (a VLM layer's): flush() runs it on the host
         n_high = self._salient_count()
         # A block that does not fit goes to flush(), which says so (the device path would write
         # past the buffers' end).
@@ -248,8 +294,8 @@ class StaticZipLayer(ZipCacheLayer):
 
     def held_tensors(self) -> list[torch.Tensor]:
         own = [self.k_win, self.v_win, self.score_win, self.count_win, self.sink_win, self.pad_mask,
-               self.lengths, self.nonfinite, self.pads_low]
-        return own + [t for tier in (self.low, self.high) for t in tier.tensors()]
+               self.lengths, self.nonfinite, self.pads_low, *self.flag_win.values()]
+        return own + [t for tier in self.tiers() for t in tier.tensors()]
 
     def _select_batch(self, index):
         raise NotImplementedError("a static (CUDA-graph) cache keeps its batch rows; select rows before to_static()")

@@ -242,6 +242,9 @@ class VisualZipCacheLayer(ZipCacheLayer):
             return []
         return super().held_tensors() + [self.is_visual]
 
+    def fp16_token_flags(self) -> dict:
+        return {"is_visual": self.is_visual}
+
     def fp16_part_kinds(self) -> list[list[int]]:
         """Per row, [text, visual, padding] tokens in the fp16 part."""
         visual = (self.is_visual & self.is_real).sum(dim=1).tolist()
