@@ -81,7 +81,7 @@ def compile_sm90(fn, args, kwargs, label):
 def main():
     os.environ.pop("TRITON_INTERPRET", None)
     from zipkv.kernels import _triton_decode as td
-    from zipkv.kernels import bench_decode as bd
+    from benchmarks import bench_decode as bd
 
     rec = Recorder(td._decode_kernel)
     merge = Recorder(td._merge_kernel)

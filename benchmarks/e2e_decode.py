@@ -7,8 +7,9 @@ prefill forward), then decode steps (one model forward of one token per sequence
 next token) are timed with CUDA events after warm-up; the median is reported.
 
     python -m benchmarks.e2e_decode --out $OUT --tag e2e_h100            # GPU, full shapes
-    python -m benchmarks.e2e_decode --tiny --device cpu --shapes 1x64,2x64  # CPU smoke test
-    python -m benchmarks.e2e_decode --plot benchmarks/results/e2e_h100.json
+    python -m benchmarks.e2e_decode --device cpu                          # CPU: tiny model, about a minute
+    python -m benchmarks.e2e_decode --plot benchmarks/results/e2e_graph_v9.json
+(`zipkv bench-e2e` from a checkout takes the same options, zipkv/bench_cli.py.)
 
 Caches (--caches):
   dynamic      transformers DynamicCache (bf16)
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -51,8 +53,8 @@ import types
 
 import torch
 
-CACHES = ("dynamic", "quanto2", "zip_packed", "zip_dequant", "kivi", "zip_graph", "kivi_graph", "zipkv_graph",
-          "static_graph")
+from zipkv.bench_cli import E2E_CACHES as CACHES
+from zipkv.bench_cli import E2E_SHAPES, add_e2e_arguments
 ZIPKV = ("zip_packed", "zip_dequant", "kivi", "zip_graph", "kivi_graph", "zipkv_graph")
 GRAPH = ("zip_graph", "kivi_graph", "zipkv_graph", "static_graph")
 GiB = 2**30
@@ -149,7 +151,7 @@ def copy_bandwidth(device, nbytes=1 << 30, reps=20) -> dict:
     """Device-to-device copy, bytes read + written (the roofline's bandwidth)."""
     if device.type != "cuda":
         return {"gbps": float("nan"), "note": "no GPU"}
-    from zipkv.kernels.timing import copy_ceiling
+    from benchmarks.timing import copy_ceiling
 
     return copy_ceiling(nbytes, reps)
 
@@ -603,9 +605,13 @@ def plot(res: dict, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cases = [c for c in res["cases"] if "ms_per_step" in c and c["context"] >= 1024]
+    # the run's own shapes (not the floor-context rows); older JSONs: contexts >= 1024
+    run_shapes = {tuple(s) for s in res.get("shapes", [])}
+    cases = [c for c in res["cases"] if "ms_per_step" in c
+             and ((c["batch"], c["context"]) in run_shapes if run_shapes else c["context"] >= 1024)]
     shapes = sorted({(c["batch"], c["context"]) for c in cases})
     kinds = [k for k in CACHES if any(c["cache"] == k for c in cases)]
+    gpu = res.get("device", {}).get("gpu")  # a CPU run measures no memory: its panel shows cache bytes
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), gridspec_kw={"width_ratios": [3, 3, 1.4]})
     width = 0.8 / max(1, len(kinds))
     for i, k in enumerate(kinds):
@@ -617,7 +623,7 @@ def plot(res: dict, path: str) -> None:
             xs.append(j + i * width)
             tps.append(c["tokens_per_s"])
             roof.append(c["batch"] / (c["roofline_ms"] / 1e3) if c.get("roofline_ms") else float("nan"))
-            mem.append(c["peak_decode_gib"])
+            mem.append(c["peak_decode_gib"] if gpu else c["cache_bytes"] / 2**20)
         bars = axes[0].bar(xs, tps, width, label=k)
         axes[0].scatter(xs, roof, marker="_", s=200, color=bars.patches[0].get_facecolor() if bars.patches else "k")
         axes[1].bar(xs, mem, width, label=k)
@@ -636,13 +642,16 @@ def plot(res: dict, path: str) -> None:
         axes[2].set_title(f"tok/s at the largest batch tried that fits,\n{ctx // 1024}K context", fontsize=10)
     else:
         axes[2].set_visible(False)  # no largest-batch search in this run
-    for ax, title in zip(axes[:2], ("decode tokens/s (bars) and roofline (dashes)", "peak memory during decode (GiB)")):
-        ax.set_xticks(ticks, [f"{b} x {n // 1024}K" for b, n in shapes])
+    memory_title = "peak memory during decode (GiB)" if gpu else "bytes the cache holds (MiB)"
+    for ax, title in zip(axes[:2], ("decode tokens/s (bars) and roofline (dashes)", memory_title)):
+        ax.set_xticks(ticks, [f"{b} x {n // 1024}K" if n >= 1024 else f"{b} x {n}" for b, n in shapes])
         ax.set_title(title)
         ax.legend(fontsize=8)
     axes[0].set_yscale("log")
     dev = res.get("device", {})
-    fig.suptitle(f"e2e decode, Llama-3-8B shapes ({res.get('layers')} layers, random bf16), {dev.get('gpu', dev.get('device'))}")
+    model = res.get("model", "Llama-3-8B shapes")
+    fig.suptitle(f"e2e decode, {model} ({res.get('layers')} layers, random {res.get('dtype', 'bfloat16')}), "
+                 f"{dev.get('gpu', dev.get('device'))}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -651,34 +660,8 @@ def plot(res: dict, path: str) -> None:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m benchmarks.e2e_decode", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(ap)
+    add_e2e_arguments(ap)
     return ap.parse_args(argv)
-
-
-def add_arguments(ap) -> None:
-    """The benchmark's options (also `zipkv bench-e2e`'s)."""
-    ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
-    ap.add_argument("--tag", default="e2e")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--tiny", action="store_true", help="tiny Llama (2 layers, hidden 256) for a CPU smoke test")
-    ap.add_argument("--layers", type=int, default=0, help="override the number of layers (0: the config's)")
-    ap.add_argument("--shapes", default="1x32768,8x32768", help="batch x context list")
-    ap.add_argument("--caches", default=",".join(CACHES))
-    ap.add_argument("--floor-context", type=int, default=128,
-                    help="also time DynamicCache at this context per batch (weights + overhead floor); 0: off")
-    ap.add_argument("--profile", default="all", help="caches profiled at the largest shape ('all': every cache, contexts >= 1024)")
-    ap.add_argument("--fill-chunk-mb", type=float, default=256, help="fp16 K+V per zipkv fill chunk")
-    ap.add_argument("--max-batch", default="dynamic,zip_packed", help="caches for the largest-batch search")
-    ap.add_argument("--max-batch-context", type=int, default=0, help="0: the largest context of --shapes")
-    ap.add_argument("--max-tries", type=int, default=4)
-    ap.add_argument("--warmup", type=int, default=8)
-    ap.add_argument("--warmup-slow", type=int, default=2)
-    ap.add_argument("--reps", type=int, default=12)
-    ap.add_argument("--graph-runs", type=int, default=5, help="graph caches: timed runs of K steps each")
-    ap.add_argument("--case-cap-s", type=float, default=15.0, help="stop timing a case after this long (>= 3 steps)")
-    ap.add_argument("--deadline-s", type=float, default=0, help="skip what is left after this long (0: none)")
-    ap.add_argument("--plot", default="", help="only plot this JSON (PNG beside it)")
 
 
 def main(argv=None, args=None) -> dict:
@@ -693,6 +676,7 @@ def main(argv=None, args=None) -> dict:
     FILL_CHUNK_BYTES = int(args.fill_chunk_mb * 2**20)
     t_start = time.perf_counter()
     deadline = t_start + args.deadline_s if args.deadline_s else float("inf")
+    resolve_defaults(args)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
@@ -714,6 +698,7 @@ def main(argv=None, args=None) -> dict:
     model, config = build_model(args, device)
     sync(device)
     w_bytes = weight_bytes_read(model)
+    res.update(model="tiny Llama" if args.tiny else "Llama-3-8B shapes", dtype=args.dtype)
     res.update(layers=config.num_hidden_layers, model_config={k: getattr(config, k, None) for k in (TINY if args.tiny else LLAMA3_8B)},
                weights_read_bytes=w_bytes, model_build_s=time.perf_counter() - t,
                model_resident_gib=mem_allocated(device) / GiB)
@@ -728,6 +713,11 @@ def main(argv=None, args=None) -> dict:
     for k in kinds:
         if k not in CACHES:
             raise ValueError(f"--caches: {k!r} is not one of {CACHES}")
+    if "quanto2" in kinds and not quanto_installed():
+        print("quanto not installed: skipped", flush=True)  # an optional baseline (pip install zipkv[quanto])
+        kinds.remove("quanto2")
+        res["skipped"] = {"quanto2": "optimum-quanto not installed"}
+    res["shapes"] = [list(s) for s in shapes]
     timer = Timer(device)
     largest = max(shapes, key=lambda s: s[0] * s[1])
     profiled = set(p for p in args.profile.split(",") if p)
@@ -768,7 +758,35 @@ def main(argv=None, args=None) -> dict:
     save()
     print(table(res), flush=True)
     print("wrote", path, flush=True)
+    write_plot(res, os.path.splitext(path)[0] + ".png")
     return res
+
+
+def quanto_installed() -> bool:
+    try:
+        return importlib.util.find_spec("optimum.quanto") is not None
+    except ModuleNotFoundError:  # no `optimum` at all
+        return False
+
+
+def resolve_defaults(args) -> None:
+    """--device: CUDA when there is one; a CPU run takes the tiny model and small shapes."""
+    if args.device is None:
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if torch.device(args.device).type == "cpu" and not args.tiny:
+        print("cpu: the tiny model (Llama-3-8B shapes need a GPU)", flush=True)
+        args.tiny = True
+    if args.shapes is None:
+        args.shapes = E2E_SHAPES["cuda" if torch.device(args.device).type == "cuda" else "cpu"]
+
+
+def write_plot(res: dict, png: str) -> None:
+    """The PNG beside the JSON, where matplotlib is installed (zipkv[eval])."""
+    if importlib.util.find_spec("matplotlib") is None:
+        print("matplotlib not installed: no PNG", flush=True)
+        return
+    plot(res, png)
+    print("wrote", png, flush=True)
 
 
 if __name__ == "__main__":

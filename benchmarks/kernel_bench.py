@@ -70,7 +70,8 @@ def parse_args(argv=None):
 
 
 def run(args) -> dict:
-    from zipkv.kernels import bench_decode as bd
+    from benchmarks import bench_decode as bd
+    from benchmarks import bench_misc
 
     os.makedirs(args.out, exist_ok=True)
     stages = [s for s in args.stages.split(",") if s]
@@ -89,7 +90,7 @@ def run(args) -> dict:
         except Exception:
             res["check_decode_error"] = traceback.format_exc()
         for extra in ("check_quantize_pack", "check_probe", "check_sparse"):
-            fn = getattr(__import__("zipkv.kernels.bench_misc", fromlist=["x"]), extra, None) if _has_misc() else None
+            fn = getattr(bench_misc, extra)
             if fn is not None:
                 try:
                     res[extra] = fn()
@@ -98,7 +99,7 @@ def run(args) -> dict:
         print("check:", json.dumps({k: v for k, v in res.items() if k.startswith("check")}, indent=1), flush=True)
         save()
     if "ceiling" in stages:
-        from zipkv.kernels.timing import copy_ceiling
+        from benchmarks.timing import copy_ceiling
 
         res["copy_ceiling"] = copy_ceiling()
         print(f"copy ceiling {res['copy_ceiling']['gbps']:.0f} GB/s", flush=True)
@@ -139,9 +140,8 @@ def run(args) -> dict:
                 res["grid"].append(row)
                 save()
                 print(_grid_line(row, args.recipes.split(",")), flush=True)
-    from zipkv.kernels import bench_misc as bm
-
-    for stage, fn in (("quant", bm.bench_quantize), ("probe", bm.bench_probe), ("sparse", bm.bench_sparse)):
+    for stage, fn in (("quant", bench_misc.bench_quantize), ("probe", bench_misc.bench_probe),
+                      ("sparse", bench_misc.bench_sparse)):
         if stage in stages:
             try:
                 res[stage] = fn()
@@ -160,12 +160,6 @@ def run(args) -> dict:
             traceback.print_exc()
     print_summary(res, args.recipes.split(","))
     return res
-
-
-def _has_misc():
-    import importlib.util
-
-    return importlib.util.find_spec("zipkv.kernels.bench_misc") is not None
 
 
 def _grid_line(row, recipes):

@@ -269,12 +269,32 @@ def test_decode_reads_token_counts_from_device_lengths(with_mask, high_value_bit
 def test_dequant_default_follows_key_group_size():
     """dequant=None: v6 (fp16 dequantization before the dots) for tiers with >= block_n tokens
     per key group, v5 for finer groups (KIVI's 32), per launch; both match the reference."""
-    from zipkv.kernels._triton_decode import LAST_LAUNCH
-
     g = torch.Generator().manual_seed(21)
     q = torch.randn(1, 8, 1, 64, generator=g).half()
     for key_group, expect in ((None, True), (16, False)):
         segs = [make_segment(1, 2, 80, 64, 4, key_group=key_group, value_bits=2, gen=g)]
-        out = decode_attention(q, segs, impl="triton", block_n=32)
-        assert LAST_LAUNCH["dequant"] is expect
+        record = {}
+        out = decode_attention(q, segs, impl="triton", block_n=32, record=record)
+        assert record["route"] == "kernels" and [t["dequant"] for t in record["triton"]] == [expect]
         assert rel_err(out, decode_attention_reference(q, segs)) < 3e-3
+
+
+def test_decode_route_is_chosen_in_one_place_and_recorded_per_call():
+    """decode_attention routes (reference / Triton / CUDA kernel) and, asked with record=,
+    says which way it went: a value of the call, not state left in a module."""
+    g = torch.Generator().manual_seed(31)
+    q = torch.randn(1, 4, 1, 64, generator=g).half()
+    segs = [make_segment(1, 2, 40, 64, 4, value_bits=2, gen=g)]
+    ref = decode_attention_reference(q, segs)
+    on_cpu = {}
+    torch.testing.assert_close(decode_attention(q, segs, record=on_cpu), ref)  # impl="auto" on a CPU tensor
+    assert on_cpu == {"route": "reference", "reason": None, "cuda_tiers": 0}
+    kernels = {}
+    out = decode_attention(q, segs, impl="triton", block_n=32, record=kernels)
+    assert rel_err(out, ref) < 3e-3
+    # no CUDA kernel on a CPU: one Triton launch over the tier, one program column per (row, KV head)
+    assert kernels["route"] == "kernels" and kernels["cuda_tiers"] == 0 and "mma" not in kernels
+    assert len(kernels["triton"]) == 1 and kernels["triton"][0]["grid"][1] == 2
+    assert decode_attention(q, segs, impl="triton", block_n=32).shape == out.shape  # no record: nothing kept
+    with pytest.raises(ValueError, match="cuda_kernel=True cannot read this tier: .*CUDA"):
+        decode_attention(q, segs, impl="triton", cuda_kernel=True)

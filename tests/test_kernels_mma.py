@@ -14,12 +14,15 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_d
 
 
 def _run(q, segs, kf, vf, mask=None, lengths=None, **tuning):
-    from zipkv.kernels._triton_decode import LAST_LAUNCH
+    """(output, launch record) through the CUDA kernel for every tier."""
     from zipkv.kernels.decode_attention import decode_attention
 
-    out = decode_attention(q, segs, kf, vf, mask=mask, lengths=lengths, impl="triton", cuda_kernel=True, **tuning)
-    assert LAST_LAUNCH["mma_tiers"] == len(segs)  # 8-bit rows of 128 channels: 2 warps' rings fit, 4 do not
-    return out
+    record = {}
+    out = decode_attention(q, segs, kf, vf, mask=mask, lengths=lengths, impl="triton", cuda_kernel=True,
+                           record=record, **tuning)
+    assert record["cuda_tiers"] == len(segs)  # 8-bit rows of 128 channels: 2 warps' rings fit, 4 do not
+    assert len(record["mma"]) == len(segs)
+    return out, record
 
 
 CASES = [  # (d, key bits, value bits, key_group, cs, R, Tq)
@@ -60,9 +63,8 @@ def test_mma_decode_matches_reference(d, kbits, vbits, key_group, cs, r, tq):
     for mask in (None, keep.cuda()):
         want = refs[mask is not None]
         for tuning in TUNINGS if kbits == 4 and d == 128 else TUNINGS[:1]:
-            out = _run(q.cuda(), segs, kf.cuda(), vf.cuda(), mask=mask, **tuning)
-            from zipkv.kernels.mma_decode import LAST
-            assert LAST["defines"]["RING"] == min(tuning.get("mma_ring", 4), 8)
+            out, record = _run(q.cuda(), segs, kf.cuda(), vf.cuda(), mask=mask, **tuning)
+            assert record["mma"][-1]["defines"]["RING"] == min(tuning.get("mma_ring", 4), 8)  # the 2-bit tier
             assert out.shape == want.shape and out.dtype == q.dtype
             assert rel_err(out.cpu(), want) < 3e-3, tuning
 
@@ -74,7 +76,7 @@ def test_mma_decode_long_ranges_keep_precision(kbits, vbits):
     tensor-core accumulators, and the scores read the key codes with their fp16 offset (taken
     back once per key group): as close to the reference as the short cases. (The Triton kernel
     is ~2x closer here and in the short cases alike: its probabilities stay fp32, this kernel's
-    enter the value mma as fp16; measured in benchmarks/NOTES.md, v9.)"""
+    enter the value mma as fp16; measured in experiments/NOTES.md, v9.)"""
     from zipkv.kernels.decode_attention import decode_attention_reference
 
     g = torch.Generator().manual_seed(kbits * 5 + vbits)
@@ -84,7 +86,7 @@ def test_mma_decode_long_ranges_keep_precision(kbits, vbits):
     q = torch.randn(b, hkv * r, 1, d, generator=g).half()
     ref = decode_attention_reference(q, [seg], kf, vf)
     seg = to_cuda(seg)
-    out = _run(q.cuda(), [seg], kf.cuda(), vf.cuda(), mma_ctas_per_sm=1, mma_min_blocks=2)
+    out, _ = _run(q.cuda(), [seg], kf.cuda(), vf.cuda(), mma_ctas_per_sm=1, mma_min_blocks=2)
     assert rel_err(out.cpu(), ref) < 3e-3
 
 
@@ -100,12 +102,12 @@ def test_mma_decode_bf16_and_fully_masked_row():
     q = torch.randn(b, hkv * r, 1, d, generator=g).bfloat16().cuda()
     keep = torch.ones(b, 338, dtype=torch.bool, device="cuda")
     keep[1, :333] = False  # row 1 sees only its fp16 part
-    out = _run(q, segs, kf, vf, mask=keep)
+    out, _ = _run(q, segs, kf, vf, mask=keep)
     ref = decode_attention_reference(q, segs, kf, vf, mask=keep)
     assert out.dtype == torch.bfloat16
     assert rel_err(out.float(), ref.float()) < 1e-2  # bf16 output rounding
     keep[1, :] = False  # nothing to attend: zeros, as the reference
-    out = _run(q, segs, kf, vf, mask=keep)
+    out, _ = _run(q, segs, kf, vf, mask=keep)
     assert out[1].abs().max().item() == 0.0
 
 
@@ -125,7 +127,7 @@ def test_mma_decode_reads_device_lengths():
     kf_cap = torch.cat([kf, torch.randn(b, hkv, 7, d, generator=g).half() * 10], dim=2).cuda()
     vf_cap = torch.cat([vf, torch.randn(b, hkv, 7, d, generator=g).half() * 10], dim=2).cuda()
     lengths = torch.tensor([150, 9], dtype=torch.int32, device="cuda")
-    out = _run(q.cuda(), [cap], kf_cap, vf_cap, lengths=lengths)
+    out, _ = _run(q.cuda(), [cap], kf_cap, vf_cap, lengths=lengths)
     assert rel_err(out.cpu(), ref) < 3e-3
 
 
@@ -133,7 +135,6 @@ def test_mma_decode_reads_device_lengths():
 def test_mma_decode_leaves_uncopyable_tiers_to_triton():
     """A tier whose value scales are not contiguous along the tokens cannot be copied in
     16-byte pieces: Triton reads it (still exactly), and cuda_kernel=True says why."""
-    from zipkv.kernels._triton_decode import LAST_LAUNCH
     from zipkv.kernels.decode_attention import decode_attention, decode_attention_reference
 
     g = torch.Generator().manual_seed(21)
@@ -145,8 +146,9 @@ def test_mma_decode_leaves_uncopyable_tiers_to_triton():
     seg = to_cuda(seg)
     seg.v_scale = torch.cat([seg.v_scale, seg.v_scale], dim=3)[..., :1]  # token stride 2
     seg.v_min = torch.cat([seg.v_min, seg.v_min], dim=3)[..., :1]
-    out = decode_attention(q.cuda(), [seg], kf.cuda(), vf.cuda(), impl="triton")
-    assert LAST_LAUNCH["mma_tiers"] == 0
+    record = {}
+    out = decode_attention(q.cuda(), [seg], kf.cuda(), vf.cuda(), impl="triton", record=record)
+    assert record["cuda_tiers"] == 0 and "mma" not in record
     assert rel_err(out.cpu(), ref) < 3e-3
     with pytest.raises(ValueError, match="unit token stride"):
         decode_attention(q.cuda(), [seg], kf.cuda(), vf.cuda(), impl="triton", cuda_kernel=True)
@@ -181,19 +183,19 @@ def test_cpu_says_why_the_cuda_kernel_cannot_run():
 def test_ring_stages_follow_alignment_and_shared_memory():
     """The copy ring's depth comes from the 48 KiB of static shared memory and its 16-byte
     pieces from the tier's strides: both decided on the host (no GPU needed)."""
-    from zipkv.kernels.mma_decode import _copy_alignment, fit_warps, ring_stages
+    from zipkv.kernels.mma_decode import copy_alignment, fit_warps, ring_stages
 
     g = torch.Generator().manual_seed(6)
     q = torch.zeros(1, 8, 1, 128, dtype=torch.float16)
     seg = make_segment(1, 2, 97, 128, 2, cs=True, gen=g)  # odd length: scale rows off 16 bytes (windows)
     assert ring_stages(q, seg, warps=2, requested=4) == 4
-    assert _copy_alignment(seg) is None
+    assert copy_alignment(seg) is None
     seg8 = make_segment(1, 2, 96, 128, 8, cs=True, gen=g)
     assert ring_stages(q, seg8, warps=2, requested=8) == 4  # 4.5 KiB stages: 4 of them fit
     assert ring_stages(q, seg8, warps=8, requested=4) == 0  # not even 2 fit beside 8 warps' rows
     assert fit_warps(q, seg, warps=4, min_blocks=3, ring=4) == (4, 3)
     assert fit_warps(q, seg8, warps=4, min_blocks=3, ring=4) == (2, 6)  # 8-bit rows: half the warps, twice the blocks
     seg.v_scale = torch.cat([seg.v_scale, seg.v_scale], dim=3)[..., :1]  # token stride 2
-    assert "unit token stride" in _copy_alignment(seg)
+    assert "unit token stride" in copy_alignment(seg)
     seg.token_group = torch.arange(194, dtype=torch.int32)[::2]
-    assert "token_group" in _copy_alignment(seg)
+    assert "token_group" in copy_alignment(seg)

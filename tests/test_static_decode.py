@@ -2,7 +2,7 @@
 
 On the CPU the static path runs eagerly (same buffers, device-side counts, the decode
 attention reference over them); the graphs themselves run on the GPU
-(benchmarks/graph_check.py, results in benchmarks/NOTES.md).
+(benchmarks/graph_check.py, results in experiments/NOTES.md).
 """
 
 import pytest

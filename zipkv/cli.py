@@ -27,7 +27,7 @@ import sys
 import time
 
 # Subcommands owned by other rooms, imported only if present.
-SUBCOMMAND_MODULES = ("zipkv.eval.cli", "zipkv.kernels.bench_cli")
+SUBCOMMAND_MODULES = ("zipkv.eval.cli", "zipkv.bench_cli")
 
 METHODS = ("zipcache", "zipkv", "kivi", "full", "uniform", "minicache")
 BIT_WIDTHS = (2, 4, 8)

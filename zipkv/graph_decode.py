@@ -1,7 +1,7 @@
 """Greedy decoding over a static ZipCache, each step one CUDA-graph replay.
 
 An eager transformers decode step is host-bound: dozens of small launches per layer and
-Python in between cost more than the bytes the step reads (benchmarks/NOTES.md). With the
+Python in between cost more than the bytes the step reads (experiments/NOTES.md). With the
 cache in preallocated buffers whose counts live on the device (`ZipCache.to_static`), a
 whole model step is a fixed sequence of kernels: it is captured once and replayed. Only the
 quantization of a block, every `stream_interval` tokens, runs between replays.

@@ -2,7 +2,7 @@
 
 v6 (constexpr DQ, tuning `dequant`): the codes are dequantized to fp16 in registers before the
 dots (q @ k^T, p @ v) instead of folding the scales into q and p; the default picks it per
-launch for tiers with >= block_n tokens per key group (benchmarks/NOTES.md, "v6").
+launch for tiers with >= block_n tokens per key group (experiments/NOTES.md, "v6").
 
 One launch: program (s, b*Hkv + h) takes one split (a contiguous token range) of one tier of
 one KV head and all its R*Tq query rows (GQA: the R query heads of that KV head share every
@@ -28,17 +28,14 @@ constexpr, so with KBITS == VBITS the code is the single-width kernel's.
 
 from __future__ import annotations
 
-import dataclasses
-
 import triton
 import triton.language as tl
 
 import torch
 
-from .packed import PackedSegment
+from .packed import PackedSegment, with_int32_indices
 
 LOG2E = 1.4426950408889634
-LAST_LAUNCH: dict = {}  # registers/spills of the last decode launch (benchmarks record it)
 _NEG_INF = tl.constexpr(float("-inf"))
 
 
@@ -638,28 +635,31 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, ca
                             block_n: int | None = None, block_n_fp: int = 64, num_warps: int = 4,
                             num_stages: int = 2, programs_per_sm: float = 32.0, maxnreg: int | None = 128,
                             use_asm: bool | None = None, tiers_per_launch: int = 2, lengths=None,
-                            dequant: bool | None = None, cuda_kernel: bool | None = None,
-                            mma_warps: int = 4, mma_min_blocks: int = 3, mma_ctas_per_sm: float = 4.0,
-                            mma_ring: int = 4):
-    """Defaults are the fastest measured on the H100 (benchmarks/NOTES.md, v5; results/v5.json).
+                            dequant: bool | None = None, cuda_tiers=None, mma_ctas_per_sm: float = 4.0,
+                            mma_ring: int = 4, record: dict | None = None):
+    """Defaults are the fastest measured on the H100 (experiments/NOTES.md, v5; experiments/results/v5.json).
 
     lengths: None, or int32 [len(segs) + 1] on the query's device: valid tokens of each tier
     and of the fp16 part, read by the kernel (the tensors are then capacity buffers and the
     launch depends on nothing that changes while decoding: CUDA-graph capturable).
 
-    dequant (v6, benchmarks/NOTES.md): dequantize codes to fp16 in registers before the
+    dequant (v6, experiments/NOTES.md): dequantize codes to fp16 in registers before the
     tensor-core dots (q @ k^T, p @ v) instead of folding the scales into the other operand
     (v5: (q*s) @ codes + q.m, (p*s) @ codes + p.m per value unit). None (default): v6 for a
     launch whose tiers average >= block_n tokens per key group (ZipCache, the zipkv preset:
     12-18% faster at 32K x 8 on the H100), v5 otherwise (KIVI's 32-token groups make v6 redo
-    the key dequantization per group in each block: 2.5% slower there; results/v6.json).
+    the key dequantization per group in each block: 2.5% slower there; experiments/results/v6.json).
 
-    cuda_kernel (v7-v9, mma_decode.cu): packed tiers that the CUDA tensor-core kernel supports
-    (mma_decode.mma_supported) go through it, one launch per tier, with mma_warps warps per
-    block, mma_min_blocks blocks per SM for the register budget, mma_ring stages of each warp's
+    cuda_tiers (v7-v9, mma_decode.cu): None (every tier in Triton), or one entry per tier of
+    `segs`: None (Triton reads it) or the (warps, blocks per SM) of the CUDA tensor-core kernel,
+    which then reads that tier, one launch per tier, with mma_ring stages of each warp's
     cp.async copy ring in shared memory (v8) and about mma_ctas_per_sm blocks per SM in all;
-    the fp16 part and the merge stay in Triton. None: use it where supported; False: never;
-    True: raise when a tier is not supported."""
+    the fp16 part and the merge stay in Triton. Which tiers go where is decided by the caller
+    (decode_attention.route_tiers), not here.
+
+    record: None, or a dict the launches are described in: "mma" (one entry per CUDA launch:
+    its compile-time defines and registers) and "triton" (one per Triton launch: registers,
+    spills, grid, tiling, dequant)."""
     from ._runtime import sm_count
     from . import mma_decode
 
@@ -674,11 +674,12 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, ca
     else:
         seg_lens = [lengths[i:i + 1] for i in range(len(segs))]
         fp_len = lengths[len(segs):len(segs) + 1]
-    seg_lens = [n for s, n in zip(segs, seg_lens) if s.num_tokens > 0]
-    segs = [s for s in segs if s.num_tokens > 0]
-    segs = [dataclasses.replace(s, token_group=s.token_group.to(torch.int32),
-                                token_chunk=None if s.token_chunk is None else s.token_chunk.to(torch.int32))
-            for s in segs]  # the kernel reads int32 indices
+    if cuda_tiers is None:
+        cuda_tiers = [None] * len(segs)
+    kept = [i for i, s in enumerate(segs) if s.num_tokens > 0]
+    seg_lens = [seg_lens[i] for i in kept]
+    cuda_tiers = [cuda_tiers[i] for i in kept]
+    segs = [with_int32_indices(segs[i]) for i in kept]  # the kernel reads int32 indices
     nf = k_fp.shape[2] if k_fp is not None else 0
     if block_n is None:
         block_n = 64
@@ -694,16 +695,8 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, ca
     mask_rows = mask3 is not None and mask3.shape[1] > 1
     plan = []  # (seg or None, n, tokens_per_split, splits, key_offset, (warps, blocks) for the CUDA kernel or None)
     offset = 0
-    for seg, n, w in parts:
-        mma_cfg = None
-        if seg is not None and cuda_kernel is not False:
-            reason = mma_decode.mma_supported(query, seg, mask_kind, mask_rows, causal)
-            if reason is None:
-                mma_cfg = mma_decode.fit_warps(query, seg, mma_warps, mma_min_blocks, mma_ring)
-                if mma_cfg is None:
-                    reason = f"mma_ring={mma_ring} leaves no room for 2 copy stages in 48 KiB"
-            if reason and cuda_kernel:
-                raise ValueError(f"cuda_kernel=True cannot read this tier: {reason}")
+    for i, (seg, n, w) in enumerate(parts):
+        mma_cfg = cuda_tiers[i] if seg is not None else None
         if mma_cfg:  # whole waves of resident blocks per launch (one launch per tier)
             blk = mma_decode.TOKENS_PER_TILE * mma_cfg[0]
             wave = sm_count(dev) * mma_decode.blocks_per_sm(query, seg, mask3 is not None, lengths is not None,
@@ -735,10 +728,9 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, ca
             mma_decode.launch(query, seg, None if mask3 is None else mask_t, smb, smn, po, pl, qk_scale=qk_scale,
                               tokens_per_split=ts, splits=splits, key_offset=key_offset, part_base=part_base,
                               s_total=s_total, n_dev=None if lengths is None else seg_lens[i], warps=mma_cfg[0],
-                              min_blocks=mma_cfg[1], ring=mma_ring)
+                              min_blocks=mma_cfg[1], ring=mma_ring,
+                              record=None if record is None else record.setdefault("mma", []))
             part_base += splits
-    LAST_LAUNCH["mma_tiers"] = sum(p[5] is not None for p in plan)
-    LAST_LAUNCH["mma"] = dict(mma_decode.LAST) if LAST_LAUNCH["mma_tiers"] else None
     seg_lens = [n for p, n in zip(plan, seg_lens) if not p[5]]
     packed = [p for p in plan if p[0] is not None and not p[5]]
     fp_part = next((p for p in plan if p[0] is None), None)
@@ -791,9 +783,10 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, ca
             num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
         )
         part_base += grid[0]
-        LAST_LAUNCH.update(n_regs=getattr(kernel, "n_regs", None), n_spills=getattr(kernel, "n_spills", None),
-                           grid=list(grid), block_n=block_n, num_warps=num_warps, num_stages=num_stages,
-                           dequant=bool(dq))
+        if record is not None:
+            record.setdefault("triton", []).append(dict(
+                n_regs=getattr(kernel, "n_regs", None), n_spills=getattr(kernel, "n_spills", None), grid=list(grid),
+                block_n=block_n, num_warps=num_warps, num_stages=num_stages, dequant=bool(dq)))
 
     out = torch.empty((b, hq, tq, d), device=dev, dtype=query.dtype)
     e = s_total

@@ -5,10 +5,13 @@ Key order (docs/DESIGN.md): [tiers[0] | tiers[1] | ... | fp16 part]; `mask` is o
 GQA with Hq = R * Hkv (query head i reads KV head i // R).
 
 - `decode_attention_reference`: dequantize everything to float32, softmax in float32.
-- `decode_attention`: on CUDA (or with impl="triton" under TRITON_INTERPRET=1) one split-K
-  Triton launch over all tiers reading codes + scales directly (no fp16 copy of the cache),
-  then a log-sum-exp merge launch (v5: one code path per tier, see benchmarks/NOTES.md).
-  Elsewhere it falls back to the reference.
+- `decode_attention`: the one place that routes a decode step. On CUDA (or with
+  impl="triton" under TRITON_INTERPRET=1) split-K kernels read codes + scales directly (no
+  fp16 copy of the cache): each packed tier the CUDA tensor-core kernel can read goes
+  through it (mma_decode.cu, compute capability >= 8.0; `route_tiers`), the other tiers and
+  the fp16 part through one Triton launch, then a log-sum-exp merge launch (v5-v9, see
+  experiments/NOTES.md). Elsewhere, or for shapes the kernels do not take, the reference.
+  `record=` (a dict) says which way it went and describes each launch.
 
 mask: bool (True = attend) or additive float, shaped [B, Nt], [B, Tq, Nt] or [B, 1, Tq, Nt]
 (Nt = all tokens). causal=True additionally hides from query t the keys after its own
@@ -23,7 +26,7 @@ import math
 import torch
 
 from ._runtime import use_triton
-from .packed import PackedSegment, as_segment, dequantize_segment, validate_segment
+from .packed import PackedSegment, as_segment, dequantize_segment, validate_segment, with_int32_indices
 
 
 def _check_inputs(query, segments, k_fp, v_fp):
@@ -128,12 +131,45 @@ def valid_parts(segs, k_fp, v_fp, mask, lengths):
     return cut, k_fp[:, :, :counts[-1]], v_fp[:, :, :counts[-1]], mask
 
 
+def route_tiers(query, segs, mask_kind: int, mask_rows: bool, causal: bool, cuda_kernel: bool | None = None,
+                mma_warps: int = 4, mma_min_blocks: int = 3, mma_ring: int = 4) -> list:
+    """Per tier: the (warps, blocks per SM) the CUDA tensor-core kernel reads it with, or None
+    (the Triton kernel reads it). cuda_kernel None: the CUDA kernel wherever it can
+    (mma_decode.mma_supported); False: never; True: raise for a tier it cannot read."""
+    from . import mma_decode
+
+    route = []
+    for seg in segs:
+        if seg.num_tokens == 0 or cuda_kernel is False:
+            route.append(None)
+            continue
+        seg = with_int32_indices(seg)  # what the launcher hands the kernel
+        cfg = None
+        reason = mma_decode.mma_supported(query, seg, mask_kind, mask_rows, causal)
+        if reason is None:
+            cfg = mma_decode.fit_warps(query, seg, mma_warps, mma_min_blocks, mma_ring)
+            if cfg is None:
+                reason = f"mma_ring={mma_ring} leaves no room for 2 copy stages in 48 KiB"
+        if reason and cuda_kernel:
+            raise ValueError(f"cuda_kernel=True cannot read this tier: {reason}")
+        route.append(cfg)
+    return route
+
+
 def decode_attention(query, tiers=(), k_fp=None, v_fp=None, mask=None, scale=None, causal=False,
-                     impl: str = "auto", lengths=None, **tuning):
+                     impl: str = "auto", lengths=None, record: dict | None = None, cuda_kernel: bool | None = None,
+                     mma_warps: int = 4, mma_min_blocks: int = 3, **tuning):
     """Attention output [B, Hq, Tq, D] in query's dtype. `tiers`: PackedTier-like objects in
-    key order; `k_fp`/`v_fp`: the fp16 part [B, Hkv, Nf, D] or None. `tuning` (Triton path):
+    key order; `k_fp`/`v_fp`: the fp16 part [B, Hkv, Nf, D] or None. `tuning` (kernel path):
     block_n, block_n_fp, num_warps, num_stages, programs_per_sm, maxnreg, use_asm, tiers_per_launch,
-    dequant (v6: fp16 dequantization in registers before the dots; None = per launch, by key group size).
+    dequant (v6: fp16 dequantization in registers before the dots; None = per launch, by key group size),
+    mma_ctas_per_sm, mma_ring (the CUDA kernel's blocks per SM in all and copy-ring stages);
+    cuda_kernel, mma_warps, mma_min_blocks: see route_tiers.
+
+    record: None, or a dict filled with "route" ("reference" or "kernels"), "reason" (why
+    the reference, when the kernels were wanted), "cuda_tiers" (tiers the CUDA kernel read)
+    and, on the kernel path, one entry per launch under "mma" and "triton"
+    (_triton_decode.triton_decode_attention): what benchmarks and tests read, per call.
 
     lengths (preallocated buffers, CUDA graphs): int32 [len(tiers) + 1] on the query's device,
     the valid tokens of each tier and of the fp16 part; the tiers' tensors and k_fp/v_fp are
@@ -143,23 +179,31 @@ def decode_attention(query, tiers=(), k_fp=None, v_fp=None, mask=None, scale=Non
     segs, heads = _check_inputs(query, tiers, k_fp, v_fp)
     if lengths is not None:
         _check_lengths(lengths, segs, k_fp, causal, query.device)
-    if not use_triton(query.device, impl):
-        if lengths is not None:
-            segs, k_fp, v_fp, mask = valid_parts(segs, k_fp, v_fp, mask, lengths)
-        return decode_attention_reference(query, segs, k_fp, v_fp, mask, scale, causal)
-    from ._triton_decode import triton_decode_attention, supported
+    reason = None
+    if use_triton(query.device, impl):
+        from ._triton_decode import supported
 
-    reason = supported(query, segs)
-    if reason is not None:
-        if impl == "triton":
+        reason = supported(query, segs)
+        if reason is not None and impl == "triton":
             raise ValueError(f"impl='triton' cannot run this shape: {reason}")
+    if reason is not None or not use_triton(query.device, impl):
+        if record is not None:
+            record.update(route="reference", reason=reason, cuda_tiers=0)
         if lengths is not None:
             segs, k_fp, v_fp, mask = valid_parts(segs, k_fp, v_fp, mask, lengths)
         return decode_attention_reference(query, segs, k_fp, v_fp, mask, scale, causal)
+    from ._triton_decode import triton_decode_attention
+
     b, _, tq, d = query.shape
     m3, kind = normalize_mask(mask, b, tq, total_tokens(segs, k_fp))
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    return triton_decode_attention(query, segs, k_fp, v_fp, m3, kind, scale, causal, lengths=lengths, **tuning)
+    cuda_tiers = route_tiers(query, segs, kind, m3 is not None and m3.shape[1] > 1, causal, cuda_kernel,
+                             mma_warps, mma_min_blocks, tuning.get("mma_ring", 4))
+    if record is not None:
+        record.update(route="kernels", reason=None, cuda_tiers=sum(c is not None for c in cuda_tiers))
+    return triton_decode_attention(query, segs, k_fp, v_fp, m3, kind, scale, causal, lengths=lengths,
+                                   cuda_tiers=cuda_tiers, record=record, **tuning)
 
 
-__all__ = ["PackedSegment", "decode_attention", "decode_attention_reference", "normalize_mask", "total_tokens"]
+__all__ = ["PackedSegment", "decode_attention", "decode_attention_reference", "normalize_mask", "route_tiers",
+           "total_tokens"]

@@ -69,7 +69,7 @@ def mma_supported(query, seg: PackedSegment, mask_kind: int, mask_rows: bool, ca
         return "a head's code rows span more than 2 GiB"
     if seg.token_group.dtype != torch.int32 or (seg.token_chunk is not None and seg.token_chunk.dtype != torch.int32):
         return "token_group / token_chunk must be int32"
-    return _copy_alignment(seg)
+    return copy_alignment(seg)
 
 
 _STATIC_SMEM = 48 * 1024  # the kernel's shared memory is static: at most 48 KiB per block
@@ -95,7 +95,7 @@ def fit_warps(query, seg: PackedSegment, warps: int, min_blocks: int, ring: int)
     return (warps, min_blocks) if ring_stages(query, seg, warps, ring) else None
 
 
-def _copy_alignment(seg: PackedSegment) -> str | None:
+def copy_alignment(seg: PackedSegment) -> str | None:
     """None when every tensor the ring copies in 16-byte pieces allows it, else the reason."""
     for name in ("k_codes", "v_codes"):
         t = getattr(seg, name)
@@ -147,7 +147,7 @@ def blocks_per_sm(query, seg: PackedSegment, has_mask: bool, lens_dev: bool, war
                   ring: int = 4) -> int:
     """Blocks of this configuration resident per SM (registers and shared memory decide):
     the split planner sizes each launch in whole waves of them (a launch of 1.2 waves ran its
-    last 0.2 wave on a nearly idle GPU: benchmarks/NOTES.md, v7)."""
+    last 0.2 wave on a nearly idle GPU: experiments/NOTES.md, v7)."""
     import ctypes
 
     defines = _defines(query, seg, has_mask, lens_dev, warps, min_blocks, ring)
@@ -161,23 +161,21 @@ def blocks_per_sm(query, seg: PackedSegment, has_mask: bool, lens_dev: bool, war
     return _BLOCKS_PER_SM[key]
 
 
-LAST: dict = {}  # configuration and registers of the last launch (benchmarks record it)
-
-
 def launch(query, seg: PackedSegment, mask_u8, smb: int, smn: int, po, pl, *, qk_scale: float,
            tokens_per_split: int, splits: int, key_offset: int, part_base: int, s_total: int,
-           n_dev=None, warps: int = 4, min_blocks: int = 3, ring: int = 4) -> None:
+           n_dev=None, warps: int = 4, min_blocks: int = 3, ring: int = 4, record: list | None = None) -> None:
     """One launch over `splits` splits of `tokens_per_split` tokens of `seg` for every
-    (batch row, KV head); writes po/pl rows [part_base, part_base + splits) of each."""
+    (batch row, KV head); writes po/pl rows [part_base, part_base + splits) of each.
+    record: None, or a list this launch's defines and registers are appended to (a driver
+    query: only when asked)."""
     b = query.shape[0]
     heads = seg.k_codes.shape[1]
     defines = _defines(query, seg, mask_u8 is not None, n_dev is not None, warps, min_blocks, ring)
     if defines["RING"] < 2:
         raise ValueError(f"{warps} warps leave no room for a 2-stage copy ring of this tier in 48 KiB")
     kernel = _kernel(defines)
-    if LAST.get("defines") != defines:
-        LAST.clear()
-        LAST.update(defines=defines, **registers(kernel))
+    if record is not None:
+        record.append(dict(defines=defines, **registers(kernel)))
     dummy = seg.token_group
     vch = seg.v_channel if seg.v_channel is not None else seg.v_scale
     vch_s = seg.v_channel.stride()[:3] if seg.v_channel is not None else (0, 0, 0)

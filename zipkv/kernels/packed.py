@@ -16,6 +16,7 @@ This module is deliberately independent of zipkv.quant, so the tests cross-check
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +74,13 @@ def as_segment(tier) -> PackedSegment:
     kw = {n: getattr(tier, n, None) for n in _FIELDS}
     value_bits = getattr(tier, "value_bits", None)
     return PackedSegment(bits=int(tier.bits), value_bits=None if value_bits is None else int(value_bits), **kw)
+
+
+def with_int32_indices(seg: PackedSegment) -> PackedSegment:
+    """The segment with int32 token_group / token_chunk, what the kernels read (no copy
+    when they already are)."""
+    return dataclasses.replace(seg, token_group=seg.token_group.to(torch.int32),
+                               token_chunk=None if seg.token_chunk is None else seg.token_chunk.to(torch.int32))
 
 
 def validate_segment(seg: PackedSegment, batch: int, heads: int, head_dim: int, name: str = "tiers") -> None:

@@ -9,7 +9,7 @@ decode kernel, each fused into one launch on CUDA (Triton), with its PyTorch ref
   [B, 1, W] (the reference: ~20 tiny kernels through zipkv.saliency.attention_scores).
 
 At 8 x 32K on Llama-3-8B shapes the references were ~900 launches of 2-3 us per step
-(benchmarks/NOTES.md, v9). Tests: tests/test_kernels_window.py (Triton interpreter).
+(experiments/NOTES.md, v9). Tests: tests/test_kernels_window.py (Triton interpreter).
 """
 
 from __future__ import annotations

@@ -7,13 +7,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .timing import time_calls
+from benchmarks.timing import time_calls
 
 
 def check_quantize_pack() -> list[dict]:
     from zipkv.quant.schemes import quantize_keys_channelwise, quantize_values_tokenwise
 
-    from .quantize_pack import quantize_pack_keys, quantize_pack_values
+    from zipkv.kernels.quantize_pack import quantize_pack_keys, quantize_pack_values
 
     out = []
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -32,7 +32,7 @@ def check_quantize_pack() -> list[dict]:
 
 
 def check_probe() -> list[dict]:
-    from .probe_scores import probe_scores, probe_scores_reference
+    from zipkv.kernels.probe_scores import probe_scores, probe_scores_reference
 
     g = torch.Generator(device="cuda").manual_seed(1)
     t, p = 3000, 300
@@ -46,7 +46,7 @@ def check_probe() -> list[dict]:
 
 
 def check_sparse() -> list[dict]:
-    from .sparse_prefill import sparse_prefill_attention, sparse_prefill_reference
+    from zipkv.kernels.sparse_prefill import sparse_prefill_attention, sparse_prefill_reference
 
     g = torch.Generator(device="cuda").manual_seed(2)
     q = torch.randn(1, 32, 2048, 128, device="cuda", generator=g).half()
@@ -62,7 +62,7 @@ def check_sparse() -> list[dict]:
 
 
 def bench_quantize(b=8, h=8, n=32768, d=128, reps=10) -> list[dict]:
-    from .quantize_pack import quantize_pack_keys, quantize_pack_values
+    from zipkv.kernels.quantize_pack import quantize_pack_keys, quantize_pack_values
 
     x = torch.randn(b, h, n, d, device="cuda", dtype=torch.float16)
     res = []
@@ -104,7 +104,7 @@ def llama_layer_prefill_ms(t: int, reps=5) -> dict:
 def bench_probe(contexts=(8192, 32768), reps=5, tilings=((64, 64), (128, 64), (64, 128))) -> list[dict]:
     """Probe saliency vs one layer's prefill, for ZipCache's default probes (5% recent + 5%
     random) and ZipVL's (64 recent + 64 random)."""
-    from .probe_scores import probe_scores
+    from zipkv.kernels.probe_scores import probe_scores
 
     res = []
     for t in contexts:
@@ -121,7 +121,7 @@ def bench_probe(contexts=(8192, 32768), reps=5, tilings=((64, 64), (128, 64), (6
 
 
 def bench_sparse(t=32768, fractions=(0.1, 0.3, 0.5, 1.0), reps=5) -> list[dict]:
-    from .sparse_prefill import sparse_prefill_attention
+    from zipkv.kernels.sparse_prefill import sparse_prefill_attention
 
     q = torch.randn(1, 32, t, 128, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(1, 8, t, 128, device="cuda", dtype=torch.bfloat16)

@@ -1,7 +1,7 @@
 """GPU benchmark: prefill time, peak memory and cache bytes of zipkv's VLM caches against
 full attention (DynamicCache), at real VLM language shapes with random weights.
 
-    python3 -m zipkv.vlm.bench --shape llava-1.5-7b --visual 576,2304,9216,16384 --out $OUT
+    python3 -m benchmarks.vlm_prefill --shape llava-1.5-7b --visual 576,2304,9216,16384 --out $OUT
 
 The language model runs at its real width with `--layers` decoder layers (per-layer costs
 scale with the layer count); prompts are `--text` text tokens, the visual span, and the
@@ -68,7 +68,7 @@ def build(shape: str, layers: int, device, dtype):
 def make(method: str, model, input_ids):
     from transformers import DynamicCache
 
-    from .cache import make_vlm_cache
+    from zipkv.vlm import make_vlm_cache
 
     text_config = model.config.get_text_config(decoder=True)
     if method == "dynamic":
@@ -156,7 +156,7 @@ def device_info():
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python3 -m zipkv.vlm.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python3 -m benchmarks.vlm_prefill", description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="llava-1.5-7b", choices=sorted(SHAPES))
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--text", type=int, default=32, help="text tokens before and after the visual span")
@@ -173,7 +173,7 @@ def main(argv=None):
         if getattr(args, name) < 1:
             raise ValueError(f"--{name} must be >= 1 (got {getattr(args, name)})")
     visual = [int(v) for v in args.visual.split(",")]
-    report = dict(command="python3 -m zipkv.vlm.bench " + " ".join(sys.argv[1:] if argv is None else argv),
+    report = dict(command="python3 -m benchmarks.vlm_prefill " + " ".join(sys.argv[1:] if argv is None else argv),
                   device=device_info(), started=time.strftime("%Y-%m-%d %H:%M:%S"), results=[])
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
     model = build(args.shape, args.layers, args.device, dtype)

@@ -1,7 +1,7 @@
 """Probe saliency with the prompt attention's LSE: kernel v2 vs v1 (issue 6, 8K margin).
 
-python -m benchmarks.probe_lse_v2 [--out DIR] [--reps 20]
-python -m benchmarks.probe_lse_v2 --smoke     # CPU, Triton interpreter, tiny shapes
+python -m experiments.probe_lse_v2 [--out DIR] [--reps 20]
+python -m experiments.probe_lse_v2 --smoke     # CPU, Triton interpreter, tiny shapes
 
 check  every variant vs probe_scores_reference on fresh random data on the device (GQA R = 4
        and 2, the attention op's LSE, keys no probe sees), counts exact
@@ -24,7 +24,7 @@ import traceback
 
 import torch
 
-from benchmarks import probe_lse as base
+from experiments import probe_lse as base
 
 VARIANTS = {
     "auto_default": dict(),
@@ -136,7 +136,7 @@ def kernel_profile(fn, dev):
 
 
 def time_section(dev, dtype, t, reps):
-    from zipkv.kernels.timing import time_calls
+    from benchmarks.timing import time_calls
 
     tm = base.timer(dev, reps)
     g = torch.Generator(device=dev).manual_seed(t)
@@ -181,7 +181,7 @@ def time_section(dev, dtype, t, reps):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.probe_lse_v2")
+    ap = argparse.ArgumentParser(prog="python -m experiments.probe_lse_v2")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--contexts", default="8192,32768")
@@ -207,7 +207,7 @@ def main(argv=None):
     contexts = [256] if args.smoke else [int(c) for c in args.contexts.split(",")]
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, args.name + ".json")
-    res = {"command": " ".join(["python", "-m", "benchmarks.probe_lse_v2"] + (argv if argv is not None else sys.argv[1:])),
+    res = {"command": " ".join(["python", "-m", "experiments.probe_lse_v2"] + (argv if argv is not None else sys.argv[1:])),
            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
     info = {"torch": torch.__version__}
     try:

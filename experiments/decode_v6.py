@@ -1,5 +1,5 @@
 """v6 check + timing in one device call: v5 (default) vs v6 (dequant=True: fp16 dequantization
-in registers before the tensor-core dots) on the real shapes (benchmarks/NOTES.md, "v6").
+in registers before the tensor-core dots) on the real shapes (experiments/NOTES.md, "v6").
 
 1. correctness on the GPU, fresh random quantized data vs the float32 reference (both variants;
    the three check_decode layouts, plus the static (capacity + device lengths) e2e caches);
@@ -7,7 +7,7 @@ in registers before the tensor-core dots) on the real shapes (benchmarks/NOTES.m
    (zipcache / kivi / zipkv at 8 x 32K, eager and static), medians of CUDA-graph replays with
    inputs rotated (4 layers >= 256 MB), the variants interleaved case by case.
 
-    PYTHONUNBUFFERED=1 python -m benchmarks.decode_v6 --out $OUT [--variants JSON] [--deadline-s 200]
+    PYTHONUNBUFFERED=1 python -m experiments.decode_v6 --out $OUT [--variants JSON] [--deadline-s 200]
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import torch
 
 from benchmarks.e2e_decode import LLAMA3_8B, fill
 from benchmarks.kernel_bench import device_info
-from zipkv.kernels import bench_decode as bd
+from benchmarks import bench_decode as bd
 from zipkv.kernels.decode_attention import decode_attention
 from zipkv.kernels.packed import as_segment
-from zipkv.kernels.timing import copy_ceiling, time_calls
+from benchmarks.timing import copy_ceiling, time_calls
 
 DEFAULT_VARIANTS = {"v5": {"dequant": False}, "v6": {"dequant": True}}
 
@@ -52,7 +52,7 @@ def main(argv=None):
     t0 = time.time()
     variants = json.loads(args.variants) if args.variants else DEFAULT_VARIANTS
     dev = torch.device("cuda")
-    res = {"command": " ".join(["python", "-m", "benchmarks.decode_v6"] + sys.argv[1:]), "device": device_info(),
+    res = {"command": " ".join(["python", "-m", "experiments.decode_v6"] + sys.argv[1:]), "device": device_info(),
            "variants": variants, "checks": [], "rows": []}
     path = os.path.join(args.out, f"{args.tag}.json")
 
@@ -80,13 +80,15 @@ def main(argv=None):
             calls = [lambda s=s, q=q, t=tuning: decode_attention(q, s[0], s[1], s[2], impl="triton", lengths=s[3], **t)
                      for s, q in zip(sets, qs)]
             t = time_calls(calls, reps=15)
-            from zipkv.kernels._triton_decode import LAST_LAUNCH
-
+            launch = {}  # registers and grids, from one more call asked to describe its launches
+            s0 = sets[0]
+            decode_attention(qs[0], s0[0], s0[1], s0[2], impl="triton", lengths=s0[3], record=launch, **tuning)
+            last = (launch.get("triton") or [{}])[-1]
             row = {"case": case, "variant": name, "tuning": tuning, "ms": t["ms"], "min_ms": t["min_ms"],
-                   "max_ms": t["max_ms"], "gbps": nbytes / (t["ms"] * 1e-3) / 1e9, "launch": dict(LAST_LAUNCH)}
+                   "max_ms": t["max_ms"], "gbps": nbytes / (t["ms"] * 1e-3) / 1e9, "launch": launch}
             res["rows"].append(row)
-            print(f"{case:34s} {name:10s} {t['ms']:.4f} ms {row['gbps']:5.0f} GB/s regs {LAST_LAUNCH.get('n_regs')} "
-                  f"spills {LAST_LAUNCH.get('n_spills')}", flush=True)
+            print(f"{case:34s} {name:10s} {t['ms']:.4f} ms {row['gbps']:5.0f} GB/s regs {last.get('n_regs')} "
+                  f"spills {last.get('n_spills')}", flush=True)
             save()
 
     if args.sdpa:

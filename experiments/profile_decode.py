@@ -1,7 +1,7 @@
 """One decode-attention configuration, run a few times, for Nsight Compute:
 
 ncu --clock-control none -k regex:_decode_kernel --launch-skip 2 -c 1 --section SpeedOfLight \
-    --section Occupancy --section WarpStateStats --section LaunchStats python3 -m benchmarks.profile_decode
+    --section Occupancy --section WarpStateStats --section LaunchStats python3 -m experiments.profile_decode
 """
 
 import json
@@ -9,7 +9,7 @@ import os
 
 import torch
 
-from zipkv.kernels import bench_decode as bd
+from benchmarks import bench_decode as bd
 from zipkv.kernels.decode_attention import decode_attention
 
 recipe = os.environ.get("RECIPE", "zipcache42")

@@ -1,8 +1,8 @@
 """ZipCache probe saliency with the prompt attention's log-sum-exp (one pass) vs the two-pass
 kernel, against one Llama-3-8B layer's prefill at 8K and 32K; checks first, then timings.
 
-python -m benchmarks.probe_lse [--out DIR] [--reps 20]
-python -m benchmarks.probe_lse --smoke      # CPU, Triton interpreter, tiny shapes: the script runs
+python -m experiments.probe_lse [--out DIR] [--reps 20]
+python -m experiments.probe_lse --smoke      # CPU, Triton interpreter, tiny shapes: the script runs
 
 Sections (each guarded: a failure is recorded and the rest still runs):
   env      versions, GPU, which SDPA backends are on, the kernel F.sdpa runs for the prompt
@@ -42,7 +42,7 @@ TILE_KEYS = ("block_p", "block_t", "num_warps", "num_stages", "acc2d", "exp16")
 
 def timer(dev, reps):
     if dev.type == "cuda":
-        from zipkv.kernels.timing import time_calls
+        from benchmarks.timing import time_calls
 
         return lambda fn, r=reps: time_calls([fn], reps=r, warmup=3, graph=False)["ms"]
 
@@ -352,7 +352,7 @@ def time_section(dev, dtype, t, reps, sweep):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m benchmarks.probe_lse")
+    ap = argparse.ArgumentParser(prog="python -m experiments.probe_lse")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--contexts", default="8192,32768")
@@ -370,7 +370,7 @@ def main(argv=None):
     sweep = [c[:5] + (False,) for c in SWEEP[:2]] if args.smoke else SWEEP  # no inline asm in the interpreter
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "probe_lse.json")
-    res = {"command": " ".join(["python", "-m", "benchmarks.probe_lse"] + (argv if argv is not None else sys.argv[1:])),
+    res = {"command": " ".join(["python", "-m", "experiments.probe_lse"] + (argv if argv is not None else sys.argv[1:])),
            "started": time.strftime("%Y-%m-%d %H:%M:%S")}
 
     def save():

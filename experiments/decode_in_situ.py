@@ -5,7 +5,7 @@ K/V through the layers' own policy, bf16, Llama-3-8B heads, 4 layers rotated so 
 timed from L2), next to kernel_bench's synthetic recipe at the same shape in fp16 and bf16,
 and the static (capacity + device lengths) form of the same cache.
 
-    python -m benchmarks.decode_in_situ --out $OUT
+    python -m experiments.decode_in_situ --out $OUT
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ import types
 import torch
 
 from benchmarks.e2e_decode import LLAMA3_8B, fill
-from zipkv.kernels.bench_decode import make_cache as synthetic_cache
+from benchmarks.bench_decode import make_cache as synthetic_cache
 from zipkv.kernels.decode_attention import decode_attention
 from zipkv.kernels.packed import as_segment
-from zipkv.kernels.timing import time_calls
+from benchmarks.timing import time_calls
 
 
 def main(argv=None):
