@@ -4,6 +4,9 @@ import torch
 
 # attributes that point at what another object owns (the cache, a shared policy, aliases)
 NOT_OWNED = ("owner", "policy", "recorded", "tier_stores")
+# objects whose tensors a cache holds: zipkv's own, and transformers' layers a cache keeps
+# (the window layers of sliding-attention models)
+OWNED_MODULES = ("zipkv", "transformers.cache_utils")
 
 
 def reachable_tensors(obj, seen=None):
@@ -26,7 +29,7 @@ def reachable_tensors(obj, seen=None):
                 seen.add(id(value))
                 found.append(value)
         elif isinstance(value, (list, tuple, dict)) or (
-            hasattr(value, "__dict__") and type(value).__module__.startswith("zipkv")
+            hasattr(value, "__dict__") and type(value).__module__.startswith(OWNED_MODULES)
         ):
             found += reachable_tensors(value, seen)
     return found

@@ -9,34 +9,43 @@ scores tokens with the queries and quantizes what is due. Without a note: plain 
 from __future__ import annotations
 
 import threading
+import weakref
 
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 ATTENTION_NAME = "zipkv"
+# The note: a weak reference to the layer whose update() waits for its queries. Weak, so
+# that a note nobody picked up (a forward that failed, a model without zipkv attention)
+# never keeps a layer, and through it a whole cache, alive.
 _waiting = threading.local()
+
+
+def _waiting_layer():
+    ref = getattr(_waiting, "layer", None)
+    return None if ref is None else ref()
 
 
 def hand_queries_to(layer) -> None:
     """Called by a cache layer's update(): its queries should come to `layer`."""
-    previous = getattr(_waiting, "layer", None)
+    previous = _waiting_layer()
     # A note of the same cache still waiting means its attention call never came (a note
     # left by another cache, e.g. one abandoned after an error, is simply replaced).
     owner = getattr(previous, "owner", None)
     if previous is not None and previous is not layer and previous.awaiting_queries and owner is not None and owner is getattr(layer, "owner", None):
         raise previous.missing_attention_error()
-    _waiting.layer = layer
+    _waiting.layer = weakref.ref(layer)
 
 
 def forget(layer) -> None:
     """Withdraw `layer`'s note (a layer fed recorded states: no attention call will come)."""
-    if getattr(_waiting, "layer", None) is layer:
+    if _waiting_layer() is layer:
         _waiting.layer = None
 
 
 def _take_waiting_layer(layer_idx):
-    layer = getattr(_waiting, "layer", None)
+    layer = _waiting_layer()
     if layer is not None and layer.layer_idx == layer_idx:
         _waiting.layer = None
         return layer
@@ -47,7 +56,26 @@ def zipkv_attention_forward(module, query, key, value, attention_mask, dropout=0
     layer = _take_waiting_layer(getattr(module, "layer_idx", None))
     if layer is None:  # no compressing cache behind this call: plain SDPA
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    check_attention_kwargs(kwargs, module)
     return layer.attend(module, query, key, value, attention_mask, scaling, **kwargs)
+
+
+# Arguments that change attention's arithmetic (logit soft-capping, attention sinks, additive
+# position biases). zipkv's decode kernels and eviction masks do not apply them, so a model
+# that passes one gets an error at its first forward instead of answers computed without it.
+UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias")
+
+
+def check_attention_kwargs(kwargs: dict, module=None) -> None:
+    """Raise a clear error for attention arguments no zipkv attention path honours."""
+    given = sorted(name for name in UNSUPPORTED_KWARGS if kwargs.get(name) is not None)
+    if given:
+        where = f" ({type(module).__name__} layer {getattr(module, 'layer_idx', '?')})" if module is not None else ""
+        raise ValueError(
+            f"zipkv caches cannot honour the attention argument(s) {given} this model passes{where}: its packed "
+            "decode kernels and eviction masks compute plain softmax attention. Use transformers' DynamicCache "
+            "for this model, or open an issue with the model name."
+        )
 
 
 def register() -> None:

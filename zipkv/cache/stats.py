@@ -47,6 +47,17 @@ def fp16_equivalent(tokens: int, batch: int, heads: int, head_dim: int) -> int:
     return 2 * tokens * batch * heads * head_dim * torch.finfo(torch.float16).bits // 8
 
 
+def held_tensors_of(layer) -> list[torch.Tensor]:
+    """Every tensor a cache layer keeps: a zipkv layer lists them (`held_tensors()`); a
+    transformers layer (a sliding window kept as it is) holds its tensor attributes (keys,
+    values and its counters)."""
+    if hasattr(layer, "held_tensors"):
+        return layer.held_tensors()
+    if not layer.is_initialized:
+        return []
+    return [value for value in vars(layer).values() if isinstance(value, torch.Tensor)]
+
+
 def layer_stats(layers) -> CacheStats:
     """CacheStats of a list of cache layers: zipkv layers report their `held_tensors()`
     (a tensor shared by several layers is listed by one of them only); transformers' own
@@ -54,10 +65,10 @@ def layer_stats(layers) -> CacheStats:
     stats = CacheStats()
     for layer in layers:
         shape = layer.keys.shape if layer.is_initialized and getattr(layer.keys, "dim", lambda: 0)() == 4 else None
+        held = tensor_bytes(held_tensors_of(layer))
         if hasattr(layer, "held_tensors"):
-            held, tokens = tensor_bytes(layer.held_tensors()), layer.get_seq_length()
+            tokens = layer.get_seq_length()
         else:
-            held = tensor_bytes([layer.keys, layer.values]) if shape else 0
             tokens = shape[2] if shape else 0
         stats.tokens_per_layer.append(tokens)
         stats.bytes_per_layer.append(held)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..cache.stats import tensor_bytes
+from ..cache.stats import held_tensors_of, tensor_bytes
 from .layer import KINDS, TIER_NAMES, VisualZipCacheLayer
 
 ALL_KINDS = KINDS + ("other",)
@@ -75,7 +75,7 @@ def modality_stats(cache) -> ModalityStats:
         tokens, held = dict.fromkeys(ALL_KINDS, 0), dict.fromkeys(ALL_KINDS, 0)
         fractions = {"text": None, "visual": None}
         if not isinstance(layer, VisualZipCacheLayer):
-            held["other"] = tensor_bytes([layer.keys, layer.values]) if layer.is_initialized else 0
+            held["other"] = tensor_bytes(held_tensors_of(layer)) if layer.is_initialized else 0
             tokens["other"] = layer.keys.shape[0] * layer.keys.shape[2] if held["other"] else 0
         elif layer.is_initialized:
             heads = layer.keys.shape[1]

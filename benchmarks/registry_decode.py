@@ -1,0 +1,148 @@
+"""Every method of the registry through the static / CUDA-graph decode path, with its roofline.
+
+For each method (default: every registry method whose static form exists, `zipkv.METHODS[m].static`)
+the cache is filled by a real prefill forward of the model over random token ids (batch x
+context, one forward, only the last position's logits), so each method's own policy picks,
+quantizes or evicts what it holds; then `zipkv.StaticDecoder` replays captured decode steps
+and runs of K steps are timed with CUDA events (median over runs). Per method: ms/step,
+tokens/s, bytes held (`cache.stats().bytes_held`, checked against the allocator's growth),
+prefill seconds, peak memory, and the roofline: weights read per step + bytes held, over the
+device-to-device copy bandwidth measured in the same run; x_roofline = ms/step / roofline.
+
+    python -m benchmarks.registry_decode --out $OUT                       # GPU: Llama-3-8B shapes, 8 x 32K
+    python -m benchmarks.registry_decode --tiny --device cpu --out /tmp/r  # CPU smoke run, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+import traceback
+import types
+
+import torch
+
+from benchmarks.e2e_decode import (Timer, build_model, copy_bandwidth, device_info, free_memory, mem_allocated, peak,
+                                   reset_peak, sync, weight_bytes_read)
+
+# per-method settings for the benchmark (the registry's defaults otherwise): evicting methods
+# keep a fifth of the prompt, as in the papers' headline settings
+BENCH_PARAMS = {"evict": dict(ratio=0.2), "tiered": dict()}
+GRAPH_WARMUP = 3
+
+
+def method_params(spec) -> dict:
+    params = dict(BENCH_PARAMS.get(spec.family, {}))
+    if not spec.takes_budget:
+        params.pop("ratio", None)
+    if "decode_path" in spec.params:
+        params["decode_path"] = "packed"
+    return params
+
+
+def run_method(name, model, batch, context, steps_per_run, runs, device, timer, ceiling_gbps, w_bytes) -> dict:
+    import zipkv
+    from zipkv.graph_decode import StaticDecoder
+
+    spec = zipkv.METHODS[name]
+    params = method_params(spec)
+    rec = dict(method=name, family=spec.family, params=params, batch=batch, context=context)
+    free_memory(device)
+    base = mem_allocated(device)
+    reset_peak(device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), device=device, generator=gen)
+    cache = spec.build(model.config, **params)
+    try:
+        sync(device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            first = out.logits[:, -1:].argmax(-1)
+            del out
+        sync(device)
+        rec["prefill_s"] = time.perf_counter() - t0
+        rec["prefill_peak_gib"] = (peak(device) - base) / 2**30
+        positions = torch.full((batch,), context, device=device, dtype=torch.long)
+        total = GRAPH_WARMUP + runs * steps_per_run + 8
+        decoder = StaticDecoder(model, cache, first, positions, total)
+        free_memory(device)
+        rec["bytes_held"] = cache.stats().bytes_held
+        rec["allocated_over_base"] = mem_allocated(device) - base  # the cache + the decoder's buffers
+        reset_peak(device)
+        for _ in range(GRAPH_WARMUP):
+            decoder.step()
+        times = []
+        for _ in range(runs):
+            t0 = timer.start()
+            for _ in range(steps_per_run):
+                decoder.step()
+            times.append(timer.stop(t0) / steps_per_run)
+        rec["ms_per_step"] = statistics.median(times)
+        rec["ms_runs"] = times
+        rec["tokens_per_s"] = batch / (rec["ms_per_step"] / 1e3)
+        rec["decode_peak_gib"] = (peak(device) - base) / 2**30
+        rec["flushes"] = decoder.flushes
+        rec["cuda_graph"] = decoder.use_graph
+        if ceiling_gbps == ceiling_gbps:  # not NaN (a GPU run)
+            rec["roofline_ms"] = (w_bytes + rec["bytes_held"]) / (ceiling_gbps * 1e9) * 1e3
+            rec["x_roofline"] = rec["ms_per_step"] / rec["roofline_ms"]
+    except Exception as error:  # one method's failure must not lose the others' rows
+        rec["error"] = f"{type(error).__name__}: {error}"
+        rec["traceback"] = traceback.format_exc(limit=6)
+    finally:
+        del cache
+        free_memory(device)
+    return rec
+
+
+def main(argv=None) -> dict:
+    import zipkv
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--methods", default="", help="comma-separated registry names (default: every method with a static form)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--context", type=int, default=32768)
+    p.add_argument("--runs", type=int, default=5, help="timed runs of --steps steps each (median reported)")
+    p.add_argument("--steps", type=int, default=20, help="decode steps per timed run")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--tiny", action="store_true", help="a 2-layer toy model (CPU smoke run)")
+    p.add_argument("--layers", type=int, default=0, help="override the layer count")
+    p.add_argument("--out", required=True, help="folder for registry_decode.json")
+    p.add_argument("--tag", default="registry_decode")
+    args = p.parse_args(argv)
+    names = [m for m in args.methods.split(",") if m] or [n for n, s in zipkv.METHODS.items() if s.static]
+    unknown = sorted(set(names) - set(zipkv.METHODS))
+    if unknown:
+        p.error(f"--methods: unknown {unknown}; choose from {sorted(zipkv.METHODS)}")
+    device = torch.device(args.device)
+    if args.tiny and args.context == 32768:
+        args.context, args.batch = 256, 2
+    model, config = build_model(types.SimpleNamespace(tiny=args.tiny, layers=args.layers, dtype=args.dtype), device)
+    timer = Timer(device)
+    bandwidth = copy_bandwidth(device)
+    w_bytes = weight_bytes_read(model)
+    res = dict(command="python -m benchmarks.registry_decode " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+               device=device_info(device), host=platform.node(), torch=torch.__version__, copy_bandwidth=bandwidth,
+               weight_bytes=w_bytes, model=config.to_dict() if args.tiny else "Llama-3-8B shapes, random weights",
+               cases=[])
+    os.makedirs(args.out, exist_ok=True)
+    path = os.path.join(args.out, f"{args.tag}.json")
+    for name in names:
+        rec = run_method(name, model, args.batch, args.context, args.steps, args.runs, device, timer,
+                         bandwidth.get("gbps", float("nan")), w_bytes)
+        res["cases"].append(rec)
+        line = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in rec.items() if k not in ("traceback", "ms_runs")}
+        print(json.dumps(line), flush=True)
+        with open(path, "w") as f:  # after every method: a killed run keeps what it measured
+            json.dump(res, f, indent=1)
+    return res
+
+
+if __name__ == "__main__":
+    main()
