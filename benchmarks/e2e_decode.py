@@ -682,11 +682,9 @@ def main(argv=None, args=None) -> dict:
     torch.manual_seed(0)
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"{args.tag}.json")
-    if getattr(args, "argv", None) is not None:  # run as `zipkv bench-e2e`
-        command = ["zipkv"] + args.argv
-    else:
-        command = ["python", "-m", "benchmarks.e2e_decode"] + (argv if argv is not None else sys.argv[1:])
-    res = {"command": " ".join(command),
+    command = os.environ.get("ZIPKV_BENCH_COMMAND") or " ".join(  # set by `zipkv bench-e2e`
+        ["python", "-m", "benchmarks.e2e_decode"] + (argv if argv is not None else sys.argv[1:]))
+    res = {"command": command,
            "started": time.strftime("%Y-%m-%d %H:%M:%S"), "device": device_info(device),
            "alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""), "cases": [], "max_batch": []}
 

@@ -22,6 +22,8 @@ import sys
 import time
 import traceback
 
+from zipkv.bench_cli import add_kernel_bench_arguments
+
 
 DEFAULT_SWEEP = [
     dict(block_n=64, num_warps=8),
@@ -57,15 +59,7 @@ def device_info():
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(prog="python -m benchmarks.kernel_bench", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--stages", default="check,ceiling,sweep,grid")
-    ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
-    ap.add_argument("--contexts", default="4096,32768,131072")
-    ap.add_argument("--batches", default="1,8,32")
-    ap.add_argument("--recipes", default="zipcache42,kivi2")
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--tag", default="kernel_bench")
-    ap.add_argument("--tuning", default="", help="json dict of decode tuning for the grid (default: sweep's best)")
-    ap.add_argument("--sweep", default="", help="json list of tuning dicts for the sweep stage")
+    add_kernel_bench_arguments(ap)
     return ap.parse_args(argv)
 
 
@@ -75,7 +69,9 @@ def run(args) -> dict:
 
     os.makedirs(args.out, exist_ok=True)
     stages = [s for s in args.stages.split(",") if s]
-    res = {"command": " ".join([os.path.basename(sys.executable), "-m", "benchmarks.kernel_bench"] + sys.argv[1:]),
+    command = os.environ.get("ZIPKV_BENCH_COMMAND") or " ".join(  # set by `zipkv bench`
+        [os.path.basename(sys.executable), "-m", "benchmarks.kernel_bench"] + sys.argv[1:])
+    res = {"command": command,
            "device": device_info(), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "stages": stages}
     path = os.path.join(args.out, f"{args.tag}.json")
 

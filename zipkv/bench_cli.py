@@ -1,18 +1,19 @@
 """`zipkv bench` (the kernel benchmarks) and `zipkv bench-e2e` (the whole-model decode benchmark).
 
 The benchmarks are scripts of the repository (benchmarks/kernel_bench.py,
-benchmarks/e2e_decode.py), not shipped in the package. Their options are defined here, so
-`--help` lists them from any install and the scripts parse exactly the same options. To run,
-the subcommand imports the checkout's `benchmarks` package: importable from the repository
-root, or found by walking up from the current directory; without a checkout it says which
-command runs the benchmark from one, and exits with status 2.
+benchmarks/e2e_decode.py), not shipped in the package, and the package never imports them.
+Their options are defined here, so `--help` lists them from any install and the scripts
+parse exactly the same options. To run, the subcommand finds a checkout (the current
+directory or one above it, or the one an editable install points into) and runs the script
+there in a child process (`python -m benchmarks.<name>` with the options as typed); without
+a checkout it says which command runs the benchmark from one (exit status 1).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -100,39 +101,34 @@ def run(args) -> int:
     if not torch.cuda.is_available():
         raise SystemExit("zipkv bench needs a CUDA GPU (the kernels' CPU paths are the references); "
                          "`zipkv bench-e2e --tiny` runs on a CPU")
-    kernel_bench = checkout_module("kernel_bench", args)
-    kernel_bench.run(args)
-    return 0
+    return run_checkout_script("kernel_bench", args)
 
 
 def run_e2e(args) -> int:
-    checkout_module("e2e_decode", args).main(args=args)
-    return 0
+    return run_checkout_script("e2e_decode", args)
 
 
-def checkout_module(name: str, args):
-    """benchmarks.<name> of the repository: importable as it is (the repository root on
-    sys.path), or from a checkout above the current directory; else exit with the command
-    that runs it from a checkout."""
-    try:
-        return importlib.import_module(f"benchmarks.{name}")
-    except ModuleNotFoundError as e:
-        if e.name not in ("benchmarks", f"benchmarks.{name}"):
-            raise  # a dependency of the benchmark is missing: its own message says which
-    root = find_checkout(Path.cwd(), name)
+def run_checkout_script(name: str, args) -> int:
+    """Run benchmarks/<name>.py of a checkout with the options the user typed; its exit
+    status. The results record the command as typed (`zipkv bench-e2e ...`)."""
+    typed = list(getattr(args, "argv", None) or [args.command])
+    options = typed[typed.index(args.command) + 1:] if args.command in typed else typed[1:]
+    root = find_checkout(name)
     if root is None:
-        options = " ".join(getattr(args, "argv", [])[1:])
         raise SystemExit(
             f"zipkv {args.command}: the benchmark is a script of the zipkv repository (benchmarks/{name}.py), "
-            "which the installed package does not ship, and no checkout is above the current directory.\n"
-            f"Run it from the root of a zipkv checkout:\n    python -m benchmarks.{name} {options}".rstrip())
-    sys.path.insert(0, str(root))
-    return importlib.import_module(f"benchmarks.{name}")
+            "which the installed package does not ship, and no checkout is at or above the current directory.\n"
+            f"Run it from the root of a zipkv checkout:\n    python -m benchmarks.{name} {' '.join(options)}".rstrip())
+    env = dict(os.environ, ZIPKV_BENCH_COMMAND=" ".join(["zipkv", *typed]))
+    env["PYTHONPATH"] = os.pathsep.join([str(root), *filter(None, [env.get("PYTHONPATH")])])
+    return subprocess.call([sys.executable, "-m", f"benchmarks.{name}", *options], env=env)
 
 
-def find_checkout(start: Path, name: str) -> Path | None:
-    """The nearest folder at or above `start` holding benchmarks/<name>.py beside zipkv/."""
-    for folder in (start, *start.parents):
+def find_checkout(name: str, start: Path | None = None) -> Path | None:
+    """The nearest folder at or above `start` (default: the current directory) holding
+    benchmarks/<name>.py beside zipkv/, else the checkout this package is imported from."""
+    start = Path.cwd() if start is None else start
+    for folder in (start, *start.parents, Path(__file__).resolve().parent.parent):
         if (folder / "benchmarks" / f"{name}.py").is_file() and (folder / "zipkv").is_dir():
             return folder
     return None

@@ -71,7 +71,7 @@ PROBE_IMPL = "auto"
 PACKED_PATH_MAX_QUERIES = 16
 
 
-def _make_tier(bits, settings: CompressionConfig):
+def make_tier(bits, settings: CompressionConfig):
     """A tier for `bits`: an int (keys and values alike) or (key bits, value bits)."""
     key_bits, value_bits = (bits, bits) if isinstance(bits, int) else bits
     if key_bits == LOSSLESS_BITS:
@@ -79,7 +79,7 @@ def _make_tier(bits, settings: CompressionConfig):
     return PackedTier(key_bits, settings.key_group_size, settings.value_group_size, settings.channel_separable, value_bits)
 
 
-def _gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """x [B, H, T, D], index [B, H, n] -> [B, H, n, D]."""
     return x.gather(2, index.unsqueeze(-1).expand(-1, -1, -1, x.shape[-1]))
 
@@ -99,7 +99,7 @@ def salient_split(scores, counts, is_real, n_high: int, normalize: bool):
     return low_idx, high_idx
 
 
-def _overwrite_padding(keys, values, is_real):
+def overwrite_padding(keys, values, is_real):
     """Give padding tokens the states of their row's first real token of the block. They are
     masked out of attention anyway; this keeps them from widening any quantization range."""
     first_real = is_real.float().argmax(dim=1)  # [B]
@@ -114,8 +114,8 @@ class ZipCacheLayer(ZipkvLayer):
         super().__init__()
         self.settings = settings
         self.layer_idx = layer_idx
-        self.high = _make_tier(settings.tier_bits[0], settings)
-        self.low = _make_tier(settings.tier_bits[1], settings)
+        self.high = make_tier(settings.tier_bits[0], settings)
+        self.low = make_tier(settings.tier_bits[1], settings)
         # Per fp16 token: summed attention from observed queries, how many queries saw it,
         # and whether it is a real (not padding) token.
         self.score_sum = self.score_count = self.is_real = None
@@ -363,7 +363,7 @@ class ZipCacheLayer(ZipkvLayer):
         by_age = torch.where(self.is_sink, order + n_fp, order).argsort(dim=1)
         block, rest = by_age[:, :n].sort(dim=1).values, by_age[:, n:].sort(dim=1).values
         keys, values, scores, counts, is_real = self._take(block)
-        keys, values = _overwrite_padding(keys, values, is_real)  # a no-op where all are real (no host wait)
+        keys, values = overwrite_padding(keys, values, is_real)  # a no-op where all are real (no host wait)
         n_high = 0
         if s.mixed_precision and s.saliency != "none":
             n_high = round(s.salient_ratio * int(is_real.sum(dim=1).min()))
@@ -371,8 +371,8 @@ class ZipCacheLayer(ZipkvLayer):
             self._append(self.low, keys, values)
         else:
             low_idx, high_idx = salient_split(scores, counts, is_real, n_high, s.saliency == "probe")
-            self._append(self.low, _gather_tokens(keys, low_idx), _gather_tokens(values, low_idx))
-            self._append(self.high, _gather_tokens(keys, high_idx), _gather_tokens(values, high_idx))
+            self._append(self.low, gather_tokens(keys, low_idx), gather_tokens(values, low_idx))
+            self._append(self.high, gather_tokens(keys, high_idx), gather_tokens(values, high_idx))
         is_sink = self.is_sink.gather(1, rest)
         self.keys, self.values, self.score_sum, self.score_count, self.is_real = self._take(rest)
         self.is_sink = is_sink
@@ -385,8 +385,8 @@ class ZipCacheLayer(ZipkvLayer):
         else:
             scores, counts = self.score_sum, self.score_count  # empty: nothing is tracked
         return (
-            _gather_tokens(self.keys, per_head),
-            _gather_tokens(self.values, per_head),
+            gather_tokens(self.keys, per_head),
+            gather_tokens(self.values, per_head),
             scores,
             counts,
             self.is_real.gather(1, index),

@@ -23,7 +23,7 @@ import torch
 from ..attention import hand_queries_to
 from ..kernels.decode_attention import decode_attention
 from ..kernels.window_step import window_append, window_scores
-from .layer import ZipCacheLayer, _gather_tokens, salient_split
+from .layer import ZipCacheLayer, gather_tokens, salient_split
 from .static_tier import StaticTier
 from .tier import PackedTier
 
@@ -245,8 +245,8 @@ class StaticZipLayer(ZipCacheLayer):
             low_idx, high_idx = salient_split(self.score_win[:, :, sinks:sinks + block],
                                               self.count_win[:, :, sinks:sinks + block], real, n_high,
                                               s.saliency == "probe")
-            self.low.append_on_device(_gather_tokens(keys, low_idx), _gather_tokens(values, low_idx))
-            self.high.append_on_device(_gather_tokens(keys, high_idx), _gather_tokens(values, high_idx))
+            self.low.append_on_device(gather_tokens(keys, low_idx), gather_tokens(values, low_idx))
+            self.high.append_on_device(gather_tokens(keys, high_idx), gather_tokens(values, high_idx))
         kept = n - sinks - block  # the residual window moves to just after the sinks
         for buffer in (self.k_win, self.v_win):
             buffer[:, :, sinks:sinks + kept] = buffer[:, :, sinks + block:n].clone()

@@ -67,11 +67,11 @@ class PackedTier:
     # would cost 5% of the packed bytes.
     @property
     def token_group(self) -> torch.Tensor:
-        return _owner_of_each_token(self.group_ends, self.num_tokens)
+        return owner_of_each_token(self.group_ends, self.num_tokens)
 
     @property
     def token_chunk(self) -> torch.Tensor | None:
-        return None if self.chunk_ends is None else _owner_of_each_token(self.chunk_ends, self.num_tokens)
+        return None if self.chunk_ends is None else owner_of_each_token(self.chunk_ends, self.num_tokens)
 
     def dequantize(self, dtype: torch.dtype):
         """Reference path: the tier's keys and values as [B, H, N, D] in `dtype`."""
@@ -96,7 +96,7 @@ class PackedTier:
                 setattr(self, name, tensor.index_select(0, index.to(tensor.device)))
 
 
-def _owner_of_each_token(ends: torch.Tensor, num_tokens: int) -> torch.Tensor:
+def owner_of_each_token(ends: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """int32 [num_tokens]: index of the group (given by its cumulative end offsets) of each token."""
     positions = torch.arange(num_tokens, device=ends.device, dtype=torch.int32)
     return torch.searchsorted(ends, positions, right=True).to(torch.int32)

@@ -60,7 +60,7 @@ def _probe_lse_kernel(q_ptr, sqb, sqh, sqp, k_ptr, skb, skh, skt, pos_ptr, km_pt
 
 
 @triton.jit
-def _key_tile(k_ptr, skb, skh, skt, b, h, cols, cv, offs_d, F32_DOT: tl.constexpr):
+def key_tile(k_ptr, skb, skh, skt, b, h, cols, cv, offs_d, F32_DOT: tl.constexpr):
     """The [BLOCK_T, D] keys `cols` of (batch b, KV head h); zeros past the end."""
     k = tl.load(k_ptr + b * skb + h * skh + cols[:, None] * skt + offs_d[None, :], mask=cv[:, None], other=0.0)
     if F32_DOT:
@@ -80,7 +80,7 @@ def _probe_sum_kernel(q_ptr, sqb, sqh, sqp, k_ptr, skb, skh, skt, pos_ptr, km_pt
     cols = tb * BLOCK_T + tl.arange(0, BLOCK_T)
     cv = cols < T
     offs_d = tl.arange(0, D)
-    k = _key_tile(k_ptr, skb, skh, skt, b, h, cols, cv, offs_d, F32_DOT)
+    k = key_tile(k_ptr, skb, skh, skt, b, h, cols, cv, offs_d, F32_DOT)
     kvis = cv
     if HAS_KM:
         kvis = kvis & (tl.load(km_ptr + b * smb + cols, mask=cv, other=0) != 0)

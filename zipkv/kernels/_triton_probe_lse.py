@@ -22,7 +22,7 @@ import triton.language as tl
 
 import torch
 
-from ._triton_probe import _key_tile
+from ._triton_probe import key_tile
 
 _LOG2E = 1.4426950408889634
 
@@ -93,7 +93,7 @@ def _probe_lse_onepass_kernel(q_ptr, sqb, sqh, sqp, k_ptr, skb, skh, skt, pos_pt
     cv = cols < T
     offs_d = tl.arange(0, D)
     offs_p = tl.arange(0, BLOCK_P)
-    kt = tl.trans(_key_tile(k_ptr, skb, skh, skt, b, h, cols, cv, offs_d, F32_DOT))
+    kt = tl.trans(key_tile(k_ptr, skb, skh, skt, b, h, cols, cv, offs_d, F32_DOT))
     lo, hi = _rows_seeing_block(pos_ptr, P, T, tb, BLOCK_T)
     cnt = _block_counts(pos_ptr, cols, lo, hi, P, offs_p, BLOCK_P, BLOCK_T)
     acc = tl.zeros([BLOCK_T], tl.float32)
@@ -167,7 +167,7 @@ def _probe_lse_v2_kernel(q_ptr, sqb, sqh, sqp, k_ptr, skb, skh, skt, pos_ptr, ls
     cv = cols < T
     offs_d = tl.arange(0, D)
     offs_p = tl.arange(0, BLOCK_P)
-    kt = tl.trans(_key_tile(k_ptr, skb, skh, skt, b, h, cols, cv, offs_d, F32_DOT))
+    kt = tl.trans(key_tile(k_ptr, skb, skh, skt, b, h, cols, cv, offs_d, F32_DOT))
     lo, hi = _rows_seeing_block(pos_ptr, P, T, tb, BLOCK_T)
     q0 = q_ptr + b * sqb + h * R * sqh
     l0 = lse_ptr + b * slb + h * R * slh

@@ -134,9 +134,9 @@ def _values_kernel(x_ptr, sxb, sxh, sxn, f_ptr, sfb, sfh, codes_ptr, scb, sch, s
 
 
 def _floor(dtype: torch.dtype) -> float:
-    from ..quant.quantizer import _MIN_STEP
+    from ..quant.quantizer import MIN_STEP
 
-    return max(_MIN_STEP, torch.finfo(dtype).tiny)
+    return max(MIN_STEP, torch.finfo(dtype).tiny)
 
 
 _TL = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}

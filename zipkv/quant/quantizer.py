@@ -15,7 +15,7 @@ SUPPORTED_BITS = (2, 4, 8)
 FP16_MAX = 65504.0
 # A constant group has max == min: any positive step reproduces it exactly, so the step is
 # floored (at the smallest normal number of its storage dtype) instead of dividing by zero.
-_MIN_STEP = 1e-8
+MIN_STEP = 1e-8
 
 
 def check_bits(bits: int, name: str = "bits") -> int:
@@ -57,7 +57,7 @@ def quantize_range(xf: torch.Tensor, bits: int, lo: torch.Tensor, hi: torch.Tens
     # Round the parameters to their storage dtype first, then quantize against the stored
     # values, so dequantization reproduces exactly what the codes were chosen for.
     lo = lo.to(dtype).float()
-    floor = max(_MIN_STEP, torch.finfo(dtype).tiny)
+    floor = max(MIN_STEP, torch.finfo(dtype).tiny)
     step = ((hi - lo) / levels).clamp_min(floor)
     if dtype == torch.float16:
         step = step.clamp_max(FP16_MAX)

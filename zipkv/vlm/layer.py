@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ..cache.layer import ZipCacheLayer, _gather_tokens, _make_tier, _overwrite_padding
+from ..cache.layer import ZipCacheLayer, gather_tokens, make_tier, overwrite_padding
 from ..eviction.budgets.zipvl import zipvl_important_count
 from .modality import TEXT
 from .settings import VIDKV, VisualCompressionConfig
@@ -93,7 +93,7 @@ class ModalityTags:
 def _make_visual_low(settings: VisualCompressionConfig):
     if settings.visual_low_bits == VIDKV:
         return VidKVTier(settings.vidkv_group_size)
-    return _make_tier(settings.visual_low_bits, settings)
+    return make_tier(settings.visual_low_bits, settings)
 
 
 class VisualZipCacheLayer(ZipCacheLayer):
@@ -101,7 +101,7 @@ class VisualZipCacheLayer(ZipCacheLayer):
         super().__init__(settings, layer_idx)
         self.tags = tags
         self.vis_low = _make_visual_low(settings)
-        self.vis_high = _make_tier(settings.visual_high_bits, settings)
+        self.vis_high = make_tier(settings.visual_high_bits, settings)
         self.is_visual = None  # [B, n_fp]: fp16-part tokens that are visual
         self._new_padding = None  # [B, n]: padding among the tokens of the last update, until applied
         self.entry_counts = {name: None for name in TIER_NAMES}  # per tier: [[text, visual, padding]] per row
@@ -167,7 +167,7 @@ class VisualZipCacheLayer(ZipCacheLayer):
         keys, values, scores, counts, is_real = self._take(block)
         is_visual = self.is_visual.gather(1, block) & is_real
         if not bool(is_real.all()):
-            keys, values = _overwrite_padding(keys, values, is_real)
+            keys, values = overwrite_padding(keys, values, is_real)
         # the visual group: the first V visual tokens of each row, V equal for all rows
         n_visual = int(is_visual.sum(dim=1).min())
         rank = is_visual.cumsum(dim=1)
@@ -189,7 +189,7 @@ class VisualZipCacheLayer(ZipCacheLayer):
         m = index.shape[1]
         heads = keys.shape[1]
         per_head = index[:, None, :].expand(-1, heads, -1)
-        g_keys, g_values = _gather_tokens(keys, per_head), _gather_tokens(values, per_head)
+        g_keys, g_values = gather_tokens(keys, per_head), gather_tokens(values, per_head)
         g_real, g_visual = is_real.gather(1, index), is_visual.gather(1, index)
         n_high = 0
         if s.splits(visual):
@@ -216,7 +216,7 @@ class VisualZipCacheLayer(ZipCacheLayer):
         high_idx = torch.where(chosen, pos, pos + m).sort(dim=2).values[:, :, :n_high]
         low_idx = torch.where(chosen, pos + m, pos).sort(dim=2).values[:, :, : m - n_high]
         for tier, name, idx in ((low, names[0], low_idx), (high, names[1], high_idx)):
-            self._store(tier, name, _gather_tokens(g_keys, idx), _gather_tokens(g_values, idx), idx, g_real, g_visual)
+            self._store(tier, name, gather_tokens(g_keys, idx), gather_tokens(g_values, idx), idx, g_real, g_visual)
 
     def _store(self, tier, name, keys, values, idx, is_real, is_visual) -> None:
         """Append to a tier and count its new entries per row (text / visual / padding).

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..cache.tier import _owner_of_each_token
+from ..cache.tier import owner_of_each_token
 from .vidkv import (
     TRITS_PER_BYTE,
     dequantize_keys_vidkv,
@@ -74,11 +74,11 @@ class VidKVTier:
 
     @property
     def token_group(self) -> torch.Tensor:
-        return _owner_of_each_token(self.group_ends, self.num_tokens)
+        return owner_of_each_token(self.group_ends, self.num_tokens)
 
     @property
     def token_block(self) -> torch.Tensor:
-        return _owner_of_each_token(self.block_ends, self.num_tokens)
+        return owner_of_each_token(self.block_ends, self.num_tokens)
 
     def dequantize(self, dtype: torch.dtype):
         """Reference path: keys and values [B, H, N, D] in `dtype`."""
