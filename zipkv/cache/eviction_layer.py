@@ -81,9 +81,11 @@ class EvictingLayer(ZipkvLayer):
         if self.awaiting_queries:
             raise self.missing_attention_error()
         n, b = key_states.shape[2], key_states.shape[0]
-        stored = to_store_dtype(key_states, self.store_dtype, "key_states", self.layer_idx)
+        # Detached at the door: eviction and quantization are not differentiable, and a held
+        # tensor that requires grad would keep the forward's whole autograd graph alive.
+        stored = to_store_dtype(key_states.detach(), self.store_dtype, "key_states", self.layer_idx)
         self.recent_keys = torch.cat([self.recent_keys, stored], dim=2)
-        stored = to_store_dtype(value_states, self.store_dtype, "value_states", self.layer_idx)
+        stored = to_store_dtype(value_states.detach(), self.store_dtype, "value_states", self.layer_idx)
         self.recent_values = torch.cat([self.recent_values, stored], dim=2)
         self.recent_real = torch.cat([self.recent_real, self.recent_real.new_ones(b, n)], dim=1)
         if self.policy.tracks_recent:
@@ -96,10 +98,11 @@ class EvictingLayer(ZipkvLayer):
             self.owner.note_bytes()
         self.awaiting_queries = True
         hand_queries_to(self)
-        if self.store_dtype == self.dtype:
+        if self.store_dtype == self.dtype and not key_states.requires_grad:
             return keys, values
         # attention reads the held tokens as stored, but this forward's own tokens exactly as
         # the model made them: a prefill then attends exactly, as every eviction paper assumes
+        # (and, with grad enabled, differentiably: only what is held is detached)
         old_keys, old_values = keys[:, :, :-n].to(self.dtype), values[:, :, :-n].to(self.dtype)
         return torch.cat([old_keys, key_states], dim=2), torch.cat([old_values, value_states], dim=2)
 
@@ -219,7 +222,7 @@ class EvictingLayer(ZipkvLayer):
 
         if key.shape[2] != query.shape[2]:
             raise RuntimeError("sparse prefill runs on a layer's first forward, which holds no earlier tokens")
-        important = self.policy.sparse_prefill_plan(self, query, scaling)  # bool [B, q]
+        important = self.policy.sparse_prefill_plan(self, query.detach(), scaling)  # bool [B, q]
         keep_idx, counts = pad_keep_indices(important)
         output = sparse_prefill_scatter(query, key, value, keep_idx, counts, scale=scaling)
         probes = len(self.prefill_selection.positions) if self.prefill_selection is not None else 0
@@ -234,8 +237,8 @@ class EvictingLayer(ZipkvLayer):
         self.awaiting_queries = False
         first = self.forwards == 0
         self.forwards += 1
-        try:
-            self.policy.after_forward(self, query, scaling, first)
+        try:  # policies keep query-derived scores (and a recording one the queries): detached
+            self.policy.after_forward(self, query.detach(), scaling, first)
         finally:
             self._held = self._mask = self._parts_valid = None
 

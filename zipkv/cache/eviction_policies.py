@@ -24,6 +24,7 @@ always dropped.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -40,14 +41,15 @@ NEG_INF = float("-inf")
 
 @dataclass
 class Policy:
-    """Shared machinery: budgets per sequence and the list of layers."""
+    """Shared machinery: budgets per sequence and the list of layers (held weakly: the layers
+    hold the policy, and a cycle would keep the cache alive past its last reference)."""
 
     budget: int | None = None
     ratio: float | None = None
     needs_queries = True
     tracks_recent = False
     sparse_prefill = False  # only ZipVL (TieredPolicy) has an important set to attend over
-    layers: list = field(default_factory=list, repr=False)
+    layer_refs: list = field(default_factory=list, repr=False)  # weakref.ref of each bound layer, in order
 
     @property
     def protected(self) -> int:
@@ -65,9 +67,14 @@ class Policy:
             self.ratio = check_ratio("ratio", self.ratio)
 
     def bind(self, layers: list) -> None:
-        self.layers = layers
+        self.layer_refs = [weakref.ref(layer) for layer in layers]
         for position, layer in enumerate(layers):
             layer.eviction_position = position
+
+    @property
+    def layers(self) -> list:
+        """The bound layers, in order (the cache that holds them is alive while they are used)."""
+        return [ref() for ref in self.layer_refs]
 
     def row_budgets(self, real: torch.Tensor) -> torch.Tensor:
         """int64 [B]: tokens each sequence keeps per layer, for a prompt with padding flags

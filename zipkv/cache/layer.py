@@ -134,8 +134,8 @@ class ZipCacheLayer(ZipkvLayer):
         # only a lossless cache keeps the model's own dtype, to equal DynamicCache exactly.
         self.store_dtype = storage_dtype(self.dtype, keep_model_dtype=self.settings.lossless)
         shape = (key_states.shape[0], key_states.shape[1], 0)
-        self.keys = key_states[:, :, :0].to(self.store_dtype)
-        self.values = value_states[:, :, :0].to(self.store_dtype)
+        self.keys = key_states.detach()[:, :, :0].to(self.store_dtype)  # detached: see update()
+        self.values = value_states.detach()[:, :, :0].to(self.store_dtype)
         # Saliency bookkeeping exists only for caches that score tokens (it is counted in stats).
         track = self.settings.needs_queries
         self.score_sum = torch.zeros(shape if track else (shape[0], 0, 0), dtype=torch.float32, device=self.device)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from .backref import BackReference
+
 
 def storage_dtype(model_dtype: torch.dtype, keep_model_dtype: bool) -> torch.dtype:
     """The dtype a layer keeps its unquantized states in: fp16 for fp32 models (bf16 stays
@@ -36,6 +38,7 @@ class ZipkvLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
     is_croppable = False
+    owner = BackReference()  # the cache holding this layer, held weakly (no reference cycle)
 
     def check_has_tokens(self, key_states: torch.Tensor) -> None:
         if key_states.shape[2] == 0:

@@ -35,16 +35,18 @@ class MiniCacheLayer(ZipkvLayer):
     def lazy_initialization(self, key_states, value_states):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.store_dtype = storage_dtype(self.dtype, self.keep_model_dtype)
-        self.keys = key_states[:, :, :0].to(self.store_dtype)
-        self.values = value_states[:, :, :0].to(self.store_dtype)
+        self.keys = key_states.detach()[:, :, :0].to(self.store_dtype)  # detached: see update()
+        self.values = value_states.detach()[:, :, :0].to(self.store_dtype)
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
         self.check_has_tokens(key_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        keys = to_store_dtype(key_states, self.store_dtype, "key_states", self.layer_idx)
-        values = to_store_dtype(value_states, self.store_dtype, "value_states", self.layer_idx)
+        # Detached at the door: merging is not differentiable, and a held tensor that requires
+        # grad would keep the forward's whole autograd graph alive with the cache.
+        keys = to_store_dtype(key_states.detach(), self.store_dtype, "key_states", self.layer_idx)
+        values = to_store_dtype(value_states.detach(), self.store_dtype, "value_states", self.layer_idx)
         first = self.forwards == 0
         self.forwards += 1
         if first and self.pair is not None:
