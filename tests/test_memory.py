@@ -181,6 +181,28 @@ def test_static_cache_is_freed_at_once_and_holds_nothing_that_requires_grad():
     assert_freed_without_gc(build_and_run)
 
 
+def test_static_cache_stepped_by_hand_with_grad_holds_nothing_that_requires_grad():
+    """to_static() outside inference mode and a decode step as a plain grad-enabled forward
+    (StaticDecoder itself runs under inference_mode): the buffers written in place stay
+    out of the autograd graph."""
+    model = tiny_model("llama")
+    ids, mask = padded_batch(length=40, pad=6)
+
+    def build_and_run():
+        cache = zipkv.make_cache("zipcache", model.config, decode_path="packed", **QUANT)
+        positions = prompt_positions(mask)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
+        cache.to_static(4, mask)
+        step = dict(position_ids=positions[:, -1:] + 1, cache_position=torch.tensor([cache.get_seq_length()]))
+        out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache, **step)
+        assert out.logits.requires_grad
+        del out
+        assert_nothing_requires_grad(cache)
+        return cache
+
+    assert_freed_without_gc(build_and_run)
+
+
 VLM_PARAMS = {
     "zipcache": QUANT,
     "kivi": dict(QUANT, key_group_size=8),

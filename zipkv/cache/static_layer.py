@@ -270,8 +270,9 @@ class StaticZipLayer(ZipCacheLayer):
         if self.awaiting_queries:
             raise self.missing_attention_error()
         # One launch on CUDA (the slot is read on the device). NaN/inf are recorded here and
-        # raised at the next flush: a check now would stop the graph.
-        window_append(key_states, value_states, self.k_win, self.v_win, self.lengths, self.nonfinite)
+        # raised at the next flush: a check now would stop the graph. Detached: a buffer written
+        # in place from a tensor that requires grad would join (and keep) the autograd graph.
+        window_append(key_states.detach(), value_states.detach(), self.k_win, self.v_win, self.lengths, self.nonfinite)
         self.lengths[-1:] += 1
         self.awaiting_queries = True
         self.returned_fp16_only = True
@@ -284,7 +285,7 @@ class StaticZipLayer(ZipCacheLayer):
         output = decode_attention(query, segments, self.k_win, self.v_win, mask=self.pad_mask if self.padded else None,
                                   scale=scaling, lengths=self.lengths)
         if self.settings.needs_queries:  # saliency of the window slots, one launch on CUDA
-            window_scores(query, self.k_win, self.lengths, self.real_win, self.score_win, self.count_win, scaling)
+            window_scores(query.detach(), self.k_win, self.lengths, self.real_win, self.score_win, self.count_win, scaling)
         self.awaiting_queries = False
         return output.transpose(1, 2).contiguous(), None
 
