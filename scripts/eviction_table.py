@@ -38,12 +38,16 @@ QUESTION = "What is the pass key? The pass key is"
 DEPTHS = (0.1, 0.3, 0.5, 0.7, 0.9)
 
 
+# the methods run at each --ratios value (zipkv.METHODS names; checked before the model loads)
+RATIO_METHODS = ("streaming_llm", "h2o", "snapkv", "pyramidkv", "adakv", "cake")
+
+
 def configs(ratios, byte_ratio, sparse_taus=()):
     """(label, method, params) rows of the table; sparse_taus: extra ZipVL v1 taus, each run
     with and without sparse prefill."""
     rows = [("full", "full", {})]
     for r in ratios:
-        for method in ("streaming_llm", "h2o", "snapkv", "pyramidkv", "adakv", "cake"):
+        for method in RATIO_METHODS:
             rows.append((f"{method}@{r:g}", method, dict(ratio=r)))
         rows.append((f"zipvl_v2@{r:g}", "zipvl_v2", dict(ratio=r, tau=0.97)))  # important capped at r
     rows.append(("zipvl (v1, 4/2-bit)", "zipvl", dict(tau=0.97)))
@@ -116,14 +120,17 @@ def main(argv=None):
     import zipkv
     from zipkv.cache.eviction_cache import record_prefill
     from zipkv.eviction_cache import make_eviction_cache
+    from zipkv.registry import check_method
 
     started = time.time()
-    model, tok = zipkv.load_default_model(progress=False)
     rows = configs(args.ratios, args.byte_ratio, args.sparse_taus)
+    for _, method, params in rows:  # a bad setting fails now, not an hour in
+        check_method(method, params)
+    model, tok = zipkv.load_default_model(progress=False)
     if args.only:
         rows = [r for r in rows if any(r[0].startswith(p) for p in args.only)]
     qa_rows = [(label, method, params) for label, method, params in configs(args.ratios, args.byte_ratio)
-               if method in ("snapkv", "adakv", "pyramidkv", "cake", "h2o", "streaming_llm")]
+               if method in RATIO_METHODS]
     qa_rows += [row for row in rows if row[1] in ("zipvl", "zipvl_v2")]  # ZipVL's own setting: question in the prompt
     if args.only:
         qa_rows = [r for r in qa_rows if any(r[0].startswith(p) for p in args.only)]

@@ -27,28 +27,31 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import zipkv
 from zipkv.eval.tasks.passkey import passkey
+from zipkv.registry import check_method, parse_method_spec
 
+# label -> method spec (NAME:key=value,..., as `zipkv eval --methods` reads it; zipkv.METHODS
+# owns the names, defaults and checks)
 METHODS = {
-    "full": ("full", {}),
-    "zipcache-4/2": ("zipcache", {}),
-    "zipcache-4/2-sinks4": ("zipcache", {"sink_tokens": 4}),
-    "kivi-2": ("kivi", {"bits": 2}),
-    "uniform-2": ("uniform", {"bits": 2}),
+    "full": "full",
+    "zipcache-4/2": "zipcache",
+    "zipcache-4/2-sinks4": "zipcache:sink_tokens=4",
+    "kivi-2": "kivi:bits=2",
+    "uniform-2": "uniform:bits=2",
     # ablations: where the bits matter
-    "zipcache-K8-V4/2": ("zipcache", {"high_bits": 8, "low_bits": 8, "high_value_bits": 4, "low_value_bits": 2}),
-    "zipcache-4/2-keygroups32": ("zipcache", {"key_group_size": 32}),
-    "zipcache-K4-V2": ("zipcache", {"high_bits": 4, "low_bits": 4, "high_value_bits": 2, "low_value_bits": 2}),
+    "zipcache-K8-V4/2": "zipcache:high_bits=8,low_bits=8,high_value_bits=4,low_value_bits=2",
+    "zipcache-4/2-keygroups32": "zipcache:key_group_size=32",
+    "zipcache-K4-V2": "zipcache:high_bits=4,low_bits=4,high_value_bits=2,low_value_bits=2",
     # MiniCache: cross-layer merging from the middle layer on (t = 0.6, 5% retained), shared
     # directions fp16 or 4-bit
-    "minicache": ("minicache", {}),
-    "minicache-dir4": ("minicache", {"direction_bits": 4}),
+    "minicache": "minicache",
+    "minicache-dir4": "minicache:direction_bits=4",
     # how far merging carries on the embedded model: nothing merged (must equal full), only
     # the last pair of layers, half of each pair's tokens retained
-    "minicache-retain100": ("minicache", {"retain_ratio": 1.0}),
-    "minicache-last-pair": ("minicache", {"start_layer": 28}),
-    "minicache-from20": ("minicache", {"start_layer": 20}),
-    "minicache-from24": ("minicache", {"start_layer": 24}),
-    "minicache-retain50": ("minicache", {"retain_ratio": 0.5}),
+    "minicache-retain100": "minicache:retain_ratio=1.0",
+    "minicache-last-pair": "minicache:start_layer=28",
+    "minicache-from20": "minicache:start_layer=20",
+    "minicache-from24": "minicache:start_layer=24",
+    "minicache-retain50": "minicache:retain_ratio=0.5",
 }
 DEFAULT_METHODS = "full,zipcache-4/2,zipcache-4/2-sinks4,kivi-2,uniform-2"
 _RECORDED = {}
@@ -88,6 +91,17 @@ def fill_cache(cache, recorded):
             layer.compress_due()
 
 
+def checked_specs(labels) -> dict[str, tuple[str, dict]]:
+    """label -> (method, params), every one checked against the registry."""
+    unknown = [label for label in labels if label not in METHODS]
+    if unknown:
+        raise SystemExit(f"--methods: unknown labels {unknown}; known: {list(METHODS)}")
+    specs = {label: parse_method_spec(METHODS[label]) for label in labels}
+    for method, params in specs.values():
+        check_method(method, params)
+    return specs
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", default="1024,2048,4096")
@@ -97,13 +111,14 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest on a busy machine)")
     parser.add_argument("--out", default="results/passkey_core.json")
     args = parser.parse_args(argv)
+    specs = checked_specs(args.methods.split(","))  # before the model loads
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
     model, tok = zipkv.load_default_model(progress=False)
     attn = model.config._attn_implementation
     lengths = [int(x) for x in args.lengths.split(",")]
     depths = [float(x) for x in args.depths.split(",")]
-    methods = args.methods.split(",")
+    methods = list(specs)
     rows = []
     for length in lengths:
         for case in passkey(tok, length, args.seed, len(depths), depths):
@@ -113,7 +128,7 @@ def main(argv=None):
             recorded = record_prefill(model, ctx)
             prefill_s = time.time() - t0
             for name in methods:
-                method, params = METHODS[name]
+                method, params = specs[name]
                 t0 = time.time()
                 cache = zipkv.make_cache(method, model.config, **params)
                 fill_cache(cache, recorded)
@@ -128,7 +143,7 @@ def main(argv=None):
                 end_stats = cache.stats()
                 rows.append(dict(
                     length=length, tokens=full.shape[1], depth=case.depth, key=case.answers[0], method=name,
-                    params=dict(zipkv.PRESETS.get(method, {}), **params), answer=answer,
+                    params=dict(zipkv.METHODS[method].defaults, **params), answer=answer,
                     correct=case.answers[0] in answer,
                     context_bytes=context_stats.bytes_held, context_fp16_bytes=context_stats.fp16_bytes,
                     context_ratio=context_stats.ratio, end_bytes=end_stats.bytes_held,

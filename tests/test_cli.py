@@ -23,7 +23,7 @@ SENTENCES = [
 PROMPT = "the cat sat on the mat and the dog ran in the park"
 GENERATE_OPTIONS = [
     "--method", "--high-bits", "--low-bits", "--bits", "--salient-ratio", "--residual-length",
-    "--start-layer", "--retain-ratio", "--seed", "--max-new-tokens", "--model", "--dtype", "--device", "--chat",
+    "--start-layer", "--retain-ratio", "--seed", "--ratio", "--budget", "--max-new-tokens", "--model", "--dtype", "--device", "--chat",
     "--no-chat", "--static", "--json",
 ]
 
@@ -75,7 +75,7 @@ def test_generate_help_documents_every_option(capsys):
     text = capsys.readouterr().out
     for option in GENERATE_OPTIONS:
         assert re.search(rf"^\s+(--[\w-]+, )*{option}\b.*\S", text, re.MULTILINE), f"{option} not documented"
-    for method in cli.METHODS:
+    for method in zipkv.METHODS:  # every registry method is a --method choice
         assert method in text
     # every option the parser knows is in the help, not only the ones listed above
     parser = cli.build_parser()
@@ -96,7 +96,24 @@ def test_top_level_help_lists_generate(capsys):
     (["generate"], "required: prompt"),
     (["generate", ""], "prompt: must not be empty"),
     (["generate", "   \n"], "prompt: must not be empty"),
-    (["generate", "hi", "--method", "h2o"], "invalid choice: 'h2o'"),
+    (["generate", "hi", "--method", "foo"], "argument --method: method must be one of ['full', 'zipcache'"),
+    (["generate", "hi", "--method", "kivi:bits"], "argument --method: method parameter must be key=value"),
+    (["generate", "hi", "--method", "h2o"], "argument --method: give exactly one of budget"),
+    (["generate", "hi", "--method", "snapkv:ratio=2"], "argument --method: ratio=2 is outside the allowed range (0, 1]"),
+    (["generate", "hi", "--method", "snapkv", "--ratio", "1.5"],
+     "argument --ratio: ratio=1.5 is outside the allowed range (0, 1]"),
+    (["generate", "hi", "--method", "snapkv", "--ratio", "0"], "argument --ratio: ratio=0 is outside"),
+    (["generate", "hi", "--method", "h2o", "--budget", "0"],
+     "argument --budget: budget=0 is outside the allowed range [1, inf]"),
+    (["generate", "hi", "--method", "h2o", "--budget", "-1"], "argument --budget: budget=-1 is outside"),
+    (["generate", "hi", "--method", "h2o", "--budget", "lots"], "argument --budget: must be a number"),
+    (["generate", "hi", "--method", "kivi:bits=3"], "argument --method: bits must be one of (2, 4, 8) (got 3)"),
+    (["generate", "hi", "--method", "zipkv:foo=1"], "argument --method: zipkv does not take ['foo']; it accepts"),
+    (["generate", "hi", "--method", "snapkv:ratio=0.2", "--ratio", "0.3"], "--ratio given twice"),
+    (["generate", "hi", "--ratio", "0.5"], "--ratio does not apply to --method zipcache"),
+    (["generate", "hi", "--method", "zipcache", "--high-bits", "2", "--low-bits", "4"],
+     "argument --low-bits: low_bits (4) must not exceed high_bits (2)"),
+    (["generate", "hi", "--method", "snapkv", "--static", "--ratio", "0.2"], "--static needs a quantizing method"),
     (["generate", "hi", "--high-bits", "3"], "invalid choice: 3"),
     (["generate", "hi", "--salient-ratio", "1.5"], "--salient-ratio: must be a number in [0, 1]"),
     (["generate", "hi", "--salient-ratio", "most"], "--salient-ratio: must be a number in [0, 1]"),
@@ -115,11 +132,17 @@ def test_bad_options_are_usage_errors(argv, message, capsys):
     assert message in usage_error(argv, capsys)
 
 
-def test_bad_options_fail_before_any_model_loads(capsys, monkeypatch):
+@pytest.mark.parametrize("argv, message", [
+    (["--method", "uniform", "--low-bits", "2"], "does not apply"),
+    (["--method", "snapkv:ratio=2"], "outside the allowed range"),
+    (["--method", "zipkv:foo=1"], "does not take"),
+    (["--method", "minicache", "--retain-ratio", "0.5", "--start-layer", "0", "--budget", "4"], "does not apply"),
+])
+def test_bad_options_fail_before_any_model_loads(capsys, monkeypatch, argv, message):
     from zipkv import models
 
     monkeypatch.setattr(models, "load_model", lambda *a, **k: pytest.fail("model loaded"))
-    assert "does not apply" in usage_error(["generate", "hi", "--method", "uniform", "--low-bits", "2"], capsys)
+    assert message in usage_error(["generate", "hi", *argv], capsys)
 
 
 def test_chat_without_a_chat_template_is_an_error(tiny_model_dir, capsys):
@@ -163,6 +186,13 @@ def test_generate_passes_only_given_cache_options(tiny_model_dir, capsys, monkey
         ("kivi", {"bits": 4, "residual_length": 16}),
         ("zipcache", {"salient_ratio": 0.25, "seed": 3}),
         ("full", {}),
+    ]
+    RecordingCache.calls.clear()
+    run_cli(argv + ["--method", "snapkv:window=8,kernel_size=3", "--ratio", "0.5"], capsys)
+    run_cli(argv + ["--method", "zipvl:tau=0.9,sparse_prefill=true"], capsys)
+    assert RecordingCache.calls == [
+        ("snapkv", {"window": 8, "kernel_size": 3, "ratio": 0.5}),
+        ("zipvl", {"tau": 0.9, "sparse_prefill": True}),
     ]
 
 
@@ -225,6 +255,28 @@ def test_generate_compressed_methods_hold_fewer_bytes(tiny_model_dir, capsys, me
     assert memory["bytes_held"] == sum(memory["bytes_per_layer"]) > 0
     assert memory["ratio"] == pytest.approx(memory["fp16_bytes"] / memory["bytes_held"])
     assert memory["ratio"] > 1.0, memory
+
+
+@pytest.mark.parametrize("method, extra", [
+    ("streaming_llm", ["--budget", "8"]),
+    ("snapkv:window=4,kernel_size=3", ["--ratio", "0.5"]),
+    ("zipvl", []),
+])
+def test_generate_any_registry_method(tiny_model_dir, capsys, method, extra):
+    """Eviction and tiered methods run through `generate` like the quantizing ones."""
+    status, out, _ = run_cli(
+        ["generate", PROMPT, "--model", str(tiny_model_dir), "--method", method, "--max-new-tokens", "4",
+         "--json", *extra], capsys,
+    )
+    assert status == 0
+    report = json.loads(out)
+    assert report["method"] == method.split(":")[0]
+    memory = report["memory"]
+    assert memory["bytes_held"] == sum(memory["bytes_per_layer"]) > 0
+    if method == "streaming_llm":
+        assert memory["tokens_per_layer"] == [8, 8]  # the budget holds at every step
+    else:
+        assert memory["bytes_held"] < memory["fp16_bytes"], memory
 
 
 @pytest.mark.parametrize("method", ["kivi", "zipcache"])

@@ -18,6 +18,7 @@ _EXPORTS = {
     "CompressionConfig": "zipkv.cache",
     "CacheStats": "zipkv.cache",
     "make_cache": "zipkv.methods",
+    "METHODS": "zipkv.registry",
     "MiniCache": "zipkv.cache.minicache",
     "PRESETS": "zipkv.methods",
     "enable_zipkv_attention": "zipkv.attention",

@@ -26,25 +26,15 @@ import json
 import sys
 import time
 
+from . import registry  # light: no torch until a cache is built
+
 # Subcommands owned by other rooms, imported only if present.
 SUBCOMMAND_MODULES = ("zipkv.eval.cli", "zipkv.bench_cli")
 
-METHODS = ("zipcache", "zipkv", "kivi", "full", "uniform", "minicache")
 BIT_WIDTHS = (2, 4, 8)
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 DEVICES = ("cpu", "cuda")
-
-# The cache options of `generate` each method takes, under their make_cache names.
-# Only options given on the command line are passed: the presets in zipkv.methods own
-# the defaults, so the two cannot drift apart.
-METHOD_OPTIONS = {
-    "zipcache": ("high_bits", "low_bits", "salient_ratio", "residual_length", "seed"),
-    "kivi": ("bits", "residual_length"),
-    "uniform": ("bits", "residual_length"),
-    "zipkv": ("residual_length",),
-    "full": (),
-    "minicache": ("start_layer", "retain_ratio"),
-}
+DEFAULT_METHOD = "zipcache"
 
 
 def main(argv=None) -> int:
@@ -62,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (GenerateCommand, *_optional_modules(SUBCOMMAND_MODULES)):
+    for module in (GenerateCommand, MethodsCommand, *_optional_modules(SUBCOMMAND_MODULES)):
         sub = module.add_parser(subparsers)
         if sub is None:
             raise TypeError(f"{module.__name__}.add_parser must return the parser it added")
@@ -137,8 +127,59 @@ def _fraction(text: str) -> float:
     return value
 
 
+def _number(text: str) -> int | float:
+    """An int or a float; its range is the registry's to check (it names the range)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    raise argparse.ArgumentTypeError(f"must be a number (got {text!r})")
+
+
+def _method_spec(text: str) -> tuple[str, dict]:
+    """NAME[:key=value,...] -> (name, params); an unknown name is an error here, the values
+    are checked with the other cache options (cache_params)."""
+    try:
+        name, params = registry.parse_method_spec(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    if name not in registry.METHODS:
+        raise argparse.ArgumentTypeError(f"method must be one of {list(registry.METHODS)} (got {name!r})")
+    return name, params
+
+
+def _takers(param: str) -> str:
+    """The methods that take a parameter, for the help of its flag."""
+    return ", ".join(n for n, s in registry.METHODS.items() if param in s.accepts)
+
+
 def _option_flag(name: str) -> str:
     return "--" + name.replace("_", "-")
+
+
+# The cache options of `generate` that have their own flag (make_cache name, argparse
+# options, help). Which method takes which comes from the registry (METHODS[name].accepts);
+# any other parameter goes in the method spec (--method snapkv:window=16). Only options given
+# on the command line are passed: the registry owns the defaults, so the two cannot drift.
+_BITS = dict(type=int, choices=BIT_WIDTHS, metavar="{2,4,8}")
+CACHE_FLAG_HELP = (
+    ("high_bits", _BITS, "bits of salient tokens (zipcache preset 4)"),
+    ("low_bits", _BITS, "bits of the other tokens (zipcache preset 2); at most --high-bits"),
+    ("bits", _BITS, "bits of every quantized token (preset 2)"),
+    ("salient_ratio", dict(type=_fraction, metavar="[0-1]"), "fraction of tokens kept at --high-bits (preset 0.6)"),
+    ("residual_length", dict(type=_int_at_least(0), metavar="N"),
+     "newest tokens always kept in fp16 (preset: kivi 128, zipcache and uniform 0)"),
+    ("start_layer", dict(type=_int_at_least(0), metavar="N"),
+     "first layer of the first merged layer pair (preset: the middle layer)"),
+    ("retain_ratio", dict(type=_fraction, metavar="[0-1]"),
+     "fraction of prompt tokens kept unmerged in each pair (preset 0.05)"),
+    ("seed", dict(type=int, metavar="N"), "seed of the random probe positions (preset 0)"),
+    ("ratio", dict(type=_number, metavar="(0-1]"), "fraction of each prompt's tokens kept, in (0, 1]"),
+    ("budget", dict(type=_number, metavar="N"),
+     "tokens kept per layer and sequence, an integer >= 1 (at most the prompt's length)"),
+)
+CACHE_FLAGS = tuple(param for param, _, _ in CACHE_FLAG_HELP)
 
 
 # ---- zipkv generate -------------------------------------------------------------------
@@ -159,53 +200,21 @@ class GenerateCommand:
                 "DynamicCache would hold for the same tokens, and the ratio of the two."
             ),
             epilog=(
-                "cache options by method: "
-                + "; ".join(
-                    f"{method}: {', '.join(_option_flag(o) for o in options) or 'none (lossless)'}"
-                    for method, options in METHOD_OPTIONS.items()
-                )
-                + ". Defaults come from the method's preset (zipkv.methods.PRESETS)."
+                f"methods: {', '.join(registry.names())}; `zipkv methods` says what each does and its footprint. "
+                "Any parameter of a method goes in its spec, NAME:key=value,... (--method "
+                "snapkv:ratio=0.2,window=16), as in `zipkv eval --methods`; a flag below applies to "
+                "the methods listed with it. Defaults come from the registry (zipkv.METHODS)."
             ),
         )
         parser.add_argument("prompt", type=_nonempty_text, help="the prompt (must not be empty)")
         parser.add_argument(
-            "--method", choices=METHODS, default="zipcache",
-            help="KV-cache method (default: %(default)s)",
+            "--method", type=_method_spec, default=DEFAULT_METHOD, metavar="NAME[:key=value,...]",
+            help=f"KV-cache method and its parameters, NAME one of {', '.join(registry.names())} "
+                 "(default: %(default)s)",
         )
         cache = parser.add_argument_group("cache options (default: the method's preset)")
-        cache.add_argument(
-            "--high-bits", type=int, choices=BIT_WIDTHS, metavar="{2,4,8}",
-            help="zipcache: bits of salient tokens (preset 4)",
-        )
-        cache.add_argument(
-            "--low-bits", type=int, choices=BIT_WIDTHS, metavar="{2,4,8}",
-            help="zipcache: bits of the other tokens (preset 2); at most --high-bits",
-        )
-        cache.add_argument(
-            "--bits", type=int, choices=BIT_WIDTHS, metavar="{2,4,8}",
-            help="kivi, uniform: bits of every quantized token (preset 2)",
-        )
-        cache.add_argument(
-            "--salient-ratio", type=_fraction, metavar="[0-1]",
-            help="zipcache: fraction of tokens kept at --high-bits (preset 0.6)",
-        )
-        cache.add_argument(
-            "--residual-length", type=_int_at_least(0), metavar="N",
-            help="zipcache, kivi, uniform: newest tokens always kept in fp16 "
-                 "(preset: kivi 128, zipcache and uniform 0)",
-        )
-        cache.add_argument(
-            "--start-layer", type=_int_at_least(0), metavar="N",
-            help="minicache: first layer of the first merged layer pair (preset: the middle layer)",
-        )
-        cache.add_argument(
-            "--retain-ratio", type=_fraction, metavar="[0-1]",
-            help="minicache: fraction of prompt tokens kept unmerged in each pair (preset 0.05)",
-        )
-        cache.add_argument(
-            "--seed", type=int, metavar="N",
-            help="zipcache: seed of the random probe positions (preset 0)",
-        )
+        for param, options, text in CACHE_FLAG_HELP:
+            cache.add_argument(_option_flag(param), **options, help=f"{_takers(param)}: {text}")
         parser.add_argument(
             "--max-new-tokens", type=_int_at_least(1), default=64, metavar="N",
             help="most tokens to generate (default: %(default)s)",
@@ -241,7 +250,11 @@ class GenerateCommand:
 
     @staticmethod
     def run(args) -> int:
-        params = cache_params(args)
+        method, params = cache_params(args)
+        static_methods = [n for n, s in registry.METHODS.items() if s.static]
+        if args.static and method not in static_methods:
+            args.parser.error(f"--static needs a quantizing method with a static form ({', '.join(static_methods)}), "
+                              f"not {method}")
         import torch
 
         from . import make_cache
@@ -255,18 +268,15 @@ class GenerateCommand:
         inputs = encode_prompt(args, tokenizer, model.device)
         chat = inputs.pop("chat")
         try:
-            cache = make_cache(args.method, model.config, **params)
-        except ValueError as error:
+            cache = make_cache(method, model.config, **params)
+        except ValueError as error:  # what only the model can tell (a start layer past the last one)
             args.parser.error(f"cache options: {error}")
 
         start = time.perf_counter()
         prompt_tokens = inputs["input_ids"].shape[1]
         if args.static:
-            from .cache import ZipCache
             from .graph_decode import greedy_decode
 
-            if not isinstance(cache, ZipCache) or cache.settings.lossless:
-                args.parser.error(f"--static needs a quantizing method (zipcache, zipkv, kivi, uniform), not {args.method}")
             new_ids = greedy_decode(model, cache, inputs["input_ids"], inputs.get("attention_mask"),
                                     max_new_tokens=args.max_new_tokens)[0]
         else:
@@ -284,7 +294,7 @@ class GenerateCommand:
         answer = tokenizer.decode(new_ids, skip_special_tokens=True)
         report = {
             "answer": answer,
-            "method": args.method,
+            "method": method,
             "params": params,
             "model": str(args.model),
             "dtype": args.dtype,
@@ -303,27 +313,71 @@ class GenerateCommand:
         return 0
 
 
-def cache_params(args) -> dict:
-    """The make_cache overrides given on the command line; an option the method does not
-    take is an error rather than silently ignored."""
-    allowed = METHOD_OPTIONS[args.method]
-    given = {name: getattr(args, name) for name in _all_cache_options() if getattr(args, name) is not None}
-    wrong = [name for name in given if name not in allowed]
+def cache_params(args) -> tuple[str, dict]:
+    """(method, make_cache parameters) from --method NAME:key=value,... and the cache flags,
+    checked against the registry before any model loads. An option the method does not
+    take is an error rather than silently ignored; errors name the flag that was typed."""
+    method, spec_params = args.method
+    accepts = registry.METHODS[method].accepts
+    given = {name: getattr(args, name) for name in CACHE_FLAGS if getattr(args, name) is not None}
+    wrong = [name for name in given if name not in accepts]
     if wrong:
-        takes = ", ".join(_option_flag(o) for o in allowed) or "no cache options"
+        flags = [_option_flag(o) for o in CACHE_FLAGS if o in accepts]
+        takes = ", ".join(flags) if flags else "no cache flags"
         args.parser.error(
-            f"{', '.join(_option_flag(w) for w in wrong)} does not apply to --method {args.method} "
-            f"(it takes {takes})"
+            f"{', '.join(_option_flag(w) for w in wrong)} does not apply to --method {method} "
+            f"(it takes {takes}; any of its parameters as --method {method}:key=value)"
         )
-    # Checks across options (low_bits <= high_bits, ...) are make_cache's: it knows the presets.
-    return given
+    both = sorted(set(given) & set(spec_params))
+    if both:
+        args.parser.error(f"{', '.join(_option_flag(b) for b in both)} given twice: as a flag and in --method")
+    params = {**spec_params, **given}
+    try:
+        registry.check_method(method, params)
+    except registry.MethodError as error:
+        flag = _option_flag(error.param) if error.param in given else "--method"
+        args.parser.error(f"argument {flag}: {error}")
+    return method, params
 
 
-def _all_cache_options():
-    seen = []
-    for options in METHOD_OPTIONS.values():
-        seen += [o for o in options if o not in seen]
-    return seen
+# ---- zipkv methods --------------------------------------------------------------------
+
+class MethodsCommand:
+    """`zipkv methods`: the registry as a table (or JSON, or the README's markdown)."""
+
+    __name__ = "zipkv.cli.MethodsCommand"
+
+    @staticmethod
+    def add_parser(subparsers) -> argparse.ArgumentParser:
+        parser = subparsers.add_parser(
+            "methods", help="list the KV-cache methods: what each does, its footprint, fast path, paper",
+            description="The methods `zipkv generate --method`, `zipkv eval --methods` and "
+                        "zipkv.make_cache accept (zipkv.METHODS).",
+        )
+        form = parser.add_mutually_exclusive_group()
+        form.add_argument("--json", action="store_true",
+                          help="one JSON list: every field of each method, its defaults and parameters")
+        form.add_argument("--markdown", action="store_true", help="the method table of the README")
+        return parser
+
+    @staticmethod
+    def run(args) -> int:
+        if args.json:
+            print(json.dumps([spec.to_dict() for spec in registry.METHODS.values()], indent=2))
+        elif args.markdown:
+            print(registry.markdown_table())
+        else:
+            from rich.console import Console
+            from rich.table import Table
+
+            table = Table(title="zipkv methods (NAME[:key=value,...]; `--json` lists their parameters)",
+                          title_justify="left")
+            for column in ("method", "family", "what it does", "footprint", "fast path", "paper"):
+                table.add_column(column)
+            for s in registry.METHODS.values():
+                table.add_row(s.name, s.family, s.summary, s.footprint, "yes" if s.static else "no", s.paper or "-")
+            Console(width=None if sys.stdout.isatty() else 200).print(table)
+        return 0
 
 
 def encode_prompt(args, tokenizer, device) -> dict:

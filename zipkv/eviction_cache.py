@@ -5,23 +5,10 @@
     cache.stats()  # bytes really held, kept tokens, peak
 
 budget: tokens kept per layer and sequence (an error if larger than the prompt);
-ratio: kept fraction of each sequence's real prompt tokens. Methods (methods.md section 2
-and ZipVL in section 1):
-
-| method | keeps | when |
-|---|---|---|
-| full | everything (lossless reference, same machinery) | - |
-| streaming_llm | 4 sinks + the most recent | after every forward |
-| h2o | running-attention heavy hitters + the budget//2 most recent | after every forward |
-| snapkv | window-vote top tokens + the 32-token window | prefill |
-| pyramidkv | SnapKV with linearly decreasing layer budgets (beta 20) | prefill |
-| adakv | SnapKV with head-wise budgets (alpha 0.2), ragged storage | prefill |
-| cake | CAKE indicator, layer budgets by preference, cascading | prefill, layer by layer |
-| defensive_kv, key_norm | those scorers, uniform budgets | prefill |
-| zipvl | tau-important tokens high-bit (4), the rest low-bit (2) (v1) | prefill + every 100 tokens |
-| zipvl_v2 | tau-important tokens high-bit, the rest evicted (cap: budget/ratio) | prefill + every 100 tokens |
-| three_tier | top high_ratio high-bit, next low_ratio low-bit, rest evicted; or a byte budget | prefill + every 100 tokens |
-| mikv | top `ratio` in fp16, every other token low-bit (2) | prefill + every 100 tokens |
+ratio: kept fraction of each sequence's real prompt tokens, in (0, 1]. The methods, their
+defaults and parameters are the evict and tiered families of `zipkv.METHODS`
+(zipkv/registry.py; `zipkv methods` prints them); this module makes their policies.
+`make_eviction_cache("full", ...)` is the lossless reference on the same machinery.
 
 ZipVL's sparse prefill (zipvl and zipvl_v2 only, default off):
 
@@ -32,110 +19,99 @@ ZipVL's sparse prefill (zipvl and zipvl_v2 only, default off):
 
 from __future__ import annotations
 
+import inspect
+
 from .cache.cache import head_dim
 from .cache.config import CompressionConfig
 from .cache.eviction_cache import EvictionCache, EvictionStats, record_prefill
 from .cache.eviction_policies import (ContinuousPolicy, KeepPolicy, SelectPolicy, TieredPolicy,
                                       bytes_per_token)
 from .eviction import make_scorer
+from .eviction.scorers import SCORERS
 from .eviction.validation import check_ratio
+from .registry import TIER_PARAMS, TIER_QUANT, check_method, names
 
-SCORER_PARAMS = ("window", "kernel_size", "pooling", "gamma")
-QUANT_PARAMS = ("high_bits", "low_bits", "key_group_size", "value_group_size", "channel_separable")
-TIER_PARAMS = ("tau", "probe_recent", "probe_random", "seed", "stream_interval")
-
-# method -> (defaults, extra parameters it accepts)
-METHODS: dict[str, tuple[dict, tuple[str, ...]]] = {
-    "full": ({}, ()),
-    "streaming_llm": (dict(num_sinks=4), ("num_sinks",)),
-    "h2o": (dict(query_chunk=512), ("query_chunk",)),
-    "snapkv": (dict(window=32, kernel_size=7, pooling="max"), ("window", "kernel_size", "pooling")),
-    "pyramidkv": (dict(window=32, kernel_size=7, pooling="max", beta=20.0), ("window", "kernel_size", "pooling", "beta")),
-    "adakv": (dict(window=32, kernel_size=7, pooling="max", alpha=0.2), ("window", "kernel_size", "pooling", "alpha")),
-    "cake": (dict(window=32, kernel_size=5, gamma=200.0, tau1=1.0, tau2=1.0),
-             ("window", "kernel_size", "gamma", "tau1", "tau2")),
-    "defensive_kv": (dict(window=32, kernel_size=5), ("window", "kernel_size")),
-    "key_norm": ({}, ()),
-    "zipvl": (dict(tau=0.97, high_bits=4, low_bits=2), TIER_PARAMS + QUANT_PARAMS + ("sparse_prefill",)),
-    "zipvl_v2": (dict(tau=0.97, high_bits=4, low_bits=2), TIER_PARAMS + QUANT_PARAMS + ("sparse_prefill",)),
-    "three_tier": (dict(scorer="snapkv", window=32, kernel_size=7, pooling="max", high_bits=4, low_bits=2),
-                   ("scorer", "high_ratio", "low_ratio", "byte_ratio", "high_share") + SCORER_PARAMS
-                   + TIER_PARAMS + QUANT_PARAMS),
-    "mikv": (dict(scorer="snapkv", window=32, kernel_size=7, pooling="max", high_bits=16, low_bits=2),
-             ("scorer",) + SCORER_PARAMS + TIER_PARAMS + QUANT_PARAMS),
-}
-EVICTION_METHODS = tuple(METHODS)
-
-_SNAP = ("snapkv", "pyramidkv", "adakv")
-_RULE = {"snapkv": "uniform", "pyramidkv": "pyramid", "adakv": "adakv", "cake": "cake",
-         "defensive_kv": "uniform", "key_norm": "uniform"}
+REFERENCE = "full"  # every token kept, through EvictionCache: the exact reference of this family
+EVICTION_METHODS = (REFERENCE,) + names("evict", "tiered")
 
 
 def make_eviction_cache(method: str, config, *, budget: int | None = None, ratio: float | None = None,
                         keep_model_dtype: bool = False, **params) -> EvictionCache:
-    """The cache of a named eviction method for a model config (see the table above).
-    keep_model_dtype: keep unquantized tokens in the model's dtype (fp32 models: fp32)
-    instead of fp16; for exact comparisons."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {sorted(METHODS)} (got {method!r})")
-    defaults, accepted = METHODS[method]
-    if "sparse_prefill" in params and "sparse_prefill" not in accepted:
-        raise ValueError(f"sparse_prefill needs ZipVL's important set (the tau rule); {method} has none: "
-                         "use zipvl or zipvl_v2")
-    unknown = sorted(set(params) - set(accepted))
-    if unknown:
-        raise ValueError(f"{method} does not take {unknown}; it accepts {sorted(accepted)} plus budget / ratio")
-    p = {**defaults, **params}
-    if method == "full":
+    """The cache of a named eviction method for a model config (zipkv.METHODS, families
+    evict and tiered). keep_model_dtype: keep unquantized tokens in the model's dtype (fp32
+    models: fp32) instead of fp16; for exact comparisons."""
+    if method not in EVICTION_METHODS:
+        raise ValueError(f"method must be one of {sorted(EVICTION_METHODS)} (got {method!r})")
+    if method == REFERENCE:
+        if "sparse_prefill" in params:
+            raise ValueError(f"sparse_prefill needs ZipVL's important set (the tau rule); {method} has none: "
+                             "use zipvl or zipvl_v2")
+        if params:
+            raise ValueError(f"{method} does not take {sorted(params)}; it accepts []")
         if budget is not None or ratio is not None:
             raise ValueError("full keeps every token: no budget or ratio")
         return EvictionCache(config, KeepPolicy(), method=method, keep_model_dtype=True)
-    if method in ("streaming_llm", "h2o"):
-        policy = ContinuousPolicy(budget=budget, ratio=ratio, kind=method, **p)
-    elif method in _RULE:
-        scorer = _scorer(method if method not in _SNAP else "snapkv", p)
-        extra = {k: p[k] for k in ("window", "beta", "alpha", "tau1", "tau2") if k in p}
-        policy = SelectPolicy(budget=budget, ratio=ratio, scorer=scorer, rule=_RULE[method], **extra)
-    else:
-        policy = _tiered(method, config, budget, ratio, p)
-    return EvictionCache(config, policy, method=method, keep_model_dtype=keep_model_dtype)
+    given = dict(params, keep_model_dtype=keep_model_dtype)
+    given.update({k: v for k, v in (("budget", budget), ("ratio", ratio)) if v is not None})
+    return check_method(method, given).build(config, **given)
 
 
-def _scorer(name: str, p: dict):
-    keys = {"snapkv": ("window", "kernel_size", "pooling"), "cake": ("window", "gamma", "kernel_size"),
-            "defensive_kv": ("window", "kernel_size"), "key_norm": (), "h2o": (), "streaming_llm": (),
-            "zipcache": ()}
-    if name not in keys:
-        raise ValueError(f"scorer must be one of {sorted(keys)} (got {name!r})")
-    return make_scorer(name, **{k: p[k] for k in keys[name] if k in p})
+# ---- policy makers: the registry's builders call these with a method's settings ------------
+# config is None when zipkv.registry.check_method only validates the settings.
+
+def continuous_policy(config, *, kind: str, budget=None, ratio=None, **p) -> ContinuousPolicy:
+    return ContinuousPolicy(budget=budget, ratio=ratio, kind=kind, **p)
 
 
-def _tiered(method, config, budget, ratio, p):
-    quant = CompressionConfig(**{k: p[k] for k in QUANT_PARAMS if k in p}, saliency="none")
-    tier = {k: p[k] for k in TIER_PARAMS if k in p}
-    if method in ("zipvl", "zipvl_v2"):
-        tier["sparse_prefill"] = p.get("sparse_prefill", False)
-        if method == "zipvl" and (budget is not None or ratio is not None):
-            raise ValueError("zipvl (v1) keeps every token (important ones high-bit); budget/ratio apply to zipvl_v2")
-        layout = "zipvl_v1" if method == "zipvl" else "zipvl_v2"
-        return TieredPolicy(budget=budget, ratio=ratio, rule="zipvl", layout=layout, settings=quant, **tier)
-    scorer = _scorer(p.get("scorer", "snapkv"), p)
-    if method == "mikv":
-        if budget is not None or ratio is None:
-            raise ValueError("mikv takes ratio (the fraction kept in high precision), not budget")
-        return TieredPolicy(rule="ratios", layout="zipvl_v1", high_ratio=ratio, scorer=scorer, settings=quant, **tier)
-    # three_tier: explicit ratios, or a byte budget split between the tiers
-    if budget is not None or ratio is not None:
-        raise ValueError("three_tier takes high_ratio/low_ratio or byte_ratio (+ high_share), not budget/ratio")
+def select_policy(config, *, rule: str, scorer: str, budget=None, ratio=None, **p) -> SelectPolicy:
+    extra = {k: p[k] for k in ("window", "beta", "alpha", "tau1", "tau2") if k in p}
+    return SelectPolicy(budget=budget, ratio=ratio, scorer=scorer_of(scorer, p), rule=rule, **extra)
+
+
+def zipvl_policy(config, *, layout: str, budget=None, ratio=None, sparse_prefill: bool = False,
+                 **p) -> TieredPolicy:
+    return TieredPolicy(budget=budget, ratio=ratio, rule="zipvl", layout=layout, settings=_quant(p),
+                        sparse_prefill=sparse_prefill, **_tier(p))
+
+
+def mikv_policy(config, *, scorer: str, budget=None, ratio=None, **p) -> TieredPolicy:
+    if budget is not None or ratio is None:
+        raise ValueError("mikv takes ratio (the fraction kept in high precision), not budget")
+    return TieredPolicy(rule="ratios", layout="zipvl_v1", high_ratio=ratio, scorer=scorer_of(scorer, p),
+                        settings=_quant(p), **_tier(p))
+
+
+def three_tier_policy(config, *, scorer: str, **p) -> TieredPolicy:
+    """Explicit high_ratio / low_ratio, or a byte budget split between the tiers."""
+    quant = _quant(p)
     if "byte_ratio" in p:
         if "high_ratio" in p or "low_ratio" in p:
             raise ValueError("give byte_ratio (+ high_share) or high_ratio/low_ratio, not both")
-        high_ratio, low_ratio = byte_budget_split(config, quant, check_ratio("byte_ratio", p["byte_ratio"]),
-                                                  check_ratio("high_share", p.get("high_share", 0.5)))
+        byte_ratio = check_ratio("byte_ratio", p["byte_ratio"])
+        high_share = check_ratio("high_share", p.get("high_share", 0.5))
+        # the split needs the head size; when only validating, the tiers get placeholder ratios
+        split = (0.0, 0.0) if config is None else byte_budget_split(config, quant, byte_ratio, high_share)
+        high_ratio, low_ratio = split
     else:
         high_ratio, low_ratio = p.get("high_ratio", 0.1), p.get("low_ratio", 0.1)
     return TieredPolicy(rule="ratios", layout="three_tier", high_ratio=high_ratio, low_ratio=low_ratio,
-                        scorer=scorer, settings=quant, **tier)
+                        scorer=scorer_of(scorer, p), settings=quant, **_tier(p))
+
+
+def scorer_of(name: str, p: dict):
+    """The named scorer with those of the settings p that its class takes."""
+    if name not in SCORERS:
+        raise ValueError(f"scorer must be one of {sorted(SCORERS)} (got {name!r})")
+    takes = inspect.signature(SCORERS[name]).parameters
+    return make_scorer(name, **{k: v for k, v in p.items() if k in takes})
+
+
+def _quant(p: dict) -> CompressionConfig:
+    return CompressionConfig(**{k: p[k] for k in TIER_QUANT if k in p}, saliency="none")
+
+
+def _tier(p: dict) -> dict:
+    return {k: p[k] for k in TIER_PARAMS if k in p}
 
 
 def byte_budget_split(config, quant: CompressionConfig, byte_ratio: float, high_share: float):
@@ -151,5 +127,5 @@ def byte_budget_split(config, quant: CompressionConfig, byte_ratio: float, high_
     return high, low
 
 
-__all__ = ["make_eviction_cache", "EVICTION_METHODS", "METHODS", "EvictionCache", "EvictionStats", "record_prefill",
+__all__ = ["make_eviction_cache", "EVICTION_METHODS", "EvictionCache", "EvictionStats", "record_prefill",
            "byte_budget_split"]

@@ -13,8 +13,10 @@ DEFAULT_LENGTHS = (1024,)
 TINY = "tiny-random"
 
 EPILOG = """\
-methods: NAME[:key=value,...]; zipkv presets (full, zipkv, zipcache, kivi, uniform, ...)
-  take make_cache parameters, e.g. zipcache:high_bits=4,low_bits=2,salient_ratio=0.6.
+methods: NAME[:key=value,...]; every zipkv method (`zipkv methods` lists them: full, zipkv,
+  zipcache, kivi, snapkv, minicache, ...) takes its make_cache parameters, e.g.
+  zipcache:high_bits=4,low_bits=2,salient_ratio=0.6 or snapkv:ratio=0.2; checked before the
+  model loads.
   Baselines: hf-dynamic (transformers DynamicCache), hf-quanto:nbits=2|4, hf-hqq:nbits=..,
   hf-fp8 (transformers QuantizedCache), kvpress-snapkv:compression_ratio=0.5 (needs kvpress,
   which needs transformers<5.3).
@@ -105,7 +107,7 @@ def run(args) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-    from .methods import MethodSpec
+    from .methods import MethodSpec, check_methods
     from .runner import EvalConfig, Runner
     from .sources import DataSourceMissing
     from .tasks import DEFAULT_DEPTHS
@@ -113,6 +115,7 @@ def run(args) -> int:
     console = Console(stderr=True)
     try:
         specs = [MethodSpec.parse(m) for text in args.methods for m in text.split() if m]
+        check_methods(specs)  # a bad name or value is an error before any model loads
         out = Path(args.out or f"eval_runs/{_model_tag(args.model)}-seed{args.seed}")
         config = EvalConfig(
             tasks=args.tasks, lengths=args.lengths, methods=specs, out_dir=out, seed=args.seed,
@@ -167,10 +170,15 @@ def _report(args, rows, out, status, console) -> int:
     from rich.console import Console
 
     from . import plots, summary
+    from .results import STATUS_OK
 
     if not rows:
         console.print("no results yet")
         return status
+    if not any(row.get("status") == STATUS_OK for row in rows):
+        # a run whose every case failed is a failed run, whatever the summary says
+        console.print(f"zipkv eval: every case failed ({len(rows)} rows); the errors are in {out / 'results.jsonl'}")
+        status = status or 1
     table = summary.summarize(rows)
     # piped output: wide enough for every column instead of rich's 80-column default
     summary.print_table(table, Console(width=None if sys.stdout.isatty() else 200))

@@ -23,7 +23,7 @@ from ..cache.layer import ZipCacheLayer
 from ..methods import PRESETS, make_cache
 from .layer import ModalityTags, VisualZipCacheLayer
 from .modality import token_modality, visual_token_ids
-from .settings import VIDKV, VisualCompressionConfig
+from .settings import VIDKV, VisualCompressionConfig, vlm_presets
 from .stats import ModalityStats, modality_stats
 from .vidkv import check_head_dim
 
@@ -76,19 +76,8 @@ class VisualZipCache(ZipCache):
         return modality_stats(self)
 
 
-# The base presets, plus VLM ones; keyword arguments override them.
-VLM_PRESETS: dict[str, dict] = {
-    **{name: dict(settings) for name, settings in PRESETS.items()},
-    # ZipVL: per layer, the important tokens are the fewest carrying 97% of the probe attention
-    # mass (text and visual groups each), stored at 4 bits; the rest at 2 bits
-    "zipvl": dict(high_bits=4, low_bits=2, saliency="probe", salient_tau=0.97, visual_salient_tau=0.97),
-    # VidKV for visual tokens (1.5-bit keys, 1.6-bit ternary values, groups of 32 tokens);
-    # text tokens as the zipcache preset
-    "vidkv": dict(
-        high_bits=4, low_bits=2, salient_ratio=0.6, saliency="probe", visual_low_bits=VIDKV,
-        visual_high_bits=4, visual_salient_ratio=0.0,
-    ),
-}
+# The registry's ZipCache presets, plus the VLM-only ones; keyword arguments override them.
+VLM_PRESETS: dict[str, dict] = vlm_presets()
 
 
 def make_vlm_cache(method: str, config, input_ids: torch.Tensor | None = None, *, attention_mask=None,

@@ -6,8 +6,31 @@ from dataclasses import dataclass
 
 from ..cache.config import LOSSLESS_BITS, CompressionConfig
 from ..quant.quantizer import SUPPORTED_BITS
+from ..registry import METHODS, names
 
 VIDKV = "vidkv"
+
+# Methods only the modality-aware cache has (VisualCompressionConfig settings); every other
+# VLM method is a ZipCache preset of the registry (zipkv.METHODS), visual tokens getting the
+# text settings unless overridden. "zipvl" here is ZipVL on VisualZipCache's tiers (tau per
+# modality), where the registry's "zipvl" is the evicting cache's tiered policy.
+VLM_ONLY_PRESETS: dict[str, dict] = {
+    # ZipVL: per layer, the important tokens are the fewest carrying 97% of the probe attention
+    # mass (text and visual groups each), stored at 4 bits; the rest at 2 bits
+    "zipvl": dict(high_bits=4, low_bits=2, saliency="probe", salient_tau=0.97, visual_salient_tau=0.97),
+    # VidKV for visual tokens (1.5-bit keys, 1.6-bit ternary values, groups of 32 tokens);
+    # text tokens as the zipcache preset
+    "vidkv": dict(
+        high_bits=4, low_bits=2, salient_ratio=0.6, saliency="probe", visual_low_bits=VIDKV,
+        visual_high_bits=4, visual_salient_ratio=0.0,
+    ),
+}
+
+
+def vlm_presets() -> dict[str, dict]:
+    """Every VLM method's settings: the registry's ZipCache presets, then the VLM-only ones."""
+    base = {name: dict(METHODS[name].defaults) for name in names("lossless", "quantize")}
+    return {**base, **VLM_ONLY_PRESETS}
 
 
 def _check_tau(name: str, value) -> None:

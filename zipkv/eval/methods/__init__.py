@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Callable
 
+from ...registry import METHODS
+
 from .base import Method, MethodUnavailable
 from .hf_quantized import BACKENDS as HF_BACKENDS
 from .hf_quantized import HFQuantizedMethod
@@ -28,7 +30,21 @@ def resolve(spec: MethodSpec | str) -> Method:
         return HFQuantizedMethod(spec)
     if spec.name.startswith(KVPRESS_PREFIX):
         return KvpressMethod(spec)
+    if spec.name not in METHODS:
+        baselines = [DYNAMIC_NAME, *HF_BACKENDS, f"{KVPRESS_PREFIX}NAME"]
+        raise ValueError(f"method must be one of {sorted(METHODS)} or a baseline {baselines} (got {spec.name!r})")
     return ZipkvMethod(spec)
 
 
-__all__ = ["DynamicCacheMethod", "Method", "MethodSpec", "MethodUnavailable", "Resolver", "resolve", "HFQuantizedMethod", "KvpressMethod", "ZipkvMethod"]
+def check_methods(specs, resolver: Resolver = resolve) -> None:
+    """Resolve every spec once, so a bad name or parameter raises ValueError before a model
+    loads (zipkv names are checked against zipkv.METHODS). A method whose package is missing
+    is not an error here: the runner skips it with a note."""
+    for spec in specs:
+        try:
+            resolver(spec)
+        except MethodUnavailable:
+            pass
+
+
+__all__ = ["DynamicCacheMethod", "Method", "MethodSpec", "MethodUnavailable", "Resolver", "check_methods", "resolve", "HFQuantizedMethod", "KvpressMethod", "ZipkvMethod"]

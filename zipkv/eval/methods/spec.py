@@ -1,29 +1,15 @@
 """Method specs as written on the command line: NAME[:key=value,key=value].
 
 Examples: `full`, `zipcache:high_bits=4,low_bits=2,salient_ratio=0.6`, `kivi:bits=2`,
-`hf-quanto:nbits=4`, `kvpress-snapkv:compression_ratio=0.5`.
+`hf-quanto:nbits=4`, `kvpress-snapkv:compression_ratio=0.5`. The syntax and the value
+coercion (true/false, none, int, float, text) are zipkv.registry.parse_method_spec's.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
-_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
-
-
-def _value(text: str) -> Any:
-    low = text.lower()
-    if low in ("true", "false"):
-        return low == "true"
-    if low in ("none", "null"):
-        return None
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
+from ...registry import parse_method_spec
 
 
 @dataclass(frozen=True)
@@ -33,16 +19,7 @@ class MethodSpec:
 
     @classmethod
     def parse(cls, text: str) -> "MethodSpec":
-        name, _, rest = text.strip().partition(":")
-        if not _NAME.match(name):
-            raise ValueError(f"method must look like NAME[:key=value,...], got {text!r}")
-        params: dict[str, Any] = {}
-        for item in filter(None, (p.strip() for p in rest.split(","))):
-            key, eq, val = item.partition("=")
-            if not eq or not key.strip():
-                raise ValueError(f"method parameter must be key=value, got {item!r} in {text!r}")
-            params[key.strip()] = _value(val.strip())
-        return cls(name, params)
+        return cls(*parse_method_spec(text))
 
     @property
     def label(self) -> str:

@@ -16,6 +16,13 @@ def _factory():
 
 
 class ZipkvMethod(Method):
+    def __init__(self, spec) -> None:
+        from ...registry import check_method
+
+        # a bad name or value fails here, when the run is planned, not in every case's row
+        check_method(spec.name, spec.params)
+        super().__init__(spec)
+
     def new_cache(self, model):
         return _factory()(self.spec.name, model.config, **self.spec.params)
 
