@@ -1,4 +1,4 @@
-"""Greedy decoding over a static ZipCache, each step one CUDA-graph replay.
+"""Greedy decoding over a static zipkv cache, each step one CUDA-graph replay.
 
 An eager transformers decode step is host-bound: dozens of small launches per layer and
 Python in between cost more than the bytes the step reads (experiments/NOTES.md). With the
@@ -9,15 +9,61 @@ quantization of a block, every `stream_interval` tokens, runs between replays.
     tokens = zipkv.greedy_decode(model, cache, input_ids, attention_mask, max_new_tokens=64)
 
 `StaticDecoder` is the piece under it, for a cache already filled some other way (benchmarks).
+Any cache with a `to_static(extra_tokens, prompt_padding)` whose layers then follow
+`StaticLayer` (below) decodes this way: ZipCache (cache/static_layer.py) and the evicting
+caches (cache/static_evicting_layer.py).
 """
 
 from __future__ import annotations
 
 import time
+from typing import Protocol, runtime_checkable
 
 import torch
 
-from .cache.cache import ZipCache
+
+@runtime_checkable
+class StaticLayer(Protocol):
+    """What StaticDecoder asks of each layer of a cache after `cache.to_static()`.
+
+    A step (captured): `update(key_states, value_states)` writes the one new token into
+    preallocated buffers (counts advance on the device; NaN/inf only set the bool tensor
+    `nonfinite`) and hands the queries to `attend(module, query, key, value, attention_mask,
+    scaling, **kwargs)`, which reads the buffers through `decode_attention(..., lengths=...)`.
+    Between steps (host): `advance()` mirrors the step's counts; when `flush_due()`, the decoder
+    checks `nonfinite` and runs `flush(check_finite=False)`, or `flush_on_device()` and then
+    `mirror_device_flush()` for all due layers when every one `can_flush_on_device()`
+    (a layer that never flushes returns False from flush_due and can_flush_on_device);
+    `check_finite()` raises on NaN/inf; `has_room()`: whether one more step fits the buffers
+    (asked once the steps asked for are done). `decode_inputs()`: (packed segments, fp16 buffer
+    [B, Hkv, N, D]) the decode kernel reads (to check the shapes before a capture).
+    Accounting: `held_tensors()` is every tensor held (stats() counts exactly these);
+    `get_seq_length()` the logical length (positions continue from it).
+    """
+
+    nonfinite: torch.Tensor
+
+    def update(self, key_states, value_states, *args, **kwargs): ...
+
+    def attend(self, module, query, key, value, attention_mask, scaling, **kwargs): ...
+
+    def advance(self) -> None: ...
+
+    def flush_due(self) -> bool: ...
+
+    def flush(self, check_finite: bool = True) -> None: ...
+
+    def can_flush_on_device(self) -> bool: ...
+
+    def check_finite(self) -> None: ...
+
+    def has_room(self) -> bool: ...
+
+    def decode_inputs(self) -> tuple: ...
+
+    def held_tensors(self) -> list: ...
+
+    def get_seq_length(self) -> int: ...
 
 
 def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -44,7 +90,8 @@ def capture(forward, after_warm_up=None) -> torch.cuda.CUDAGraph:
 
 
 class StaticDecoder:
-    """Greedy decode steps over a ZipCache that holds a prompt.
+    """Greedy decode steps over a zipkv cache that holds a prompt (a ZipCache or an
+    EvictionCache: any cache with to_static() whose layers then follow StaticLayer).
 
     next_tokens [B, 1]: the tokens to feed first; next_positions [B]: their positions.
     The cache is moved into static buffers with room for `max_steps` more tokens. On CUDA
@@ -55,11 +102,12 @@ class StaticDecoder:
     a second graph captured at the second such block.
     """
 
-    def __init__(self, model, cache: ZipCache, next_tokens: torch.Tensor, next_positions: torch.Tensor,
+    def __init__(self, model, cache, next_tokens: torch.Tensor, next_positions: torch.Tensor,
                  max_steps: int, prompt_padding=None, cuda_graph: bool | None = None,
                  device_flush: bool | None = None):
-        if not isinstance(cache, ZipCache):
-            raise ValueError(f"cache must be a zipkv ZipCache (got {type(cache).__name__})")
+        if not has_static_form(cache):
+            raise ValueError(f"cache must be a zipkv cache with a static form, e.g. a ZipCache or an EvictionCache "
+                             f"(got {type(cache).__name__})")
         if next_tokens.dim() != 2 or next_tokens.shape[1] != 1:
             raise ValueError(f"next_tokens must be [batch, 1] (got {tuple(next_tokens.shape)})")
         device = next_tokens.device
@@ -69,6 +117,10 @@ class StaticDecoder:
         self.use_graph = device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
         with torch.inference_mode():
             cache.to_static(max_steps, prompt_padding)
+            odd = [type(layer).__name__ for layer in cache.layers if not isinstance(layer, StaticLayer)]
+            if odd:
+                raise ValueError(f"{type(cache).__name__}.to_static() left layers {sorted(set(odd))} that do not "
+                                 "follow graph_decode.StaticLayer")
             if self.use_graph:
                 _check_graph_kernel(model, cache)
             self.ids = next_tokens.clone()
@@ -79,7 +131,7 @@ class StaticDecoder:
         # CUDA, captured at the second such block: the first one warms it up).
         self.device_flush = self.use_graph if device_flush is None else bool(device_flush)
         self.flush_graph, self.flush_graph_layers, self.device_flushes = None, None, 0
-        self.steps = 0
+        self.steps, self.max_steps = 0, max_steps
         self.flushes, self.flush_seconds = 0, 0.0  # blocks quantized between replays, host time spent
 
     def _forward(self) -> None:
@@ -130,8 +182,19 @@ class StaticDecoder:
             layer.mirror_device_flush()
         self.device_flushes += 1
 
+    def check_finite(self) -> None:
+        """Raise if a step wrote NaN/inf states (one wait for all layers); a layer that never
+        flushes would otherwise never say so."""
+        if bool(torch.stack([layer.nonfinite for layer in self.cache.layers]).any()):
+            for layer in self.cache.layers:
+                layer.check_finite()
+
     def step(self) -> torch.Tensor:
         """Feed the current tokens, return the next ones ([B, 1], a buffer the next step overwrites)."""
+        if self.steps >= self.max_steps:  # past the steps asked for: a write past a buffer's end is refused
+            full = [layer.layer_idx for layer in self.cache.layers if not layer.has_room()]
+            if full:
+                raise RuntimeError(f"the static buffers of layers {full} are full (max_steps={self.max_steps})")
         with torch.inference_mode():
             if self.graph is None and self.use_graph:
                 # the first step is the warm-up run; later steps replay the graph
@@ -154,11 +217,11 @@ def _check_graph_kernel(model, cache) -> None:
         raise ValueError("cuda_graph decoding needs triton (pip install zipkv[kernels]); use cuda_graph=False")
     from .kernels._triton_decode import supported
 
-    layer = cache.layers[0]
+    segments, buffer = cache.layers[0].decode_inputs()
     text = model.config.get_text_config(decoder=True)
-    batch, _, _, head_dim = layer.k_win.shape
-    query = layer.k_win.new_empty(batch, text.num_attention_heads, 1, head_dim)
-    reason = supported(query, [t.segment() for t in layer.attended])
+    batch, _, _, head_dim = buffer.shape
+    query = buffer.new_empty(batch, text.num_attention_heads, 1, head_dim)
+    reason = supported(query, segments)
     if reason is not None:
         raise ValueError(f"cuda_graph decoding needs the Triton decode kernel, which cannot run this cache: {reason}; "
                          "use cuda_graph=False")
@@ -191,12 +254,18 @@ def finish_at_eos(tokens: torch.Tensor, eos: torch.Tensor, pad: int) -> torch.Te
 EOS_CHECK_EVERY = 32
 
 
-def greedy_decode(model, cache: ZipCache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+def has_static_form(cache) -> bool:
+    """Whether `cache` can move into static buffers (to_static) for StaticDecoder."""
+    return callable(getattr(cache, "to_static", None)) and hasattr(cache, "layers")
+
+
+def greedy_decode(model, cache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                   max_new_tokens: int = 32, cuda_graph: bool | None = None, eos_token_id=None) -> torch.Tensor:
     """Greedy new tokens [B, <= max_new_tokens] for a (left-)padded prompt batch, through a
-    fresh ZipCache: the prompt in one eager forward, then static decode steps (CUDA graphs on
-    CUDA). The same tokens as model.generate(..., do_sample=False) with this cache in its
-    eager form and decode_path="packed": rows that emitted EOS (eos_token_id, default the
+    fresh zipkv cache (a ZipCache or an EvictionCache): the prompt in one eager forward, then
+    static decode steps (CUDA graphs on CUDA). The same tokens as model.generate(...,
+    do_sample=False) with this cache in its eager form (a ZipCache with decode_path="packed"):
+    rows that emitted EOS (eos_token_id, default the
     model's generation config; False: never stop) continue with pad tokens, and decoding
     stops once every row has (checked every EOS_CHECK_EVERY steps; the output is cut there).
     """
@@ -204,8 +273,9 @@ def greedy_decode(model, cache: ZipCache, input_ids: torch.Tensor, attention_mas
         raise ValueError(f"input_ids must be a non-empty [batch, length] tensor (got {tuple(input_ids.shape)})")
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an integer >= 1 (got {max_new_tokens!r})")
-    if not isinstance(cache, ZipCache) or cache.get_seq_length() != 0:
-        raise ValueError("cache must be a new, empty ZipCache (greedy_decode fills it from the prompt)")
+    if not has_static_form(cache) or cache.get_seq_length() != 0:
+        raise ValueError("cache must be a new, empty ZipCache or EvictionCache (greedy_decode fills it from the "
+                         "prompt)")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if attention_mask.shape != input_ids.shape:
@@ -221,12 +291,14 @@ def greedy_decode(model, cache: ZipCache, input_ids: torch.Tensor, attention_mas
     if max_new_tokens > 1:
         decoder = StaticDecoder(model, cache, first, positions[:, -1] + 1, max_new_tokens - 1, attention_mask, cuda_graph)
         for i in range(1, max_new_tokens):
-            if eos is not None and i % EOS_CHECK_EVERY == 0:
-                if bool(torch.isin(torch.cat(tokens, 1), eos.to(first.device)).any(dim=1).all()):
+            if i % EOS_CHECK_EVERY == 0:
+                decoder.check_finite()  # waits for the GPU anyway, like the EOS check
+                if eos is not None and bool(torch.isin(torch.cat(tokens, 1), eos.to(first.device)).any(dim=1).all()):
                     break
             tokens.append(decoder.step().clone())
+        decoder.check_finite()
     tokens = torch.cat(tokens, dim=1)
     return tokens if eos is None else finish_at_eos(tokens, eos, pad)
 
 
-__all__ = ["StaticDecoder", "greedy_decode", "prompt_positions"]
+__all__ = ["StaticDecoder", "StaticLayer", "greedy_decode", "has_static_form", "prompt_positions"]

@@ -22,7 +22,11 @@ from .cache import checked_layer_types, sliding_layer
 from ..attention import enable_zipkv_attention
 from .eviction_layer import EvictingLayer, SparsePrefillRecord
 from .eviction_policies import KeepPolicy
+from .static_evicting_layer import StaticEvictingLayer, static_evicting_layer, static_slot_rule
 from .stats import CacheStats, fp16_equivalent, tensor_bytes
+
+# eager or static (to_static): both have the accounting stats() reads
+EVICTING_LAYERS = (EvictingLayer, StaticEvictingLayer)
 
 
 
@@ -146,7 +150,7 @@ class EvictionCache(Cache):
     def bytes_held(self) -> int:
         total = 0
         for layer in self.layers:
-            if isinstance(layer, EvictingLayer):
+            if isinstance(layer, EVICTING_LAYERS):
                 total += layer.nbytes()
             elif layer.is_initialized:
                 total += tensor_bytes([layer.keys, layer.values])
@@ -154,6 +158,33 @@ class EvictionCache(Cache):
 
     def note_bytes(self) -> None:
         self.peak_bytes = max(self.peak_bytes, self.bytes_held())
+
+    def to_static(self, extra_tokens: int, prompt_padding=None) -> None:
+        """Move every layer into preallocated buffers with room for `extra_tokens` more tokens,
+        so that a decode step can be captured in a CUDA graph (zipkv.greedy_decode does this
+        after the prompt; static_evicting_layer.py says how each method's step works).
+        prompt_padding is accepted for the decoders' common call and not needed: the kept
+        tokens already say which rows hold fewer. Methods without a static form raise a
+        ValueError naming them."""
+        if not isinstance(extra_tokens, int) or isinstance(extra_tokens, bool) or extra_tokens < 1:
+            raise ValueError(f"extra_tokens must be an integer >= 1 (got {extra_tokens!r})")
+        if any(not isinstance(layer, EVICTING_LAYERS) for layer in self.layers):
+            raise ValueError("static decoding needs every layer to be full attention (sliding-window layers are "
+                             "not supported)")
+        for layer in self.layers:  # a refused method leaves the cache as it was
+            if not isinstance(layer, StaticEvictingLayer):
+                static_slot_rule(layer, self.method)
+        # one layer at a time, each eager layer released as its copy is made: the peak is the
+        # cache plus one layer, not two caches
+        for i, layer in enumerate(self.layers):
+            if not isinstance(layer, StaticEvictingLayer):
+                self.layers[i] = static_evicting_layer(layer, self.method, extra_tokens)
+            del layer
+        self.note_bytes()
+
+    @property
+    def is_static(self) -> bool:
+        return all(isinstance(layer, StaticEvictingLayer) for layer in self.layers)
 
     def sparse_prefill_report(self) -> SparsePrefillReport | None:
         """What ZipVL's sparse prefill kept and saved per layer (None if this cache did not
@@ -167,7 +198,7 @@ class EvictionCache(Cache):
         stats = EvictionStats(method=self.method, peak_bytes=self.peak_bytes,
                               sparse_prefill=report.to_dict() if report is not None else None)
         for layer in self.layers:
-            if isinstance(layer, EvictingLayer):
+            if isinstance(layer, EVICTING_LAYERS):
                 init = layer.is_initialized
                 b, h, d = (layer.batch_size, layer.num_heads, layer.head_dim) if init else (1, 1, 0)
                 kept = layer.kept_token_heads()

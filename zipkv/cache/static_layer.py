@@ -293,6 +293,13 @@ class StaticZipLayer(ZipCacheLayer):
     def get_seq_length(self) -> int:
         return sum(t.num_tokens for t in self.attended) + self.n_fp
 
+    def has_room(self) -> bool:
+        return True  # the window never fills; a tier that does is refused by flush() ("static tier full")
+
+    def decode_inputs(self):
+        """(segments, fp16 window buffer) the decode kernel reads (graph_decode.StaticLayer)."""
+        return [t.segment() for t in self.attended], self.k_win
+
     def held_tensors(self) -> list[torch.Tensor]:
         own = [self.k_win, self.v_win, self.score_win, self.count_win, self.sink_win, self.pad_mask,
                self.lengths, self.nonfinite, self.pads_low, *self.flag_win.values()]

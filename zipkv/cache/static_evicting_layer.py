@@ -1,0 +1,371 @@
+"""`StaticEvictingLayer`: an evicting layer's kept tokens in one preallocated buffer, so one
+decode step is a fixed sequence of kernels that a CUDA graph can capture (zipkv.graph_decode).
+
+After the prompt an `EvictingLayer` holds, per (row, KV head), the tokens its policy kept. The
+static form puts them in one buffer `[B, H, N, D]` (the storage dtype, as the eager store), each
+row right-aligned with its holes first (as `Fp16Store.padded()` lays them out), and a bool
+`pad_mask [B, N]` hides the holes of rows that keep fewer tokens (left-padded batch rows). A step
+writes the new token, then attends with `decode_attention(query, [], buffer, mask=pad_mask,
+lengths=lengths)`: the decode kernel reads the valid count on the device. Attention is
+permutation-invariant over keys once RoPE is applied, so where a token sits does not matter.
+
+Where the new token goes is the policy's part, a small slot rule (`slots`):
+- `AppendSlots` (snapkv, pyramidkv, cake, defensive_kv, key_norm, full: nothing is evicted
+  after the prompt): at `lengths[0]`, which advances on the device (window_append).
+- `RingSlots` (streaming_llm: sinks + the most recent): the buffer holds each row's budget plus
+  one free slot; the new token takes the free slot and, once attended, the oldest non-sink token
+  is the evicted one, whose slot is the next free one: a ring over the non-sink slots, the slot
+  index computed on the device from a step counter.
+- `HeavyHitterSlots` (h2o): like the ring, but the next free slot (per row and head) is the
+  argmin of the accumulated attention over the slots outside the budget // 2 most recent, as
+  the eager policy evicts it (ties: the oldest goes).
+Nothing is ever flushed between steps (`flush_due()` is False): the step is all there is.
+
+Per-head ragged budgets (adakv) would need a per-(row, head) mask, which the decode kernel does
+not take; tiered methods (packed parts) have no static form yet: both raise a clear ValueError.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..attention import hand_queries_to
+from ..kernels.decode_attention import decode_attention
+from ..kernels.window_step import window_append, window_scores
+from .eviction_layer import EvictingLayer
+from .eviction_policies import ContinuousPolicy, KeepPolicy, SelectPolicy
+from .layer_base import ZipkvLayer
+from .stats import tensor_bytes
+
+# attention kwargs this layer cannot honour: an error, never dropped
+UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias", "sliding_window")
+
+
+def static_slot_rule(layer: EvictingLayer, method: str):
+    """The slot rule of a layer's static form (below), or a ValueError naming `method` when it
+    has none; also checks the layer holds a prompt and is not mid-forward."""
+    policy = layer.policy
+    if isinstance(policy, SelectPolicy) and policy.rule == "adakv":
+        raise ValueError(f"method {method!r} has no static (CUDA-graph) form: its per-head budgets leave the "
+                         "KV heads of one row with different token counts, which needs a per-head mask the "
+                         "decode kernel does not take; decode it eagerly (model.generate)")
+    if isinstance(policy, (KeepPolicy, SelectPolicy)):
+        rule = AppendSlots
+    elif isinstance(policy, ContinuousPolicy):
+        rule = RingSlots if policy.kind == "streaming_llm" else HeavyHitterSlots
+    else:
+        raise ValueError(f"method {method!r} has no static (CUDA-graph) form yet: its packed (quantized) parts "
+                         "are not built as static tiers; decode it eagerly (model.generate)")
+    if not layer.is_initialized:
+        raise ValueError(f"layer {layer.layer_idx}: to_static() needs a cache that holds the prompt")
+    if layer.awaiting_queries:
+        raise layer.missing_attention_error()
+    return rule
+
+
+def static_evicting_layer(layer: EvictingLayer, method: str, extra_tokens: int) -> "StaticEvictingLayer":
+    """The static form of an eager evicting layer that holds a prompt, with room for
+    `extra_tokens` more tokens, or a ValueError naming `method` when it has none."""
+    return StaticEvictingLayer(layer, static_slot_rule(layer, method), method, extra_tokens)
+
+
+def held_rectangle(layer: EvictingLayer, method: str):
+    """(keys, values [B, H, w, D], real [B, w], extras {name: [B, H, w]}) of everything the
+    eager layer holds, each row right-aligned with its holes first; real is per row, so every
+    KV head of a row must hold the same count (else a ValueError naming `method`)."""
+    keys, values, valid, extras = [], [], [], {}
+    for part in layer.parts:
+        if getattr(part, "bits", None) != 16:
+            raise ValueError(f"method {method!r}: only fp16 kept tokens have a static form (got {part.bits}-bit)")
+        k, v, ok = part.padded(layer.store_dtype)
+        keys.append(k), values.append(v), valid.append(ok)
+        extras.update({name: part.padded_extra(name) for name in part.extras})
+    b, h = layer.batch_size, layer.num_heads
+    keys.append(layer.recent_keys), values.append(layer.recent_values)
+    valid.append(layer.recent_real[:, None, :].expand(b, h, -1))
+    valid = torch.cat(valid, dim=2)
+    if not bool((valid == valid[:, :1]).all()):
+        raise ValueError(f"method {method!r}: the KV heads of a row hold different token counts, which needs a "
+                         "per-head mask the decode kernel does not take")
+    if extras and layer.recent_keys.shape[2]:
+        raise ValueError(f"method {method!r}: tokens with per-token scores wait in the recent part")
+    return torch.cat(keys, dim=2), torch.cat(values, dim=2), valid[:, 0], extras
+
+
+class StaticEvictingLayer(ZipkvLayer):
+    """The static form of an `EvictingLayer` (module docstring). Built by
+    `static_evicting_layer()`; follows the static-layer protocol of zipkv.graph_decode."""
+
+    def __init__(self, layer: EvictingLayer, rule, method: str, extra_tokens: int):
+        super().__init__()
+        self.layer_idx, self.method, self.owner = layer.layer_idx, method, layer.owner
+        self.dtype, self.device, self.store_dtype = layer.dtype, layer.device, layer.store_dtype
+        self.batch_size, self.num_heads, self.head_dim = layer.batch_size, layer.num_heads, layer.head_dim
+        self.logical_length = layer.logical_length
+        self.is_initialized, self.awaiting_queries = True, False
+        keys, values, real, extras = held_rectangle(layer, method)
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.lengths = torch.zeros(1, dtype=torch.int32, device=self.device)
+        # the slot rule sizes the buffers (room to append, or one free slot) and fills them
+        self.slots = rule(self, layer, keys, values, real, extras, extra_tokens)
+        self.padded = not bool(self.pad_mask.all())
+
+    def allocate(self, keys, values, real, slots: int) -> None:
+        """Buffers of `slots` tokens with the held rectangle at their front (called by the slot
+        rule); slots after it are real (they fill as tokens arrive, the count says which)."""
+        b, h, w, d = keys.shape
+        self.k_buf = keys.new_zeros(b, h, slots, d)
+        self.v_buf = values.new_zeros(b, h, slots, d)
+        self.k_buf[:, :, :w], self.v_buf[:, :, :w] = keys, values
+        self.pad_mask = torch.ones(b, slots, dtype=torch.bool, device=self.device)
+        self.pad_mask[:, :w] = real
+
+    def lazy_initialization(self, key_states, value_states):
+        raise RuntimeError("a static layer is built from a filled eager layer (to_static), never lazily")
+
+    # -- one decode step (captured) ---------------------------------------------------------------
+    def update(self, key_states, value_states, *args, **kwargs):
+        if key_states.shape[2] != 1:
+            raise ValueError(f"a static (CUDA-graph) cache decodes one token per step (got {key_states.shape[2]})")
+        if self.awaiting_queries:
+            raise RuntimeError(f"zipkv attention never ran for layer {self.layer_idx}: a static evicting cache "
+                               "needs the model to use the 'zipkv' attention implementation")
+        # NaN/inf are recorded in nonfinite (raised by check_finite: a check now would stop the
+        # graph). Detached: a buffer written in place from a tensor that requires grad would
+        # join (and keep) the autograd graph.
+        self.slots.write(key_states.detach(), value_states.detach())
+        self.awaiting_queries = True
+        hand_queries_to(self)
+        return key_states, value_states
+
+    def attend(self, module, query, key, value, attention_mask, scaling, **kwargs):
+        given = sorted(name for name in UNSUPPORTED_KWARGS if kwargs.get(name) is not None)
+        if given:
+            raise ValueError(f"a static evicting cache cannot honour the attention arguments {given}")
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        output = decode_attention(query, [], self.k_buf, self.v_buf, mask=self.pad_mask if self.padded else None,
+                                  scale=scaling, lengths=self.lengths)
+        self.slots.after_attention(query.detach(), scaling)
+        self.awaiting_queries = False
+        return output.transpose(1, 2).contiguous(), None
+
+    # -- host side between steps ------------------------------------------------------------------
+    def advance(self) -> None:
+        """The host's mirror of one decoded token (the device counts advanced in the step)."""
+        self.logical_length += 1
+        self.slots.advance()
+
+    def flush_due(self) -> bool:
+        return False  # nothing is quantized or moved between steps
+
+    def can_flush_on_device(self) -> bool:
+        return False
+
+    def flush(self, check_finite: bool = True) -> None:
+        if check_finite:
+            self.check_finite()
+
+    def has_room(self) -> bool:
+        """Whether one more step fits (a ring never fills)."""
+        return self.slots.has_room()
+
+    def check_finite(self) -> None:
+        if bool(self.nonfinite):
+            raise ValueError(f"key_states/value_states of layer {self.layer_idx} contained NaN/inf while decoding")
+
+    # -- the layer interface and the accounting EvictionCache.stats() reads -----------------------
+    def get_seq_length(self) -> int:
+        return self.logical_length  # every token ever appended, as the eager layer (positions)
+
+    def decode_inputs(self):
+        """(segments, fp16 buffer) the decode kernel reads: no packed tiers here."""
+        return [], self.k_buf
+
+    def held_tensors(self) -> list[torch.Tensor]:
+        return [self.k_buf, self.v_buf, self.pad_mask, self.lengths, self.nonfinite] + self.slots.tensors()
+
+    def nbytes(self) -> int:
+        return tensor_bytes(self.held_tensors())
+
+    def token_bytes(self) -> int:
+        """The token buffers, their capacity included (what the device holds)."""
+        return tensor_bytes([self.k_buf, self.v_buf])
+
+    def held_slots(self) -> torch.Tensor:
+        """bool [B, H, N]: the slots that hold a kept token between steps (not holes, not free
+        slots, not slots past the count)."""
+        return self.slots.held_slots()
+
+    def kept_token_heads(self) -> int:
+        return int(self.held_slots().sum())
+
+    def batch_rows(self) -> int:
+        return self.batch_size
+
+    def _select_batch(self, index):
+        raise NotImplementedError("a static (CUDA-graph) cache keeps its batch rows; select rows before to_static()")
+
+    def crop(self, tokens_to_remove: int):
+        raise NotImplementedError("evicting caches cannot be cropped (dropped tokens are gone)")
+
+    def reset(self) -> None:
+        raise NotImplementedError("a static cache cannot be reset; build a new cache")
+
+
+class SlotRule:
+    """Where a step writes its token (`write`, captured), what it does after attention (captured)
+    and the host's mirror (`advance`); `held_slots()` says which slots hold kept tokens. The
+    defaults: nothing after attention, nothing on the host, never full, no tensors of its own."""
+
+    def write(self, keys, values) -> None:
+        raise NotImplementedError
+
+    def held_slots(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def after_attention(self, query, scaling) -> None:
+        pass
+
+    def advance(self) -> None:
+        pass
+
+    def has_room(self) -> bool:
+        return True
+
+    def tensors(self) -> list[torch.Tensor]:
+        return []
+
+
+class AppendSlots(SlotRule):
+    """Nothing is evicted after the prompt: the new token goes to slot lengths[0]."""
+
+    def __init__(self, layer: StaticEvictingLayer, eager, keys, values, real, extras, extra_tokens: int):
+        self.layer = layer
+        self.filled, self.capacity = keys.shape[2], keys.shape[2] + extra_tokens
+        layer.allocate(keys, values, real, self.capacity)
+        layer.lengths.fill_(self.filled)
+
+    def write(self, keys, values) -> None:
+        if self.filled >= self.capacity:
+            raise RuntimeError(f"layer {self.layer.layer_idx}: the static buffer of {self.capacity} tokens is full")
+        layer = self.layer
+        window_append(keys, values, layer.k_buf, layer.v_buf, layer.lengths, layer.nonfinite)
+        layer.lengths += 1
+
+    def advance(self) -> None:
+        self.filled += 1
+
+    def has_room(self) -> bool:
+        return self.filled < self.capacity
+
+    def held_slots(self) -> torch.Tensor:
+        layer = self.layer
+        filled = torch.arange(layer.k_buf.shape[2], device=layer.device) < self.filled
+        return (layer.pad_mask & filled)[:, None, :].expand(-1, layer.num_heads, -1)
+
+
+def write_slots(keys, values, k_buf, v_buf, slot, nonfinite) -> None:
+    """keys/values [B, H, 1, D] into k_buf/v_buf [B, H, N, D] at slot [B, H] (int64 on the
+    device: nothing syncs); nonfinite |= any NaN/inf among them (after the cast, like
+    window_append)."""
+    keys, values = keys.to(k_buf.dtype), values.to(v_buf.dtype)
+    index = slot[:, :, None, None].expand(-1, -1, 1, k_buf.shape[-1])
+    k_buf.scatter_(2, index, keys)
+    v_buf.scatter_(2, index, values)
+    nonfinite |= ~(torch.isfinite(keys).all() & torch.isfinite(values).all())
+
+
+class RingSlots(SlotRule):
+    """streaming_llm: row b holds its budget (sinks, then recent tokens in logical order, after
+    its holes) plus one free slot at the end. Its non-sink slots [start_b, start_b + size_b)
+    form a ring; at step t the new token takes ring position (size_b - 1 + t) % size_b, which
+    holds the oldest non-sink token (the one the eager policy evicted after step t - 1)."""
+
+    def __init__(self, layer: StaticEvictingLayer, eager, keys, values, real, extras, extra_tokens: int):
+        self.layer = layer
+        w = keys.shape[2]
+        budgets = real.sum(dim=1).to(torch.int64)
+        sinks = eager.policy.num_sinks
+        if bool((budgets < sinks).any()):
+            raise ValueError(f"method {layer.method!r}: every row must keep at least num_sinks={sinks} tokens for "
+                             f"the static form (a row keeps {int(budgets.min())})")
+        layer.allocate(keys, values, real, w + 1)
+        layer.lengths.fill_(w + 1)  # every slot counts; holes are masked
+        self.start = (w - budgets + sinks).to(layer.device)
+        self.size = (budgets - sinks + 1).to(layer.device)
+        self.step = torch.zeros(1, dtype=torch.int64, device=layer.device)
+
+    def write(self, keys, values) -> None:
+        layer = self.layer
+        slot = self.start + (self.size - 1 + self.step) % self.size  # [B], on the device
+        write_slots(keys, values, layer.k_buf, layer.v_buf, slot[:, None].expand(-1, layer.num_heads),
+                    layer.nonfinite)
+        self.step += 1
+
+    def held_slots(self) -> torch.Tensor:
+        # between steps the next free slot holds the evicted token: not held
+        layer = self.layer
+        free = self.start + (self.size - 1 + self.step) % self.size
+        slots = torch.arange(layer.k_buf.shape[2], device=layer.device)
+        return (layer.pad_mask & (slots[None, :] != free[:, None]))[:, None, :].expand(-1, layer.num_heads, -1)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.start, self.size, self.step]
+
+
+class HeavyHitterSlots(SlotRule):
+    """h2o: each (row, head) holds its budget plus one free slot. Per slot, the attention it
+    accumulated (`totals`, float32) and an arrival stamp (its rank in logical order: the held
+    prompt tokens their place in the rectangle, the t-th new token w + t). After a step's
+    attention the free slot of each (row, head) becomes the held token the eager policy evicts:
+    the lowest total outside the budget // 2 most recent, the oldest among equals."""
+
+    def __init__(self, layer: StaticEvictingLayer, eager, keys, values, real, extras, extra_tokens: int):
+        self.layer = layer
+        b, h, w, _ = keys.shape
+        dev = layer.device
+        budgets = real.sum(dim=1).to(torch.int64)
+        layer.allocate(keys, values, real, w + 1)
+        layer.lengths.fill_(w + 1)
+        self.base = w
+        self.recent = (budgets // 2).to(dev)  # H2O's even split of the budget
+        self.totals = torch.zeros(b, h, w + 1, dtype=torch.float32, device=dev)
+        self.totals[:, :, :w] = extras["totals"].nan_to_num(neginf=0.0)
+        self.seen = torch.zeros(b, 1, w + 1, dtype=torch.float32, device=dev)  # window_scores' counts (unused)
+        self.stamp = torch.arange(w + 1, device=dev).expand(b, h, -1).contiguous()
+        self.free = torch.full((b, h), w, dtype=torch.int64, device=dev)
+        self.step = torch.zeros(1, dtype=torch.int64, device=dev)
+
+    def write(self, keys, values) -> None:
+        layer = self.layer
+        write_slots(keys, values, layer.k_buf, layer.v_buf, self.free, layer.nonfinite)
+        at = self.free[:, :, None]
+        self.stamp.scatter_(2, at, (self.base + self.step).expand_as(at).contiguous())
+        self.totals.scatter_(2, at, torch.zeros_like(at, dtype=torch.float32))
+        self.step += 1
+
+    def after_attention(self, query, scaling) -> None:
+        layer = self.layer
+        real = layer.pad_mask
+        # the eager policy's scores: this query's attention over the held tokens (float32
+        # softmax, the query heads of a KV head averaged) added to the running totals; on CUDA
+        # one fused launch
+        window_scores(query, layer.k_buf, layer.lengths, real, self.totals, self.seen, scaling)
+        newest = self.base + self.step - 1
+        old = self.stamp <= (newest - self.recent)[:, None, None]
+        eligible = old & real[:, None, :]
+        masked = self.totals.masked_fill(~eligible, float("inf"))
+        lowest = masked == masked.amin(dim=-1, keepdim=True)
+        oldest = self.stamp.masked_fill(~(lowest & eligible), torch.iinfo(torch.int64).max)
+        self.free.copy_(oldest.argmin(dim=-1))
+
+    def held_slots(self) -> torch.Tensor:
+        layer = self.layer
+        slots = torch.arange(layer.k_buf.shape[2], device=layer.device)
+        return layer.pad_mask[:, None, :] & (slots[None, None, :] != self.free[:, :, None])
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.recent, self.totals, self.seen, self.stamp, self.free, self.step]
+
+
+__all__ = ["StaticEvictingLayer", "static_evicting_layer", "static_slot_rule", "write_slots"]
