@@ -16,6 +16,7 @@ import torch
 from tiny_models import padded_batch, tiny_model
 
 import zipkv
+from zipkv.eviction_cache import record_prefill
 from zipkv.graph_decode import StaticDecoder, prompt_positions
 
 MINICACHE = "minicache"
@@ -129,6 +130,43 @@ def test_cache_is_freed_at_once_and_holds_nothing_that_requires_grad(arch, metho
     assert_freed_without_gc(build_and_run)
 
 
+@pytest.mark.parametrize("method,params", [("zipvl", dict(sparse_prefill=True, stream_interval=8)),
+                                           ("zipvl_v2", dict(sparse_prefill=True, ratio=0.5, stream_interval=8))])
+def test_sparse_prefill_cache_is_freed_at_once_and_holds_nothing_that_requires_grad(method, params):
+    model = tiny_model("llama")
+    ids, mask = padded_batch(length=48, pad=6)
+
+    def build_and_run():
+        cache = zipkv.make_cache(method, model.config, **params)
+        del greedy_with_grad(model, cache, ids, mask).logits
+        assert cache.sparse_prefill_report() is not None
+        assert_nothing_requires_grad(cache)
+        return cache
+
+    assert_freed_without_gc(build_and_run)
+
+
+@pytest.mark.parametrize("method", ["h2o", "snapkv", "zipvl", MINICACHE])
+def test_cache_built_from_a_recorded_prefill_is_freed_at_once(method):
+    """prefill_from_states shares the record's memo with the layers while they are built;
+    neither the recording cache nor one built from its records may be kept by the other."""
+    model = tiny_model("llama")
+    ids, mask = padded_batch(length=48, pad=6)
+    records, _, recording = record_prefill(model, ids, mask)
+
+    def build_and_run():
+        cache = zipkv.make_cache(method, model.config, **PARAMS[method])
+        cache.prefill_from_states(records)
+        assert cache.stats().ratio > 1
+        return cache
+
+    assert_freed_without_gc(build_and_run)
+    del records  # they share the recording cache's tensors
+    holder = [recording]
+    del recording
+    assert_freed_without_gc(holder.pop)
+
+
 @pytest.mark.parametrize("method", ["zipkv", "snapkv", "h2o", MINICACHE])
 def test_cache_used_by_generate_is_freed_at_once(method):
     model = tiny_model("llama")
@@ -232,6 +270,25 @@ def test_vlm_cache_is_freed_at_once_and_holds_nothing_that_requires_grad(arch, m
         if method != "full":
             assert cache.stats().ratio > 1
         assert_nothing_requires_grad(cache)
+        return cache
+
+    assert_freed_without_gc(build_and_run)
+
+
+@pytest.mark.parametrize("method", ["zipkv", "snapkv"])
+def test_a_note_nobody_picked_up_keeps_nothing_alive(method):
+    """update() leaves a note for zipkv attention; when no attention call takes it (a model
+    that does not run zipkv attention), the note must not keep the layer or its cache alive,
+    and the same cache's next update still names the layer whose attention never ran."""
+    model = tiny_model("llama")
+    states = torch.randn(1, 2, 20, 16, requires_grad=True)
+
+    def build_and_run():
+        cache = zipkv.make_cache(method, model.config, **PARAMS[method])
+        cache.update(states, states, 0)  # no attention call follows
+        assert cache.layers[0].awaiting_queries
+        with pytest.raises(RuntimeError, match="zipkv attention never ran for layer 0"):
+            cache.update(states, states, 1)
         return cache
 
     assert_freed_without_gc(build_and_run)
