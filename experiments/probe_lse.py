@@ -351,12 +351,17 @@ def time_section(dev, dtype, t, reps, sweep):
     return res
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m experiments.probe_lse")
+def add_common_arguments(ap) -> None:
+    """The options of this script and of probe_lse_v2."""
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--contexts", default="8192,32768")
     ap.add_argument("--smoke", action="store_true", help="CPU + Triton interpreter, tiny shapes")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="python -m experiments.probe_lse")
+    add_common_arguments(ap)
     args = ap.parse_args(argv)
     if args.smoke:
         from zipkv.kernels._runtime import enable_interpreter

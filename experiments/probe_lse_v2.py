@@ -182,10 +182,7 @@ def time_section(dev, dtype, t, reps):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m experiments.probe_lse_v2")
-    ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
-    ap.add_argument("--reps", type=int, default=20)
-    ap.add_argument("--contexts", default="8192,32768")
-    ap.add_argument("--smoke", action="store_true")
+    base.add_common_arguments(ap)
     ap.add_argument("--variants", default="", help="comma-separated subset of VARIANTS (old_main always runs)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--name", default="probe_lse_v2")
