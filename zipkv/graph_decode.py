@@ -21,6 +21,8 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from .decode_positions import decode_positions, forget_rope_deltas
+
 
 @runtime_checkable
 class StaticLayer(Protocol):
@@ -93,7 +95,8 @@ class StaticDecoder:
     """Greedy decode steps over a zipkv cache that holds a prompt (a ZipCache or an
     EvictionCache: any cache with to_static() whose layers then follow StaticLayer).
 
-    next_tokens [B, 1]: the tokens to feed first; next_positions [B]: their positions.
+    next_tokens [B, 1]: the tokens to feed first; next_positions [B]: their (text) positions; for
+    an M-RoPE model (Qwen2-VL) the steps add the rope_deltas of the model's prompt forward.
     The cache is moved into static buffers with room for `max_steps` more tokens. On CUDA
     (cuda_graph=None or True) the first step runs eagerly (compiling the kernels) and the
     next ones replay a graph captured after it; cuda_graph=False runs every step eagerly
@@ -124,7 +127,8 @@ class StaticDecoder:
             if self.use_graph:
                 _check_graph_kernel(model, cache)
             self.ids = next_tokens.clone()
-            self.positions = next_positions.reshape(-1, 1).clone().long()
+            # [B, 1], or [3, B, 1] with the prompt's rope_deltas for M-RoPE models (Qwen2-VL)
+            self.positions = decode_positions(model, next_positions)
             self.cache_position = torch.tensor([cache.get_seq_length()], device=device)
         self.graph = None
         # Blocks of the fixed shape are quantized with device-side offsets (one more graph on
@@ -282,6 +286,7 @@ def greedy_decode(model, cache, input_ids: torch.Tensor, attention_mask: torch.T
         raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
     eos, pad = _stop_ids(model, eos_token_id)
     positions = prompt_positions(attention_mask)
+    forget_rope_deltas(model)  # text position_ids given: an M-RoPE model's deltas are zero
     with torch.inference_mode():
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                     past_key_values=cache, use_cache=True)

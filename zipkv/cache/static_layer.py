@@ -65,8 +65,10 @@ class StaticZipLayer(ZipCacheLayer):
             raise ValueError(f"layer {layer.layer_idx}: to_static() needs a cache that holds the prompt")
         tiers = tier_attributes(layer)
         for name, tier in tiers:
-            # low and high receive every decoded block; other tiers only what the window holds now
-            if not isinstance(tier, PackedTier) and (name in ("low", "high") or tier.num_tokens):
+            # low and high receive every decoded block; other tiers (visual) what the window holds
+            # now: a tier the static form cannot attend must neither hold nor be able to receive
+            # tokens (they would silently leave attention and get_seq_length)
+            if not isinstance(tier, PackedTier) and (name in ("low", "high") or tier.num_tokens or layer.keys.shape[2]):
                 raise ValueError(
                     f"layer {layer.layer_idx}: static (CUDA-graph) decoding reads packed tiers; the {name!r} tier is a "
                     f"{type(tier).__name__} ({getattr(tier, 'bits', '?')} bits), which the decode kernel cannot read "
