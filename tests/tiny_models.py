@@ -4,6 +4,8 @@ import torch
 from transformers import (
     Gemma3ForCausalLM,
     Gemma3TextConfig,
+    Llama4ForCausalLM,
+    Llama4TextConfig,
     LlamaConfig,
     LlamaForCausalLM,
     MistralConfig,
@@ -34,6 +36,10 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
     elif arch == "gemma3":
         settings = dict(COMMON, head_dim=16, sliding_window=8, layer_types=["sliding_attention", "full_attention"])
         model = Gemma3ForCausalLM(Gemma3TextConfig(**{**settings, **overrides}))
+    elif arch == "llama4":  # chunked attention (attention_chunk_size); no_rope_layers[i] == 0: a full layer
+        settings = dict(COMMON, head_dim=16, intermediate_size_mlp=128, num_local_experts=2, moe_layers=[],
+                        attention_chunk_size=16, no_rope_layers=[1, 0])
+        model = Llama4ForCausalLM(Llama4TextConfig(**{**settings, **overrides}))
     else:
         raise ValueError(arch)
     return model.eval()

@@ -1,4 +1,5 @@
-"""`ZipCache`: a transformers `Cache` whose full-attention layers are `ZipCacheLayer`s."""
+"""`ZipCache`: a transformers `Cache` whose full-attention layers are `ZipCacheLayer`s and whose
+sliding-window / chunked-attention layers are `SlidingZipLayer`s (a packed ring over the window)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,8 @@ from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 from ..attention import enable_zipkv_attention
 from .config import CompressionConfig
 from .layer import ZipCacheLayer
+from .sliding_layer import KINDS as SLIDING_KINDS, SlidingZipLayer
 from .stats import CacheStats, fp16_equivalent, tensor_bytes
-
-_SLIDING = ("sliding_attention", "chunked_attention")
 
 
 def layer_types(text_config) -> list[str]:
@@ -34,21 +34,35 @@ def checked_layer_types(config) -> tuple[object, list[str]]:
     if getattr(text_config, "is_encoder_decoder", False):
         raise ValueError("zipkv supports decoder-only models (got an encoder-decoder config)")
     types = layer_types(text_config)
-    unknown = sorted(set(types) - {"full_attention", *_SLIDING})
+    unknown = sorted(set(types) - {"full_attention", *SLIDING_KINDS})
     if unknown:
-        raise ValueError(f"unsupported attention layer types {unknown} in config.layer_types")
-    if "full_attention" not in types:
         raise ValueError(
-            "unsupported attention: every layer of this model is sliding-window "
-            f"(config.sliding_window={getattr(text_config, 'sliding_window', None)}); zipkv compresses "
-            "full-attention layers. Set config.sliding_window=None if your prompts fit the window."
+            f"unsupported attention layer types {unknown} in config.layer_types "
+            f"(zipkv knows {['full_attention', *SLIDING_KINDS]})"
         )
     return text_config, types
 
 
+def require_full_attention(text_config, types: list[str], method: str) -> None:
+    """A clear error for a method that compresses full-attention layers only, on a model whose
+    every layer is sliding-window or chunked (it would run, compressing nothing)."""
+    if "full_attention" not in types:
+        window = getattr(text_config, "sliding_window", None) or getattr(text_config, "attention_chunk_size", None)
+        raise ValueError(
+            f"method {method!r} compresses full-attention layers only, and every layer of this model is "
+            f"sliding-window or chunked (window {window}); the quantizing methods (zipkv, zipcache, kivi, "
+            "uniform) compress window layers too"
+        )
+
+
+def window_of(text_config, kind: str) -> int:
+    """The window of a sliding-window layer, or the chunk of a chunked-attention one."""
+    return text_config.sliding_window if kind == "sliding_attention" else text_config.attention_chunk_size
+
+
 def sliding_layer(text_config, kind):
-    window = text_config.sliding_window if kind == "sliding_attention" else text_config.attention_chunk_size
-    return DynamicSlidingWindowLayer(sliding_window=window)
+    """transformers' own (fp16, exact) window layer."""
+    return DynamicSlidingWindowLayer(sliding_window=window_of(text_config, kind))
 
 
 def head_dim(config) -> int:
@@ -59,8 +73,9 @@ def head_dim(config) -> int:
 class ZipCache(Cache):
     """KV cache with saliency-aware mixed-precision quantization (ZipCache).
 
-    Full-attention layers are compressed; sliding-window layers (Gemma 3, ...) keep their
-    own small window cache, untouched. See `CompressionConfig` for every parameter.
+    Full-attention layers are compressed; so are sliding-window and chunked-attention layers
+    (Gemma 3, Mistral, Llama 4: `SlidingZipLayer`), except in a lossless cache, which keeps
+    transformers' own window layer. See `CompressionConfig` for every parameter.
 
     Example::
 
@@ -72,10 +87,7 @@ class ZipCache(Cache):
     def __init__(self, config, **settings):
         self.settings = CompressionConfig(**settings)
         text_config, types = checked_layer_types(config)
-        layers = [
-            ZipCacheLayer(self.settings, i) if kind == "full_attention" else sliding_layer(text_config, kind)
-            for i, kind in enumerate(types)
-        ]
+        layers = [self._new_layer(text_config, kind, i) for i, kind in enumerate(types)]
         group = self.settings.value_group_size
         if group is not None and head_dim(config) % group:
             raise ValueError(f"value_group_size must divide head_dim {head_dim(config)} (got {group})")
@@ -84,6 +96,13 @@ class ZipCache(Cache):
             layer.owner = self
         if not self.settings.lossless:
             enable_zipkv_attention(config)
+
+    def _new_layer(self, text_config, kind: str, layer_idx: int):
+        if kind == "full_attention":
+            return ZipCacheLayer(self.settings, layer_idx)
+        if self.settings.lossless:  # transformers' exact window layer: "full" equals DynamicCache
+            return sliding_layer(text_config, kind)
+        return SlidingZipLayer(self.settings, layer_idx, window_of(text_config, kind), kind)
 
     def to_static(self, extra_tokens: int, prompt_padding=None) -> None:
         """Move every layer into preallocated buffers with room for `extra_tokens` more tokens,
@@ -116,9 +135,10 @@ class ZipCache(Cache):
     def stats(self) -> CacheStats:
         stats = CacheStats()
         for layer in self.layers:
-            if isinstance(layer, ZipCacheLayer):
+            if isinstance(layer, (ZipCacheLayer, SlidingZipLayer)):
                 held = tensor_bytes(layer.held_tensors())
-                tokens = layer.get_seq_length()
+                # a window layer's get_seq_length() is the logical length; it holds fewer
+                tokens = layer.held_tokens() if isinstance(layer, SlidingZipLayer) else layer.get_seq_length()
                 shape = layer.keys.shape if layer.is_initialized else None
             else:
                 held = tensor_bytes([layer.keys, layer.values]) if layer.is_initialized else 0

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers.cache_utils import Cache
 
-from .cache import checked_layer_types, sliding_layer
+from .cache import checked_layer_types, require_full_attention, sliding_layer
 from ..attention import enable_zipkv_attention
 from .eviction_layer import EvictingLayer, SparsePrefillRecord
 from .eviction_policies import KeepPolicy
@@ -127,6 +127,7 @@ class EvictionCache(Cache):
 
     def __init__(self, config, policy, *, method: str = "custom", keep_model_dtype: bool = False):
         text_config, types = checked_layer_types(config)
+        require_full_attention(text_config, types, method)
         layers = []
         for i, kind in enumerate(types):
             if kind == "full_attention":

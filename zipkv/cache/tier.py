@@ -21,9 +21,13 @@ from ..quant.schemes import (
 class PackedTier:
     def __init__(
         self, bits: int, key_group_size: int | None, value_group_size: int | None, channel_separable: bool,
-        value_bits: int | None = None,
+        value_bits: int | None = None, front_partial_group: bool = False,
     ):
         self.bits = bits  # of the keys
+        # A ring over a window (zipkv.cache.sliding_layer) puts an append's partial key group
+        # first: groups then end at the same distances from the newest token in every row,
+        # padded or not, and the short group is the oldest, the first to expire.
+        self.front_partial_group = front_partial_group
         self.value_bits = value_bits or bits
         self.key_group_size = key_group_size
         self.value_group_size = value_group_size
@@ -40,13 +44,17 @@ class PackedTier:
         n = keys.shape[2]
         if n == 0:
             return
-        k_codes, k_scale, k_min, n_groups = quantize_keys_channelwise(keys, self.bits, self.key_group_size)
+        group = self.key_group_size or n
+        front = n % group if self.front_partial_group else 0
+        parts = [(0, front), (front, n)] if front else [(0, n)]
+        keys_q = [quantize_keys_channelwise(keys[:, :, a:b], self.bits, self.key_group_size) for a, b in parts]
+        k_codes, k_scale, k_min = (torch.cat([q[i] for q in keys_q], 2) if front else keys_q[0][i] for i in range(3))
         v_codes, v_scale, v_min, v_channel = quantize_values_tokenwise(
             values, self.value_bits, self.value_group_size, self.channel_separable
         )
-        group = self.key_group_size or n
         start = self.num_tokens
-        ends = torch.tensor([start + min((i + 1) * group, n) for i in range(n_groups)], dtype=torch.int32)
+        ends = [start + a + min((i + 1) * group, b - a) for (a, b), q in zip(parts, keys_q) for i in range(q[3])]
+        ends = torch.tensor(ends, dtype=torch.int32)
 
         def cat(old, new, dim):
             return new if old is None else torch.cat([old, new], dim=dim)
@@ -88,6 +96,32 @@ class PackedTier:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors())
+
+    def drop_front_groups(self, n: int) -> int:
+        """Drop the n oldest key groups with their tokens (a windowed layer's expired tokens);
+        returns how many tokens went. Value chunks lying wholly inside them go too; the one a
+        dropped group cuts keeps its channel factors. The rest keep their codes and parameters
+        (nothing is re-quantized), so the tier stays in logical order."""
+        groups = 0 if self.group_ends is None else self.group_ends.shape[0]
+        if not isinstance(n, int) or not 0 <= n <= groups:
+            raise ValueError(f"n must be an integer in [0, {groups}] (the tier's key groups; got {n!r})")
+        if n == 0:
+            return 0
+        dropped = int(self.group_ends[n - 1])
+        if n == groups:
+            self.__init__(self.bits, self.key_group_size, self.value_group_size, self.channel_separable, self.value_bits,
+                          self.front_partial_group)
+            return dropped
+        # clone(): a slice would keep the whole old buffer alive (and stats would not see it)
+        for name in ("k_codes", "v_codes", "v_scale", "v_min"):
+            setattr(self, name, getattr(self, name)[:, :, dropped:].clone())
+        self.k_scale, self.k_min = self.k_scale[:, :, n:].clone(), self.k_min[:, :, n:].clone()
+        self.group_ends = self.group_ends[n:] - dropped
+        if self.chunk_ends is not None:
+            chunks = int((self.chunk_ends <= dropped).sum())
+            self.v_channel = self.v_channel[:, :, chunks:].clone()
+            self.chunk_ends = self.chunk_ends[chunks:] - dropped
+        return dropped
 
     def select_batch(self, index: torch.Tensor) -> None:
         for name in ("k_codes", "k_scale", "k_min", "v_codes", "v_scale", "v_min", "v_channel"):
