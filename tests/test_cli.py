@@ -23,7 +23,8 @@ SENTENCES = [
 PROMPT = "the cat sat on the mat and the dog ran in the park"
 GENERATE_OPTIONS = [
     "--method", "--high-bits", "--low-bits", "--bits", "--salient-ratio", "--residual-length",
-    "--start-layer", "--retain-ratio", "--seed", "--ratio", "--budget", "--max-new-tokens", "--model", "--dtype", "--device", "--chat",
+    "--start-layer", "--retain-ratio", "--seed", "--ratio", "--budget", "--max-new-tokens", "--model", "--dtype",
+    "--device", "--chat",
     "--no-chat", "--static", "--json",
 ]
 
@@ -99,7 +100,8 @@ def test_top_level_help_lists_generate(capsys):
     (["generate", "hi", "--method", "foo"], "argument --method: method must be one of ['full', 'zipcache'"),
     (["generate", "hi", "--method", "kivi:bits"], "argument --method: method parameter must be key=value"),
     (["generate", "hi", "--method", "h2o"], "argument --method: give exactly one of budget"),
-    (["generate", "hi", "--method", "snapkv:ratio=2"], "argument --method: ratio=2 is outside the allowed range (0, 1]"),
+    (["generate", "hi", "--method", "snapkv:ratio=2"],
+     "argument --method: ratio=2 is outside the allowed range (0, 1]"),
     (["generate", "hi", "--method", "snapkv", "--ratio", "1.5"],
      "argument --ratio: ratio=1.5 is outside the allowed range (0, 1]"),
     (["generate", "hi", "--method", "snapkv", "--ratio", "0"], "argument --ratio: ratio=0 is outside"),
@@ -113,7 +115,7 @@ def test_top_level_help_lists_generate(capsys):
     (["generate", "hi", "--ratio", "0.5"], "--ratio does not apply to --method zipcache"),
     (["generate", "hi", "--method", "zipcache", "--high-bits", "2", "--low-bits", "4"],
      "argument --low-bits: low_bits (4) must not exceed high_bits (2)"),
-    (["generate", "hi", "--method", "snapkv", "--static", "--ratio", "0.2"], "--static needs a quantizing method"),
+    (["generate", "hi", "--method", "minicache", "--static"], "--static needs a method with a static form"),
     (["generate", "hi", "--high-bits", "3"], "invalid choice: 3"),
     (["generate", "hi", "--salient-ratio", "1.5"], "--salient-ratio: must be a number in [0, 1]"),
     (["generate", "hi", "--salient-ratio", "most"], "--salient-ratio: must be a number in [0, 1]"),
@@ -295,7 +297,7 @@ def test_generate_static_gives_the_same_answer(tiny_model_dir, capsys, method):
 def test_generate_static_needs_a_quantizing_method(tiny_model_dir, capsys):
     err = usage_error(["generate", PROMPT, "--model", str(tiny_model_dir), "--method", "full", "--static",
                        "--device", "cpu"], capsys)
-    assert "--static needs a quantizing method" in err
+    assert "--static needs a method with a static form" in err
 
 
 def test_generate_table_for_real_cache(tiny_model_dir, capsys):

@@ -240,7 +240,8 @@ class GenerateCommand:
         parser.add_argument(
             "--static", action="store_true",
             help="decode with the cache in preallocated buffers, each step one CUDA-graph replay on "
-                 "CUDA (zipkv.greedy_decode; quantizing methods only; memory then counts the buffers)",
+                 "CUDA (zipkv.greedy_decode; the methods `zipkv methods` marks fast path; memory then "
+                 "counts the buffers)",
         )
         parser.add_argument(
             "--json", action="store_true",
@@ -253,7 +254,7 @@ class GenerateCommand:
         method, params = cache_params(args)
         static_methods = [n for n, s in registry.METHODS.items() if s.static]
         if args.static and method not in static_methods:
-            args.parser.error(f"--static needs a quantizing method with a static form ({', '.join(static_methods)}), "
+            args.parser.error(f"--static needs a method with a static form ({', '.join(static_methods)}), "
                               f"not {method}")
         import torch
 

@@ -47,4 +47,5 @@ def check_methods(specs, resolver: Resolver = resolve) -> None:
             pass
 
 
-__all__ = ["DynamicCacheMethod", "Method", "MethodSpec", "MethodUnavailable", "Resolver", "check_methods", "resolve", "HFQuantizedMethod", "KvpressMethod", "ZipkvMethod"]
+__all__ = ["DynamicCacheMethod", "Method", "MethodSpec", "MethodUnavailable", "Resolver", "check_methods", "resolve",
+           "HFQuantizedMethod", "KvpressMethod", "ZipkvMethod"]
