@@ -351,6 +351,20 @@ def time_section(dev, dtype, t, reps, sweep):
     return res
 
 
+def time_contexts(res: dict, contexts, save, section) -> None:
+    """res["time"]: section(context) per context (an error recorded, the run goes on), saved
+    after each; then the finish time (this script and probe_lse_v2)."""
+    res["time"] = []
+    for t in contexts:
+        try:
+            res["time"].append(section(t))
+        except Exception:
+            res["time"].append({"context": t, "error": traceback.format_exc()})
+        save()
+    res["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    save()
+
+
 def add_common_arguments(ap) -> None:
     """The options of this script and of probe_lse_v2."""
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(os.path.dirname(__file__), "results"))
@@ -390,15 +404,7 @@ def main(argv=None):
             res[name + "_error"] = traceback.format_exc()
         print(name, json.dumps(res.get(name, res.get(name + "_error")), indent=0)[:3000], flush=True)
         save()
-    res["time"] = []
-    for t in contexts:
-        try:
-            res["time"].append(time_section(dev, dtype, t, args.reps, sweep))
-        except Exception:
-            res["time"].append({"context": t, "error": traceback.format_exc()})
-        save()
-    res["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    save()
+    time_contexts(res, contexts, save, lambda t: time_section(dev, dtype, t, args.reps, sweep))
     print("\n==== summary (ms; fraction of one layer's prefill = causal F.sdpa + GEMMs) ====")
     print(res.get("env", {}).get("gpu", dev.type), {k: res.get("env", {}).get(k) for k in ("torch", "triton", "cudnn")})
     for c in res.get("check", []):

@@ -226,15 +226,7 @@ def main(argv=None):
     except Exception:
         res["check_error"] = traceback.format_exc()
     save()
-    res["time"] = []
-    for t in contexts:
-        try:
-            res["time"].append(time_section(dev, dtype, t, args.reps))
-        except Exception:
-            res["time"].append({"context": t, "error": traceback.format_exc()})
-        save()
-    res["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
-    save()
+    base.time_contexts(res, contexts, save, lambda t: time_section(dev, dtype, t, args.reps))
     print("\n==== checks (rel err vs probe_scores_reference; counts exact; unseen keys zero) ====")
     print(res.get("check_error", "")[-1500:])
     for c in res.get("check", []):
