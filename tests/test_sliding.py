@@ -7,6 +7,7 @@ from transformers import DynamicCache
 import zipkv
 from zipkv.cache.sliding_layer import SlidingZipLayer, window_block
 from zipkv.cache.tier import PackedTier
+from zipkv.kernels.decode_attention import decode_attention
 from held_tensors import held_bytes
 from tiny_models import padded_batch, tiny_model
 
@@ -134,6 +135,20 @@ def test_several_tokens_on_top_of_a_window_cache(decode_path):
     assert max(r["error"] for r in records) < 1e-4
     assert all(r["without_mask"] > 1e-2 for r in records)
     assert cache.layers[0].offset > 4 * WINDOW + 45 - WINDOW - 2 * window_block(WINDOW, cache.settings)
+
+
+def test_decode_kernel_reads_a_ring_whose_front_groups_were_dropped():
+    """The Triton decode kernel (under the interpreter) over the ring tier after drops: its
+    group / chunk boundaries restart at 0 and a value chunk is cut at the front."""
+    model = gemma3()
+    cache = zipkv.make_cache("zipkv", model.config)
+    generate(model, cache, prompt(4 * WINDOW), n=20)
+    layer = cache.layers[0]
+    assert layer.offset > 3 * WINDOW and layer.tier.group_ends.numel() > 1  # groups were dropped, some remain
+    query = torch.randn(1, 4, 1, 64, generator=torch.Generator().manual_seed(0))
+    parts = (query, [layer.tier], layer.fp16_keys, layer.fp16_values)
+    kernel, reference = decode_attention(*parts, impl="triton"), decode_attention(*parts, impl="reference")
+    assert torch.allclose(kernel.float(), reference.float(), atol=1e-3)
 
 
 def test_chunked_attention_layer_matches_a_reference():
