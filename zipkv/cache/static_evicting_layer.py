@@ -32,6 +32,7 @@ import torch
 from ..attention import hand_queries_to
 from ..kernels.decode_attention import decode_attention
 from ..kernels.window_step import window_append, window_scores
+from .backref import BackReference
 from .eviction_layer import EvictingLayer
 from .eviction_policies import ContinuousPolicy, KeepPolicy, SelectPolicy
 from .layer_base import ZipkvLayer
@@ -216,6 +217,8 @@ class SlotRule:
     """Where a step writes its token (`write`, captured), what it does after attention (captured)
     and the host's mirror (`advance`); `held_slots()` says which slots hold kept tokens. The
     defaults: nothing after attention, nothing on the host, never full, no tensors of its own."""
+
+    layer = BackReference()  # the layer holding this rule (it holds the rule: no reference cycle)
 
     def write(self, keys, values) -> None:
         raise NotImplementedError
