@@ -84,7 +84,9 @@ def test_text_model_contract(text_model, method):
     assert tokens.shape == (2, NEW_TOKENS)
     stats = cache.stats()
     assert stats.bytes_held == held_bytes(cache)
-    if zipkv.METHODS[method].family != "lossless":
+    full_layers = sum(kind == "full_attention" for kind in getattr(model.config, "layer_types", None) or ["full_attention"] * 2)
+    if zipkv.METHODS[method].family != "lossless" and not (zipkv.METHODS[method].family == "merge" and full_layers < 2):
+        # (merging needs a pair of full-attention layers: tiny Gemma 3 has one)
         assert stats.ratio > 1.0, f"{method} on {arch} compressed nothing (ratio {stats.ratio:.2f})"
     ref = check_detached(cache)
     del cache
@@ -105,6 +107,7 @@ def test_lossless_equals_dynamic_cache(arch):
         assert torch.equal(generate(model, build(name, model.config), ids, mask), expected), name
 
 
+NO_STATIC_SLIDING = ("gemma3",)  # models with sliding-window layers: the static path refuses them, clearly
 STATIC = [name for name, spec in zipkv.METHODS.items() if spec.static]
 
 
@@ -120,6 +123,11 @@ def test_static_form_equals_eager_form(arch, method):
     with torch.no_grad():  # greedy_decode continues past EOS like generate() does in a batch
         expected = generate(model, spec.build(model.config, **params), ids, mask, min_new_tokens=0)
     cache = spec.build(model.config, **params)
+    if arch in NO_STATIC_SLIDING:
+        # not built yet: a static form of the sliding-window layers (a ring over the window)
+        with pytest.raises(ValueError, match="sliding"):
+            zipkv.greedy_decode(model, cache, ids, mask, max_new_tokens=NEW_TOKENS, cuda_graph=False)
+        return
     tokens = zipkv.greedy_decode(model, cache, ids, mask, max_new_tokens=NEW_TOKENS, cuda_graph=False)
     assert cache.is_static
     assert torch.equal(tokens, expected), f"{method} on {arch}: static and eager forms disagree"

@@ -264,9 +264,9 @@ def test_prefill_from_recorded_states_matches_a_live_prefill():
     (dict(t=1.2), r"t must be a number in \[0, 1\] \(got 1.2\)"),
     (dict(t="0.6"), r"t must be a number in \[0, 1\]"),
     (dict(retain_ratio=-0.5), r"retain_ratio must be a number in \[0, 1\] \(got -0.5\)"),
-    (dict(start_layer=-1), r"start_layer must be an integer in \[0, 3\] \(got -1\)"),
+    (dict(start_layer=-1), r"start_layer must be None or an integer >= 0 \(got -1\)"),  # model-independent: the registry
     (dict(start_layer=4), r"start_layer must be an integer in \[0, 3\] \(got 4\)"),
-    (dict(start_layer=1.5), r"start_layer must be an integer in \[0, 3\]"),
+    (dict(start_layer=1.5), r"start_layer must be None or an integer >= 0 \(got 1.5\)"),
     (dict(direction_bits=3), r"direction_bits must be one of \(2, 4, 8, 16\) \(got 3\)"),
 ])
 def test_invalid_settings_name_the_parameter_and_range(kwargs, match):

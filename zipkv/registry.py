@@ -315,25 +315,25 @@ _KEPT = "ratio x 16 bits/value"
 _register(MethodSpec(
     "streaming_llm", "evict", "4 attention sinks + the most recent tokens, after every forward",
     "Xiao et al. 2023, StreamingLLM (arXiv 2309.17453)",
-    params=("num_sinks",) + EVICT_COMMON, takes_budget=True, footprint=_KEPT, static=False,
+    params=("num_sinks",) + EVICT_COMMON, takes_budget=True, footprint=_KEPT, static=True,
     **_evicting("streaming_llm", "continuous_policy", dict(num_sinks=4), kind="streaming_llm"),
 ))
 _register(MethodSpec(
     "h2o", "evict", "accumulated-attention heavy hitters + the budget//2 most recent, after every forward",
     "Zhang et al. 2023, H2O (arXiv 2306.14048)",
-    params=("query_chunk",) + EVICT_COMMON, takes_budget=True, footprint=_KEPT, static=False,
+    params=("query_chunk",) + EVICT_COMMON, takes_budget=True, footprint=_KEPT, static=True,
     **_evicting("h2o", "continuous_policy", dict(query_chunk=512), kind="h2o"),
 ))
 _register(MethodSpec(
     "snapkv", "evict", "observation-window vote (pooled) picks the prompt tokens kept, + the window",
     "Li et al. 2024, SnapKV (arXiv 2404.14469)",
-    params=SNAP + EVICT_COMMON, takes_budget=True, footprint=_KEPT, static=False,
+    params=SNAP + EVICT_COMMON, takes_budget=True, footprint=_KEPT, static=True,
     **_evicting("snapkv", "select_policy", SNAP_DEFAULTS, rule="uniform", scorer="snapkv"),
 ))
 _register(MethodSpec(
     "pyramidkv", "evict", "SnapKV scores, layer budgets decreasing linearly with depth (beta 20)",
     "Cai et al. 2024, PyramidKV (arXiv 2406.02069)",
-    params=SNAP + ("beta",) + EVICT_COMMON, takes_budget=True, footprint=_KEPT, static=False,
+    params=SNAP + ("beta",) + EVICT_COMMON, takes_budget=True, footprint=_KEPT, static=True,
     **_evicting("pyramidkv", "select_policy", dict(SNAP_DEFAULTS, beta=20.0), rule="pyramid", scorer="snapkv"),
 ))
 _register(MethodSpec(
@@ -346,21 +346,21 @@ _register(MethodSpec(
     "cake", "evict", "mean + variance of window attention; layer budgets by preference, cascading",
     "Qin et al. 2025, CAKE (arXiv 2503.12491)",
     params=("window", "kernel_size", "gamma", "tau1", "tau2") + EVICT_COMMON, takes_budget=True,
-    footprint=_KEPT, static=False,
+    footprint=_KEPT, static=True,
     **_evicting("cake", "select_policy", dict(window=32, kernel_size=5, gamma=200.0, tau1=1.0, tau2=1.0),
                 rule="cake", scorer="cake"),
 ))
 _register(MethodSpec(
     "defensive_kv", "evict", "worst-case (max over window rows) attention scores, uniform budgets",
     "Feng et al. 2025, DefensiveKV (github FFY0/DefensiveKV)",
-    params=("window", "kernel_size") + EVICT_COMMON, takes_budget=True, footprint=_KEPT, static=False,
+    params=("window", "kernel_size") + EVICT_COMMON, takes_budget=True, footprint=_KEPT, static=True,
     **_evicting("defensive_kv", "select_policy", dict(window=32, kernel_size=5), rule="uniform",
                 scorer="defensive_kv"),
 ))
 _register(MethodSpec(
     "key_norm", "evict", "keeps the tokens whose keys have the smallest L2 norm; needs no queries",
     "Devoto et al. 2024 (arXiv 2406.11430)",
-    params=EVICT_COMMON, takes_budget=True, footprint=_KEPT, static=False,
+    params=EVICT_COMMON, takes_budget=True, footprint=_KEPT, static=True,
     **_evicting("key_norm", "select_policy", {}, rule="uniform", scorer="key_norm"),
 ))
 

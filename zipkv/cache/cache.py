@@ -9,7 +9,8 @@ from ..attention import enable_zipkv_attention
 from .config import CompressionConfig
 from .layer import ZipCacheLayer
 from .sliding_layer import KINDS as SLIDING_KINDS, SlidingZipLayer
-from .stats import CacheStats, fp16_equivalent, tensor_bytes
+from .layer_base import ZipkvLayer
+from .stats import CacheStats, fp16_equivalent, held_tensors_of, tensor_bytes
 
 
 def layer_types(text_config) -> list[str]:
@@ -93,7 +94,8 @@ class ZipCache(Cache):
             raise ValueError(f"value_group_size must divide head_dim {head_dim(config)} (got {group})")
         super().__init__(layers=layers)
         for layer in layers:
-            layer.owner = self
+            if isinstance(layer, ZipkvLayer):  # a weak back reference (BackReference); transformers' layers get none
+                layer.owner = self
         if not self.settings.lossless:
             enable_zipkv_attention(config)
 
@@ -141,7 +143,7 @@ class ZipCache(Cache):
                 tokens = layer.held_tokens() if isinstance(layer, SlidingZipLayer) else layer.get_seq_length()
                 shape = layer.keys.shape if layer.is_initialized else None
             else:
-                held = tensor_bytes([layer.keys, layer.values]) if layer.is_initialized else 0
+                held = tensor_bytes(held_tensors_of(layer))
                 tokens = layer.keys.shape[2] if layer.is_initialized and layer.keys.dim() == 4 else 0
                 shape = layer.keys.shape if tokens else None
             stats.tokens_per_layer.append(tokens)

@@ -23,7 +23,7 @@ from ..attention import enable_zipkv_attention
 from .eviction_layer import EvictingLayer, SparsePrefillRecord
 from .eviction_policies import KeepPolicy
 from .static_evicting_layer import StaticEvictingLayer, static_evicting_layer, static_slot_rule
-from .stats import CacheStats, fp16_equivalent, tensor_bytes
+from .stats import CacheStats, fp16_equivalent, held_tensors_of, tensor_bytes
 
 # eager or static (to_static): both have the accounting stats() reads
 EVICTING_LAYERS = (EvictingLayer, StaticEvictingLayer)
@@ -154,7 +154,7 @@ class EvictionCache(Cache):
             if isinstance(layer, EVICTING_LAYERS):
                 total += layer.nbytes()
             elif layer.is_initialized:
-                total += tensor_bytes([layer.keys, layer.values])
+                total += tensor_bytes(held_tensors_of(layer))
         return total
 
     def note_bytes(self) -> None:
@@ -214,7 +214,7 @@ class EvictionCache(Cache):
                 tokens = layer.keys.shape[2] if init else 0
                 shape = layer.keys.shape if init else None
                 stats.tokens_per_layer.append(tokens)
-                stats.bytes_per_layer.append(tensor_bytes([layer.keys, layer.values]) if init else 0)
+                stats.bytes_per_layer.append(tensor_bytes(held_tensors_of(layer)) if init else 0)
                 stats.fp16_bytes_per_layer.append(fp16_equivalent(tokens, shape[0], shape[1], shape[3]) if init else 0)
                 stats.logical_tokens_per_layer.append(0)
                 stats.kept_token_heads_per_layer.append(0)

@@ -117,7 +117,12 @@ class StaticTier:
         append(); the caller has checked the states are finite, and mirrors the counts on the
         host afterwards (mirror_append)."""
         n = keys.shape[2]
-        k_codes, k_scale, k_min, groups = quantize_keys_channelwise(keys, self.bits, self.key_group_size, check_finite=False)
+        g = self.key_group_size or n
+        front = n % g  # PackedTier's layout: the partial key group first
+        parts = [keys[:, :, :front], keys[:, :, front:]] if front else [keys]
+        quantized = [quantize_keys_channelwise(part, self.bits, self.key_group_size, check_finite=False) for part in parts]
+        k_codes, k_scale, k_min = (torch.cat([q[i] for q in quantized], 2) for i in range(3))
+        groups = sum(q[3] for q in quantized)
         v_codes, v_scale, v_min, v_channel = quantize_values_tokenwise(
             values, self.value_bits, self.value_group_size, self.channel_separable, check_finite=False)
         steps = torch.arange(n, device=keys.device)
@@ -128,7 +133,8 @@ class StaticTier:
         group_at = self.device_groups + torch.arange(groups, device=keys.device)
         self.k_scale.index_copy_(2, group_at, k_scale)
         self.k_min.index_copy_(2, group_at, k_min)
-        self.token_group.index_copy_(0, at, (steps // (self.key_group_size or n) + self.device_groups).int())
+        shift = (g - front) % g  # with a partial first group, token i is in group (i + shift) // g
+        self.token_group.index_copy_(0, at, ((steps + shift) // g + self.device_groups).int())
         if v_channel is not None:
             self.v_channel.index_copy_(2, self.device_chunks, v_channel)
             self.token_chunk.index_copy_(0, at, self.device_chunks.expand(n).int())

@@ -21,12 +21,14 @@ from ..quant.schemes import (
 class PackedTier:
     def __init__(
         self, bits: int, key_group_size: int | None, value_group_size: int | None, channel_separable: bool,
-        value_bits: int | None = None, front_partial_group: bool = False,
+        value_bits: int | None = None, front_partial_group: bool = True,
     ):
         self.bits = bits  # of the keys
-        # A ring over a window (zipkv.cache.sliding_layer) puts an append's partial key group
-        # first: groups then end at the same distances from the newest token in every row,
-        # padded or not, and the short group is the oldest, the first to expire.
+        # An append's partial key group goes first: groups then end at the same distances
+        # from the newest token in every row, so a left-padded row's real tokens fall in the
+        # same groups as when the row runs alone (its padding, overwritten with a real token
+        # of the block, widens no range), and in a ring over a window
+        # (zipkv.cache.sliding_layer) the short group is the oldest, the first to expire.
         self.front_partial_group = front_partial_group
         self.value_bits = value_bits or bits
         self.key_group_size = key_group_size
