@@ -11,6 +11,7 @@ device-to-device copy bandwidth measured in the same run; x_roofline = ms/step /
 
     python -m benchmarks.registry_decode --out $OUT                       # GPU: Llama-3-8B shapes, 8 x 32K
     python -m benchmarks.registry_decode --tiny --device cpu --out /tmp/r  # CPU smoke run, seconds
+    python -m benchmarks.registry_decode --plot benchmarks/results/registry_decode_h200.json
 """
 
 from __future__ import annotations
@@ -100,8 +101,50 @@ def run_method(name, model, batch, context, steps_per_run, runs, device, timer, 
     return rec
 
 
+def plot(path: str) -> str:
+    """PNG beside the JSON: ms/step of each method's graph step against its roofline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    with open(path) as f:
+        res = json.load(f)
+    cases = [c for c in res["cases"] if "ms_per_step" in c]
+    names = [c["method"] for c in cases]
+    fig, ax = plt.subplots(figsize=(max(6, 0.8 * len(cases) + 2), 4.2))
+    x = range(len(cases))
+    ax.bar(x, [c["ms_per_step"] for c in cases], color=["#4477aa" if c["family"] == "quantize" else "#cc6677"
+                                                       for c in cases], label="CUDA-graph step (median)")
+    ax.scatter(x, [c.get("roofline_ms", float("nan")) for c in cases], color="black", marker="_", s=600, zorder=3,
+               label="roofline: (weights + bytes held) / copy bandwidth")
+    for i, c in enumerate(cases):
+        ax.annotate(f"{c.get('x_roofline', float('nan')):.2f}x", (i, c["ms_per_step"]), ha="center", va="bottom",
+                    fontsize=8)
+    ax.set_xticks(list(x), names, rotation=30, ha="right")
+    ax.set_ylabel("ms per decode step")
+    first = cases[0] if cases else {}
+    ax.set_title(f"every static method, {first.get('batch')} x {first.get('context')} tokens, "
+                 f"{res['device'].get('gpu', res['device'].get('device'))}\n(blue: quantizing, red: evicting at 20%)",
+                 fontsize=10)
+    ax.set_ylim(0, 1.3 * max(c["ms_per_step"] for c in cases))
+    ax.legend(fontsize=8, loc="upper center", ncol=2)
+    fig.tight_layout()
+    out = os.path.splitext(path)[0] + ".png"
+    fig.savefig(out, dpi=120)
+    return out
+
+
 def main(argv=None) -> dict:
+    import sys
+
     import zipkv
+
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--plot"]:
+        print(plot(argv[1]))
+        return {}
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--methods", default="", help="comma-separated registry names (default: every method with a static form)")
@@ -114,6 +157,7 @@ def main(argv=None) -> dict:
     p.add_argument("--tiny", action="store_true", help="a 2-layer toy model (CPU smoke run)")
     p.add_argument("--layers", type=int, default=0, help="override the layer count")
     p.add_argument("--out", required=True, help="folder for registry_decode.json")
+    p.add_argument("--plot", help="draw the PNG of a result JSON and exit")
     p.add_argument("--tag", default="registry_decode")
     args = p.parse_args(argv)
     names = [m for m in args.methods.split(",") if m] or [n for n, s in zipkv.METHODS.items() if s.static]
@@ -127,7 +171,7 @@ def main(argv=None) -> dict:
     timer = Timer(device)
     bandwidth = copy_bandwidth(device)
     w_bytes = weight_bytes_read(model)
-    res = dict(command="python -m benchmarks.registry_decode " + " ".join(argv if argv is not None else os.sys.argv[1:]),
+    res = dict(command="python -m benchmarks.registry_decode " + " ".join(argv),
                device=device_info(device), host=platform.node(), torch=torch.__version__, copy_bandwidth=bandwidth,
                weight_bytes=w_bytes, model=config.to_dict() if args.tiny else "Llama-3-8B shapes, random weights",
                cases=[])
@@ -141,6 +185,10 @@ def main(argv=None) -> dict:
         print(json.dumps(line), flush=True)
         with open(path, "w") as f:  # after every method: a killed run keeps what it measured
             json.dump(res, f, indent=1)
+    try:
+        plot(path)
+    except ImportError:
+        print("matplotlib not installed: no PNG")
     return res
 
 
