@@ -2,8 +2,8 @@
 
 One parametrized suite over `zipkv.METHODS` x {tiny Llama, Qwen2, Gemma 3 text (a sliding
 layer beside a full one), LLaVA, Qwen2-VL}: a method added to the registry is tested here
-without touching this file. Per case, with grad enabled (no torch.no_grad, as a user's script
-may run): greedy generation works; `stats().bytes_held` equals the bytes of the tensors
+without touching this file. Per case: greedy generation works, then one more step runs with
+grad enabled (as a user's own loop may); `stats().bytes_held` equals the bytes of the tensors
 reachable from the cache; no held tensor requires grad; after `del` the cache is gone
 without the cyclic garbage collector; the left-padded row of a batch gives the same tokens
 as the same row run alone; lossless settings equal DynamicCache; methods with a static form
@@ -80,8 +80,11 @@ def test_text_model_contract(text_model, method):
     arch, model = text_model
     ids, mask = padded_batch(length=40, pad=6)
     cache = build(method, model.config)
-    tokens = generate(model, cache, ids, mask)  # grad enabled on purpose
+    tokens = generate(model, cache, ids, mask)
     assert tokens.shape == (2, NEW_TOKENS)
+    # generate() runs under no_grad: one more step with grad enabled, as a user's own loop would
+    step_mask = torch.cat([mask, torch.ones(2, NEW_TOKENS, dtype=mask.dtype)], dim=1)  # prompt + generated
+    model(tokens[:, -1:], attention_mask=step_mask, past_key_values=cache)
     stats = cache.stats()
     assert stats.bytes_held == held_bytes(cache)
     full_layers = sum(kind == "full_attention" for kind in getattr(model.config, "layer_types", None) or ["full_attention"] * 2)

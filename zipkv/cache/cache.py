@@ -61,9 +61,20 @@ def window_of(text_config, kind: str) -> int:
     return text_config.sliding_window if kind == "sliding_attention" else text_config.attention_chunk_size
 
 
+class DetachedWindowLayer(DynamicSlidingWindowLayer):
+    """transformers' own (exact) window layer, whose held states are detached: a forward run
+    with grad enabled hands attention its own states (differentiable as with DynamicCache),
+    but the cache keeps no autograd graph alive."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        out = super().update(key_states, value_states, *args, **kwargs)
+        self.keys, self.values = self.keys.detach(), self.values.detach()
+        return out
+
+
 def sliding_layer(text_config, kind):
-    """transformers' own (fp16, exact) window layer."""
-    return DynamicSlidingWindowLayer(sliding_window=window_of(text_config, kind))
+    """transformers' own (fp16, exact) window layer, holding nothing that requires grad."""
+    return DetachedWindowLayer(sliding_window=window_of(text_config, kind))
 
 
 def head_dim(config) -> int:
