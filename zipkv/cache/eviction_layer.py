@@ -117,6 +117,21 @@ class EvictingLayer(ZipkvLayer):
             return self.recent_keys, self.recent_values
         return torch.cat(keys + [self.recent_keys], dim=2), torch.cat(values + [self.recent_values], dim=2)
 
+    @property
+    def held_states(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values) [B, H, K, D] held during the current forward, in the storage dtype
+        (the held tokens then this forward's): what a policy scores and keeps."""
+        if self._held is None:
+            raise RuntimeError(f"layer {self.layer_idx}: held_states exist only between update() and observe()")
+        return self._held
+
+    @property
+    def forward_mask(self) -> torch.Tensor:
+        """bool [B, 1 or H, q, K]: the mask this forward's attention used (attention_mask())."""
+        if self._mask is None:
+            raise RuntimeError(f"layer {self.layer_idx}: forward_mask exists only between attention and observe()")
+        return self._mask
+
     def held_valid(self) -> torch.Tensor:
         """bool [B, H, K]: which slots of the held layout (this forward's keys) are real."""
         recent = self.recent_real[:, None, :].expand(-1, self.num_heads, -1)

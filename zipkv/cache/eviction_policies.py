@@ -226,7 +226,7 @@ class ContinuousPolicy(Policy):
         return self.num_sinks if self.kind == "streaming_llm" else 0
 
     def after_forward(self, layer, query, scaling, first):
-        keys, values = layer._held
+        keys, values = layer.held_states
         valid = layer.held_valid()
         valid_row = valid[:, 0]  # the layout is the same for every head (uniform budgets)
         if first:
@@ -433,8 +433,8 @@ class TieredPolicy(Policy):
     # -- decoding -------------------------------------------------------------------------------
     def _accumulate(self, layer, query, scaling):
         """Add this forward's attention on the recent tokens (normalized score bookkeeping)."""
-        keys, _ = layer._held
-        mask = layer._mask  # [B, 1 or H, q, K]
+        keys, _ = layer.held_states
+        mask = layer.forward_mask  # [B, 1 or H, q, K]
         r = layer.recent_keys.shape[2]
         b, hq, q, d = query.shape
         hkv = keys.shape[1]
