@@ -28,7 +28,7 @@ import types
 import torch
 
 from benchmarks.e2e_decode import (Timer, build_model, copy_bandwidth, device_info, free_memory, mem_allocated, peak,
-                                   reset_peak, sync, weight_bytes_read)
+                                   profile_calls, reset_peak, sync, weight_bytes_read)
 
 # per-method settings for the benchmark (the registry's defaults otherwise): evicting methods
 # keep a fifth of the prompt, as in the papers' headline settings
@@ -45,7 +45,8 @@ def method_params(spec) -> dict:
     return params
 
 
-def run_method(name, model, batch, context, steps_per_run, runs, device, timer, ceiling_gbps, w_bytes) -> dict:
+def run_method(name, model, batch, context, steps_per_run, runs, device, timer, ceiling_gbps, w_bytes,
+               profile=False) -> dict:
     import zipkv
     from zipkv.graph_decode import StaticDecoder
 
@@ -69,7 +70,7 @@ def run_method(name, model, batch, context, steps_per_run, runs, device, timer, 
         rec["prefill_s"] = time.perf_counter() - t0
         rec["prefill_peak_gib"] = (peak(device) - base) / 2**30
         positions = torch.full((batch,), context, device=device, dtype=torch.long)
-        total = GRAPH_WARMUP + runs * steps_per_run + 8
+        total = GRAPH_WARMUP + (runs + profile) * steps_per_run + 8
         decoder = StaticDecoder(model, cache, first, positions, total)
         free_memory(device)
         rec["bytes_held"] = cache.stats().bytes_held
@@ -87,6 +88,8 @@ def run_method(name, model, batch, context, steps_per_run, runs, device, timer, 
         rec["ms_runs"] = times
         rec["tokens_per_s"] = batch / (rec["ms_per_step"] / 1e3)
         rec["decode_peak_gib"] = (peak(device) - base) / 2**30
+        if profile and device.type == "cuda":  # kernels inside the replayed graph, per step
+            rec["profile"] = profile_calls(decoder.step, steps_per_run, device)
         rec["flushes"] = decoder.flushes
         rec["cuda_graph"] = decoder.use_graph
         if ceiling_gbps == ceiling_gbps:  # not NaN (a GPU run)
@@ -158,6 +161,7 @@ def main(argv=None) -> dict:
     p.add_argument("--layers", type=int, default=0, help="override the layer count")
     p.add_argument("--out", required=True, help="folder for registry_decode.json")
     p.add_argument("--plot", help="draw the PNG of a result JSON and exit")
+    p.add_argument("--profile", action="store_true", help="also profile one run of steps (top kernels per step)")
     p.add_argument("--tag", default="registry_decode")
     args = p.parse_args(argv)
     names = [m for m in args.methods.split(",") if m] or [n for n, s in zipkv.METHODS.items() if s.static]
@@ -179,9 +183,9 @@ def main(argv=None) -> dict:
     path = os.path.join(args.out, f"{args.tag}.json")
     for name in names:
         rec = run_method(name, model, args.batch, args.context, args.steps, args.runs, device, timer,
-                         bandwidth.get("gbps", float("nan")), w_bytes)
+                         bandwidth.get("gbps", float("nan")), w_bytes, args.profile)
         res["cases"].append(rec)
-        line = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in rec.items() if k not in ("traceback", "ms_runs")}
+        line = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in rec.items() if k not in ("traceback", "ms_runs", "profile")}
         print(json.dumps(line), flush=True)
         with open(path, "w") as f:  # after every method: a killed run keeps what it measured
             json.dump(res, f, indent=1)
