@@ -85,6 +85,12 @@ def gather_tokens(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 
+def salient_count(ratio: float, is_real: torch.Tensor) -> int:
+    """Salient tokens of a block: `ratio` of the real tokens of its row with the fewest (a tier
+    holds the same count in every row; padding never goes high). is_real [B, n]."""
+    return round(ratio * int(is_real.sum(dim=1).min()))
+
+
 def salient_split(scores, counts, is_real, n_high: int, normalize: bool):
     """(low_idx, high_idx) [B, H, *], each in position order: the n_high tokens of a block with
     the highest (normalized: / counts) score per (row, KV head) go high, padding never."""
@@ -364,9 +370,7 @@ class ZipCacheLayer(ZipkvLayer):
         block, rest = by_age[:, :n].sort(dim=1).values, by_age[:, n:].sort(dim=1).values
         keys, values, scores, counts, is_real = self._take(block)
         keys, values = overwrite_padding(keys, values, is_real)  # a no-op where all are real (no host wait)
-        n_high = 0
-        if s.mixed_precision and s.saliency != "none":
-            n_high = round(s.salient_ratio * int(is_real.sum(dim=1).min()))
+        n_high = salient_count(s.salient_ratio, is_real) if s.mixed_precision and s.saliency != "none" else 0
         if n_high == 0:
             self._append(self.low, keys, values)
         else:

@@ -23,7 +23,7 @@ import torch
 from ..attention import hand_queries_to
 from ..kernels.decode_attention import decode_attention
 from ..kernels.window_step import window_append, window_scores
-from .layer import ZipCacheLayer, gather_tokens, salient_split
+from .layer import ZipCacheLayer, gather_tokens, salient_count, salient_split
 from .static_tier import StaticTier
 from .tier import PackedTier
 
@@ -226,9 +226,11 @@ class StaticZipLayer(ZipCacheLayer):
                 and self.n_fp == self.num_sinks + s.residual_length + s.stream_interval)
 
     def _salient_count(self) -> int:
+        """The eager policy's count (salient_count) for a full block with no padding, the only
+        kind flush_on_device() quantizes."""
         s = self.settings
         if s.mixed_precision and s.saliency != "none":
-            return round(s.salient_ratio * s.stream_interval)
+            return salient_count(s.salient_ratio, torch.ones(1, s.stream_interval, dtype=torch.bool))
         return 0
 
     def flush_on_device(self) -> None:

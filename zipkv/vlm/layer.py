@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from ..cache.layer import ZipCacheLayer, gather_tokens, make_tier, overwrite_padding
+from ..cache.layer import ZipCacheLayer, gather_tokens, make_tier, overwrite_padding, salient_count, salient_split
 from ..eviction.budgets.zipvl import zipvl_important_count
 from .modality import TEXT
 from .settings import VIDKV, VisualCompressionConfig
@@ -203,18 +203,12 @@ class VisualZipCacheLayer(ZipCacheLayer):
                 # never more than a row has real tokens: padding must stay in the low tier
                 n_high = min(n_high, int(g_real.sum(dim=1).min()))
             else:
-                ratio = s.visual_salient_ratio if visual else s.salient_ratio
-                n_high = round(ratio * int(g_real.sum(dim=1).min()))
-            if s.saliency == "probe":
-                g_scores = g_scores / counts.gather(2, index[:, None, :]).clamp_min(1.0)
+                n_high = salient_count(s.visual_salient_ratio if visual else s.salient_ratio, g_real)
         if n_high == 0:
             self._store(low, names[0], g_keys, g_values, None, g_real, g_visual)
             return
-        g_scores = g_scores.masked_fill(~g_real[:, None, :], float("-inf"))
-        chosen = torch.zeros_like(g_scores, dtype=torch.bool).scatter_(2, g_scores.topk(n_high, dim=2).indices, True)
-        pos = torch.arange(m, device=self.device).expand_as(g_scores)
-        high_idx = torch.where(chosen, pos, pos + m).sort(dim=2).values[:, :, :n_high]
-        low_idx = torch.where(chosen, pos + m, pos).sort(dim=2).values[:, :, : m - n_high]
+        low_idx, high_idx = salient_split(g_scores, counts.gather(2, index[:, None, :]), g_real, n_high,
+                                          s.saliency == "probe")
         for tier, name, idx in ((low, names[0], low_idx), (high, names[1], high_idx)):
             self._store(tier, name, gather_tokens(g_keys, idx), gather_tokens(g_values, idx), idx, g_real, g_visual)
 
