@@ -3,16 +3,15 @@
 import pytest
 import torch
 
-from zipkv.eviction import (EVICTED, HIGH, LOW, MIKV, THREE_TIER, ZIPVL_V1, ZIPVL_V2, TokenIndex, ZipCacheScorer,
-                            assign_tiers, rank_tokens, select_tokens, tier_policy, window_attention,
-                            zipvl_important_count)
+from zipkv.eviction import (EVICTED, HIGH, LOW, TokenIndex, ZipCacheScorer, assign_tiers, rank_tokens, select_tokens,
+                            window_attention, zipvl_important_count)
 
 INF = float("inf")
 SCORES = torch.tensor([[[5.0, 1.0, 4.0, 2.0, 6.0, 3.0]]])  # ranking: 4, 0, 2, 5, 3, 1
 
 
 def test_three_tier_hand_example():
-    out = THREE_TIER.assign(SCORES, high=2, low=2)
+    out = assign_tiers(SCORES, 2, 2)  # three_tier: a high and a low budget, the rest evicted
     assert out.high.dense().tolist() == [[[0, 4]]]
     assert out.low.dense().tolist() == [[[2, 5]]]
     assert out.evicted.dense().tolist() == [[[1, 3]]]
@@ -20,20 +19,14 @@ def test_three_tier_hand_example():
     assert out.kept().dense().tolist() == [[[0, 2, 4, 5]]]
 
 
-def test_presets():
-    v1 = ZIPVL_V1.assign(SCORES, high=2)  # important high-bit, the rest low-bit
+def test_the_layouts_of_the_tiered_methods():
+    """zipvl / mikv: everything not high is low-bit; zipvl_v2: everything not high is evicted
+    (TieredPolicy's layouts, cache/eviction_policies.py)."""
+    v1 = assign_tiers(SCORES, 2, "rest")
     assert v1.high.dense().tolist() == [[[0, 4]]] and v1.low.dense().tolist() == [[[1, 2, 3, 5]]]
     assert v1.evicted.total == 0
-    assert MIKV.assign(SCORES, high=2).tier_map.equal(v1.tier_map)
-    v2 = ZIPVL_V2.assign(SCORES, high=2)  # important kept, the rest evicted
+    v2 = assign_tiers(SCORES, 2, 0)
     assert v2.low.total == 0 and v2.evicted.dense().tolist() == [[[1, 2, 3, 5]]]
-    assert tier_policy("zipvl_v2") is ZIPVL_V2
-    with pytest.raises(ValueError, match="unknown tier policy"):
-        tier_policy("zipvl_v3")
-    with pytest.raises(ValueError, match="needs a low budget"):
-        THREE_TIER.assign(SCORES, high=2)
-    with pytest.raises(ValueError, match="low not allowed"):
-        ZIPVL_V1.assign(SCORES, high=2, low=1)
 
 
 def test_budget_errors():
@@ -66,7 +59,7 @@ def test_padding_fills_only_what_real_tokens_cannot_and_drop_padding_is_ragged()
     assert ragged.indices.tolist() == [1, 2, 3, 4, 3, 4] and ragged.offsets.tolist() == [0, 4, 6]
     with pytest.raises(ValueError, match="ragged"):
         ragged.dense()
-    out = ZIPVL_V1.assign(scores, high=2, drop_padding=True)
+    out = assign_tiers(scores, 2, "rest", drop_padding=True)  # zipvl v1's layout
     assert out.evicted.lengths.tolist() == [[0], [3]]
 
 
@@ -110,6 +103,6 @@ def test_zipvl_v1_pipeline_gives_each_sequence_its_own_high_tier():
     att = window_attention(probes, keys)
     counts = zipvl_important_count(att, 0.9)
     assert counts[1] > counts[0]
-    out = ZIPVL_V1.assign(ZipCacheScorer().score_attention(att), high=counts)
+    out = assign_tiers(ZipCacheScorer().score_attention(att), counts, "rest")
     assert out.high.lengths[:, 0].tolist() == counts.tolist()
     assert (out.high.lengths + out.low.lengths == 30).all() and out.evicted.total == 0

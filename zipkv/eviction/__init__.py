@@ -10,8 +10,7 @@ from .scorers import (SCORERS, AttentionScorer, CakeScorer, DefensiveKVScorer, H
                       SnapKVScorer, StreamingLLMScorer, WindowAttention, ZipCacheScorer, make_scorer,
                       window_attention)
 from .select import rank_tokens, select_tokens
-from .tiers import (EVICTED, HIGH, LOW, MIKV, THREE_TIER, TIER_PRESETS, ZIPVL_V1, ZIPVL_V2, TierAssignment,
-                    TierPolicy, assign_tiers, tier_policy)
+from .tiers import EVICTED, HIGH, LOW, TierAssignment, assign_tiers
 from .token_index import TokenIndex
 
 __all__ = [name for name in dir() if not name.startswith("_")]

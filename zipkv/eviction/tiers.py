@@ -20,7 +20,6 @@ from .select import per_head_counts, rank_tokens
 from .token_index import TokenIndex
 
 EVICTED, LOW, HIGH = 0, 1, 2
-LOW_MODES = ("rest", "none", "budget")
 
 
 @dataclass(frozen=True)
@@ -72,39 +71,3 @@ def assign_tiers(scores: Tensor, high, low=0, *, drop_padding: bool = False) -> 
         TokenIndex.from_mask(tier_map == LOW),
         TokenIndex.from_mask(tier_map == EVICTED),
     )
-
-
-@dataclass(frozen=True)
-class TierPolicy:
-    """A named layout. low_mode: 'rest' (everything not high is low-bit), 'none'
-    (everything not high is evicted) or 'budget' (a low budget; the rest evicted)."""
-
-    name: str
-    low_mode: str
-
-    def __post_init__(self) -> None:
-        if self.low_mode not in LOW_MODES:
-            raise ValueError(f"low_mode={self.low_mode!r} is not one of {LOW_MODES}")
-
-    def assign(self, scores: Tensor, high, low=None, *, drop_padding: bool = False) -> TierAssignment:
-        if self.low_mode == "budget":
-            if low is None:
-                raise ValueError(f"tier policy {self.name!r} needs a low budget")
-            return assign_tiers(scores, high, low, drop_padding=drop_padding)
-        if low is not None:
-            raise ValueError(f"tier policy {self.name!r} sets the low tier itself ({self.low_mode}); low not allowed")
-        low = "rest" if self.low_mode == "rest" else 0
-        return assign_tiers(scores, high, low, drop_padding=drop_padding)
-
-
-ZIPVL_V1 = TierPolicy("zipvl_v1", "rest")
-MIKV = TierPolicy("mikv", "rest")
-ZIPVL_V2 = TierPolicy("zipvl_v2", "none")
-THREE_TIER = TierPolicy("three_tier", "budget")
-TIER_PRESETS = {p.name: p for p in (ZIPVL_V1, MIKV, ZIPVL_V2, THREE_TIER)}
-
-
-def tier_policy(name: str) -> TierPolicy:
-    if name not in TIER_PRESETS:
-        raise ValueError(f"unknown tier policy {name!r}; known: {', '.join(sorted(TIER_PRESETS))}")
-    return TIER_PRESETS[name]
