@@ -298,3 +298,62 @@ def test_decode_route_is_chosen_in_one_place_and_recorded_per_call():
     assert decode_attention(q, segs, impl="triton", block_n=32).shape == out.shape  # no record: nothing kept
     with pytest.raises(ValueError, match="cuda_kernel=True cannot read this tier: .*CUDA"):
         decode_attention(q, segs, impl="triton", cuda_kernel=True)
+
+
+def _head_slice(seg, h):
+    """KV head h of a segment (every per-head tensor sliced; token indices are shared)."""
+    import dataclasses
+
+    return dataclasses.replace(seg, **{name: getattr(seg, name)[:, h:h + 1] for name in
+                                       ("k_codes", "k_scale", "k_min", "v_codes", "v_scale", "v_min", "v_channel")
+                                       if getattr(seg, name) is not None})
+
+
+@pytest.mark.parametrize("tq", [1, 2])
+@pytest.mark.parametrize("dequant", [False, True])  # v5 / v6 (fp16 dequantization before the dots)
+def test_per_head_masks(tq, dequant):
+    """A bool mask per KV head [B, Hkv, 1 or Tq, Nt] (AdaKV's head budgets leave each head its own
+    holes): the reference equals each KV head attended alone under its own [B, Nt] mask, the
+    Triton kernel equals the reference, also over capacity buffers with device lengths."""
+    g = torch.Generator().manual_seed(41 + tq)
+    b, hkv, r, d, nf = 2, 3, 2, 64, 13
+    segs = [make_segment(b, hkv, 50, d, 2, cs=True, pieces=2, gen=g),
+            make_segment(b, hkv, 30, d, 4, key_group=16, value_group=32, cs=False, gen=g)]
+    kf, vf = torch.randn(b, hkv, nf, d, generator=g).half(), torch.randn(b, hkv, nf, d, generator=g).half()
+    q = torch.randn(b, hkv * r, tq, d, generator=g).half()
+    nt = 50 + 30 + nf
+    keep = torch.rand(b, hkv, 1, nt, generator=g) > 0.4
+    keep[0, 1] = False  # a head that attends nothing: zeros, as a fully masked row
+    keep[..., -1] = keep[..., -1] | (torch.arange(b * hkv).reshape(b, hkv, 1) != 1)
+    rows = keep.expand(b, hkv, tq, nt).clone()
+    rows[1, 2, 0, -3:] = False  # per query row too
+    for mask in (keep, rows):
+        ref = decode_attention_reference(q, segs, kf, vf, mask=mask)
+        for h in range(hkv):
+            alone = decode_attention_reference(q[:, h * r:(h + 1) * r], [_head_slice(s, h) for s in segs],
+                                               kf[:, h:h + 1], vf[:, h:h + 1], mask=mask[:, h])
+            torch.testing.assert_close(ref[:, h * r:(h + 1) * r], alone)
+        assert (ref[0, r:2 * r] == 0).all()
+        out = decode_attention(q, segs, kf, vf, mask=mask, impl="triton", block_n=32, block_n_fp=16, dequant=dequant)
+        assert rel_err(out, ref) < 3e-3
+    # capacity buffers: the mask is laid out over the capacities, the counts read on the device
+    caps = [in_capacity(segs[0], 14, g), in_capacity(segs[1], 18, g)]
+    kf_cap = torch.cat([kf, torch.randn(b, hkv, 5, d, generator=g).half() * 10], dim=2)
+    vf_cap = torch.cat([vf, torch.randn(b, hkv, 5, d, generator=g).half() * 10], dim=2)
+    mask_cap = torch.ones(b, hkv, tq, 64 + 48 + nf + 5, dtype=torch.bool)
+    for (lo, hi), (clo, chi) in zip(((0, 50), (50, 80), (80, nt)), ((0, 50), (64, 94), (112, 112 + nf))):
+        mask_cap[..., clo:chi] = rows[..., lo:hi]
+    lengths = torch.tensor([50, 30, nf], dtype=torch.int32)
+    out = decode_attention(q, caps, kf_cap, vf_cap, mask=mask_cap, impl="triton", block_n=32, block_n_fp=16,
+                           lengths=lengths, dequant=dequant)
+    assert rel_err(out, decode_attention_reference(q, segs, kf, vf, mask=rows)) < 3e-3
+
+
+def test_per_head_masks_are_checked():
+    g = torch.Generator().manual_seed(43)
+    segs = [make_segment(1, 2, 10, 32, 4, gen=g)]
+    q = torch.randn(1, 4, 1, 32, generator=g).half()
+    with pytest.raises(ValueError, match="KV heads"):
+        decode_attention(q, segs, mask=torch.ones(1, 4, 1, 10, dtype=torch.bool))
+    with pytest.raises(ValueError, match="per-head mask must be bool"):
+        decode_attention(q, segs, mask=torch.zeros(1, 2, 1, 10))

@@ -15,7 +15,7 @@ from zipkv.eviction_cache import make_eviction_cache
 from zipkv.graph_decode import StaticDecoder, StaticLayer, prompt_positions
 
 SUPPORTED = ["snapkv", "pyramidkv", "cake", "defensive_kv", "key_norm", "streaming_llm", "h2o"]
-UNSUPPORTED = {"adakv": "per-head budgets", "zipvl": "not built as static tiers",
+UNSUPPORTED = {"zipvl": "not built as static tiers",
                "zipvl_v2": "not built as static tiers", "three_tier": "not built as static tiers",
                "mikv": "not built as static tiers"}
 NEW = 16

@@ -339,7 +339,7 @@ _register(MethodSpec(
 _register(MethodSpec(
     "adakv", "evict", "SnapKV scores, head-wise budgets (alpha 0.2), ragged storage",
     "Feng et al. 2024, Ada-KV (arXiv 2407.11550)",
-    params=SNAP + ("alpha",) + EVICT_COMMON, takes_budget=True, footprint=_KEPT, static=False,
+    params=SNAP + ("alpha",) + EVICT_COMMON, takes_budget=True, footprint=_KEPT, static=True,
     **_evicting("adakv", "select_policy", dict(SNAP_DEFAULTS, alpha=0.2), rule="adakv", scorer="snapkv"),
 ))
 _register(MethodSpec(

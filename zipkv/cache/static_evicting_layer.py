@@ -21,8 +21,9 @@ Where the new token goes is the policy's part, a small slot rule (`slots`):
   the eager policy evicts it (ties: the oldest goes).
 Nothing is ever flushed between steps (`flush_due()` is False): the step is all there is.
 
-Per-head ragged budgets (adakv) would need a per-(row, head) mask, which the decode kernel does
-not take; tiered methods (packed parts) have no static form yet: both raise a clear ValueError.
+Per-head budgets (adakv): the kept tokens are right-aligned per (row, head) and `pad_mask` is
+per head, [B, H, N] (the decode kernel takes a bool mask per KV head; AppendSlots as for snapkv).
+Tiered methods (packed parts) have their own static form (static_tiered_layer.py).
 """
 
 from __future__ import annotations
@@ -46,10 +47,6 @@ def static_slot_rule(layer: EvictingLayer, method: str):
     """The slot rule of a layer's static form (below), or a ValueError naming `method` when it
     has none; also checks the layer holds a prompt and is not mid-forward."""
     policy = layer.policy
-    if isinstance(policy, SelectPolicy) and policy.rule == "adakv":
-        raise ValueError(f"method {method!r} has no static (CUDA-graph) form: its per-head budgets leave the "
-                         "KV heads of one row with different token counts, which needs a per-head mask the "
-                         "decode kernel does not take; decode it eagerly (model.generate)")
     if isinstance(policy, (KeepPolicy, SelectPolicy)):
         rule = AppendSlots
     elif isinstance(policy, ContinuousPolicy):
@@ -71,9 +68,9 @@ def static_evicting_layer(layer: EvictingLayer, method: str, extra_tokens: int) 
 
 
 def held_rectangle(layer: EvictingLayer, method: str):
-    """(keys, values [B, H, w, D], real [B, w], extras {name: [B, H, w]}) of everything the
-    eager layer holds, each row right-aligned with its holes first; real is per row, so every
-    KV head of a row must hold the same count (else a ValueError naming `method`)."""
+    """(keys, values [B, H, w, D], real, extras {name: [B, H, w]}) of everything the eager layer
+    holds, each (row, head) right-aligned with its holes first; real is [B, w] when every KV
+    head of a row holds the same tokens' slots, else [B, H, w] (per-head budgets: AdaKV)."""
     keys, values, valid, extras = [], [], [], {}
     for part in layer.parts:
         if getattr(part, "bits", None) != 16:
@@ -85,12 +82,19 @@ def held_rectangle(layer: EvictingLayer, method: str):
     keys.append(layer.recent_keys), values.append(layer.recent_values)
     valid.append(layer.recent_real[:, None, :].expand(b, h, -1))
     valid = torch.cat(valid, dim=2)
-    if not bool((valid == valid[:, :1]).all()):
-        raise ValueError(f"method {method!r}: the KV heads of a row hold different token counts, which needs a "
-                         "per-head mask the decode kernel does not take")
     if extras and layer.recent_keys.shape[2]:
         raise ValueError(f"method {method!r}: tokens with per-token scores wait in the recent part")
-    return torch.cat(keys, dim=2), torch.cat(values, dim=2), valid[:, 0], extras
+    real = valid[:, 0] if bool((valid == valid[:, :1]).all()) else valid
+    return torch.cat(keys, dim=2), torch.cat(values, dim=2), real, extras
+
+
+def row_mask(real: torch.Tensor, method: str) -> torch.Tensor:
+    """real [B, w] as it is; a per-head one [B, H, w] is a ValueError naming `method` (the ring
+    and heavy-hitter slots keep one layout per row: their policies' budgets are per row)."""
+    if real.dim() != 2:
+        raise ValueError(f"method {method!r}: the KV heads of a row hold different token counts, which its "
+                         "static slot rule does not take")
+    return real
 
 
 class StaticEvictingLayer(ZipkvLayer):
@@ -113,13 +117,19 @@ class StaticEvictingLayer(ZipkvLayer):
 
     def allocate(self, keys, values, real, slots: int) -> None:
         """Buffers of `slots` tokens with the held rectangle at their front (called by the slot
-        rule); slots after it are real (they fill as tokens arrive, the count says which)."""
+        rule); slots after it are real (they fill as tokens arrive, the count says which).
+        pad_mask: [B, slots], or [B, H, slots] when `real` is per head."""
         b, h, w, d = keys.shape
         self.k_buf = keys.new_zeros(b, h, slots, d)
         self.v_buf = values.new_zeros(b, h, slots, d)
         self.k_buf[:, :, :w], self.v_buf[:, :, :w] = keys, values
-        self.pad_mask = torch.ones(b, slots, dtype=torch.bool, device=self.device)
-        self.pad_mask[:, :w] = real
+        self.pad_mask = torch.ones(*real.shape[:-1], slots, dtype=torch.bool, device=self.device)
+        self.pad_mask[..., :w] = real
+
+    def head_mask(self) -> torch.Tensor:
+        """bool [B, H, N]: pad_mask per KV head (a view)."""
+        mask = self.pad_mask
+        return mask if mask.dim() == 3 else mask[:, None, :].expand(-1, self.num_heads, -1)
 
     def lazy_initialization(self, key_states, value_states):
         raise RuntimeError("a static layer is built from a filled eager layer (to_static), never lazily")
@@ -144,8 +154,10 @@ class StaticEvictingLayer(ZipkvLayer):
         if given:
             raise ValueError(f"a static evicting cache cannot honour the attention arguments {given}")
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-        output = decode_attention(query, [], self.k_buf, self.v_buf, mask=self.pad_mask if self.padded else None,
-                                  scale=scaling, lengths=self.lengths)
+        mask = None
+        if self.padded:  # per head [B, H, N] -> the kernel's [B, Hkv, Tq, N]
+            mask = self.pad_mask if self.pad_mask.dim() == 2 else self.pad_mask[:, :, None, :]
+        output = decode_attention(query, [], self.k_buf, self.v_buf, mask=mask, scale=scaling, lengths=self.lengths)
         self.slots.after_attention(query.detach(), scaling)
         self.awaiting_queries = False
         return output.transpose(1, 2).contiguous(), None
@@ -264,7 +276,7 @@ class AppendSlots(SlotRule):
     def held_slots(self) -> torch.Tensor:
         layer = self.layer
         filled = torch.arange(layer.k_buf.shape[2], device=layer.device) < self.filled
-        return (layer.pad_mask & filled)[:, None, :].expand(-1, layer.num_heads, -1)
+        return layer.head_mask() & filled
 
 
 def write_slots(keys, values, k_buf, v_buf, slot, nonfinite) -> None:
@@ -287,7 +299,7 @@ class RingSlots(SlotRule):
     def __init__(self, layer: StaticEvictingLayer, eager, keys, values, real, extras, extra_tokens: int):
         self.layer = layer
         w = keys.shape[2]
-        budgets = real.sum(dim=1).to(torch.int64)
+        budgets = row_mask(real, layer.method).sum(dim=1).to(torch.int64)
         sinks = eager.policy.num_sinks
         if bool((budgets < sinks).any()):
             raise ValueError(f"method {layer.method!r}: every row must keep at least num_sinks={sinks} tokens for "
@@ -327,7 +339,7 @@ class HeavyHitterSlots(SlotRule):
         self.layer = layer
         b, h, w, _ = keys.shape
         dev = layer.device
-        budgets = real.sum(dim=1).to(torch.int64)
+        budgets = row_mask(real, layer.method).sum(dim=1).to(torch.int64)
         layer.allocate(keys, values, real, w + 1)
         layer.lengths.fill_(w + 1)
         self.base = w

@@ -474,7 +474,7 @@ def _fp_split(
 # aligned lets the compiler issue 16-byte loads. Unspecialized (session 2), the kernel read
 # its codes byte by byte and ran 2.2x slower in the model (0.80 vs 0.36 ms at 32K x 8).
 _PER_STEP_ARGS = [
-    "a_svs_b", "a_svs_h", "c_svs_b", "c_svs_h", "smb", "smt",
+    "a_svs_b", "a_svs_h", "c_svs_b", "c_svs_h", "smb", "smh", "smt",
     "NA", "NC", "NF", "TSA", "TSC", "TSF", "SA", "SC", "OFFA", "OFFC", "OFFF", "part_base",
     "nt_total", "S_total",
 ]
@@ -490,7 +490,7 @@ def _decode_kernel(
     c_vc, c_svc_b, c_svc_h, c_svc_n, c_vs, c_vm, c_svs_b, c_svs_h, c_svs_n,
     c_vch, c_svch_b, c_svch_h, c_svch_c, c_tc,
     f_k, f_sk_b, f_sk_h, f_sk_n, f_v, f_sv_b, f_sv_h, f_sv_n,
-    mask_ptr, smb, smt, smn, po_ptr, pl_ptr,
+    mask_ptr, smb, smh, smt, smn, po_ptr, pl_ptr,
     NA, NC, NF, TSA, TSC, TSF, SA, SC, OFFA, OFFC, OFFF, part_base, nt_total, H, S_total,
     na_ptr, nc_ptr, nf_ptr,
     R: tl.constexpr, TQ: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
@@ -506,6 +506,8 @@ def _decode_kernel(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
+    # a per-head mask [B, Hkv, Tq, Nt]: this KV head's rows (smh = 0: one mask for every head)
+    mask_ptr += h * smh
     if LENS_ON_DEVICE:
         # Preallocated buffers (CUDA graphs): the grid and splits cover their capacity, the
         # counts of valid tokens come from device memory; splits past them read nothing.
@@ -631,7 +633,7 @@ def _bytes_per_token(seg: PackedSegment | None, d: int, fp_elem: int = 2) -> flo
     return d * (seg.bits + seg.value_bits) / 8 + 2 * seg.v_scale.element_size() * seg.v_scale.shape[-1]
 
 
-def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, causal,
+def triton_decode_attention(query, segs, k_fp, v_fp, mask4, mask_kind, scale, causal,
                             block_n: int | None = None, block_n_fp: int = 64, num_warps: int = 4,
                             num_stages: int = 2, programs_per_sm: float = 32.0, maxnreg: int | None = 128,
                             use_asm: bool | None = None, tiers_per_launch: int = 2, lengths=None,
@@ -692,14 +694,14 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, ca
     total = sum(n * w for _, n, w in parts) * b * heads
     per_prog = max(total / (programs_per_sm * sm_count(dev)), 1.0)
     per_cta = max(total / (mma_ctas_per_sm * sm_count(dev)), 1.0)
-    mask_rows = mask3 is not None and mask3.shape[1] > 1
+    mask_rows = mask4 is not None and mask4.shape[2] > 1
     plan = []  # (seg or None, n, tokens_per_split, splits, key_offset, (warps, blocks) for the CUDA kernel or None)
     offset = 0
     for i, (seg, n, w) in enumerate(parts):
         mma_cfg = cuda_tiers[i] if seg is not None else None
         if mma_cfg:  # whole waves of resident blocks per launch (one launch per tier)
             blk = mma_decode.TOKENS_PER_TILE * mma_cfg[0]
-            wave = sm_count(dev) * mma_decode.blocks_per_sm(query, seg, mask3 is not None, lengths is not None,
+            wave = sm_count(dev) * mma_decode.blocks_per_sm(query, seg, mask4 is not None, lengths is not None,
                                                             *mma_cfg, mma_ring)
             waves = max(1, round(n * w * b * heads / per_cta / wave))
             splits = max(1, waves * wave // (b * heads))
@@ -714,18 +716,18 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, ca
     po = torch.empty((b * heads, s_total, rt, d), device=dev, dtype=torch.float32)
     pl = torch.empty((b * heads, s_total, rt), device=dev, dtype=torch.float32)
 
-    if mask3 is None:
-        mask_t, smb, smt, smn = query, 0, 0, 0
-    else:
-        mask_t = mask3.view(torch.uint8) if mask_kind == 1 else mask3
-        smb, smt, smn = mask_t.stride()
+    if mask4 is None:
+        mask_t, smb, smh, smt, smn = query, 0, 0, 0, 0
+    else:  # [B, 1 or Hkv, 1 or Tq, Nt]; a dimension of one is read with stride 0
+        mask_t = mask4.view(torch.uint8) if mask_kind == 1 else mask4
+        smb, smh, smt, smn = (0 if n == 1 else st for n, st in zip(mask_t.shape, mask_t.stride()))
     dummy = query
     qk_scale = scale * LOG2E
 
     part_base = 0
     for i, (seg, n, ts, splits, key_offset, mma_cfg) in enumerate(plan):
         if mma_cfg:
-            mma_decode.launch(query, seg, None if mask3 is None else mask_t, smb, smn, po, pl, qk_scale=qk_scale,
+            mma_decode.launch(query, seg, None if mask4 is None else mask_t, smb, smn, po, pl, qk_scale=qk_scale,
                               tokens_per_split=ts, splits=splits, key_offset=key_offset, part_base=part_base,
                               s_total=s_total, n_dev=None if lengths is None else seg_lens[i], warps=mma_cfg[0],
                               min_blocks=mma_cfg[1], ring=mma_ring,
@@ -765,7 +767,7 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask3, mask_kind, scale, ca
             query, query.stride(0), query.stride(1), query.stride(2), qk_scale,
             *_seg_args(a[0] if a else None, dummy), *_seg_args(c[0] if c else None, dummy),
             fk, *fks, fv, *fvs,
-            mask_t, smb, smt, smn, po, pl,
+            mask_t, smb, smh, smt, smn, po, pl,
             a[1] if a else 0, c[1] if c else 0, nf if f else 0,
             a[2] if a else 1, c[2] if c else 1, f[2] if f else 1,
             sa, sc, a[4] if a else 0, c[4] if c else 0, f[4] if f else 0,

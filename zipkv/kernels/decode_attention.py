@@ -14,7 +14,8 @@ GQA with Hq = R * Hkv (query head i reads KV head i // R).
   `record=` (a dict) says which way it went and describes each launch.
 
 mask: bool (True = attend) or additive float, shaped [B, Nt], [B, Tq, Nt] or [B, 1, Tq, Nt]
-(Nt = all tokens). causal=True additionally hides from query t the keys after its own
+(Nt = all tokens); per KV head (bool only): [B, Hkv, 1 or Tq, Nt], e.g. AdaKV's head budgets
+(the CUDA tensor-core kernel takes none: such a call reads every tier with the Triton kernel). causal=True additionally hides from query t the keys after its own
 position, the queries being the last Tq keys (chunked decode without a mask).
 """
 
@@ -57,19 +58,24 @@ def total_tokens(segments, k_fp) -> int:
     return n + (k_fp.shape[2] if k_fp is not None else 0)
 
 
-def normalize_mask(mask, batch: int, tq: int, nt: int):
-    """Returns (mask3 [B, 1 or Tq, Nt] view or None, kind: 0 none, 1 bool keep, 2 additive)."""
+def normalize_mask(mask, batch: int, tq: int, nt: int, heads: int | None = None):
+    """Returns (mask4 [B, 1 or Hkv, 1 or Tq, Nt] view or None, kind: 0 none, 1 bool keep, 2
+    additive). A per-head mask (dim 1 = the KV heads, `heads`) must be 4-D: a 3-D mask is
+    [B, Tq, Nt]."""
     if mask is None:
         return None, 0
-    if mask.dim() == 4:
-        if mask.shape[1] != 1:
-            raise ValueError(f"mask: per-head 4-D masks are not supported (got shape {tuple(mask.shape)})")
-        mask = mask[:, 0]
-    elif mask.dim() == 2:
-        mask = mask[:, None, :]
-    elif mask.dim() != 3:
-        raise ValueError(f"mask must be [B, Nt], [B, Tq, Nt] or [B, 1, Tq, Nt] (got shape {tuple(mask.shape)})")
-    if mask.shape[0] != batch or mask.shape[1] not in (1, tq) or mask.shape[2] != nt:
+    if mask.dim() == 2:
+        mask = mask[:, None, None, :]
+    elif mask.dim() == 3:
+        mask = mask[:, None]
+    elif mask.dim() != 4:
+        raise ValueError(f"mask must be [B, Nt], [B, Tq, Nt] or [B, 1 or Hkv, Tq, Nt] (got shape {tuple(mask.shape)})")
+    if mask.shape[1] != 1 and mask.shape[1] != heads:
+        raise ValueError(f"mask: a per-head mask [B, Hkv, Tq, Nt] needs dim 1 = the {heads} KV heads "
+                         f"(got shape {tuple(mask.shape)})")
+    if mask.shape[1] != 1 and mask.dtype != torch.bool:
+        raise ValueError(f"mask: a per-head mask must be bool (got {mask.dtype})")
+    if mask.shape[0] != batch or mask.shape[2] not in (1, tq) or mask.shape[3] != nt:
         raise ValueError(f"mask shape {tuple(mask.shape)} does not match batch {batch}, Tq {tq}, tokens {nt}")
     return mask, 1 if mask.dtype == torch.bool else 2
 
@@ -90,11 +96,13 @@ def decode_attention_reference(query, tiers=(), k_fp=None, v_fp=None, mask=None,
     nt = k.shape[2]
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     s = (query.float() @ k.transpose(-1, -2)) * scale  # [B, Hq, Tq, Nt]
-    m3, kind = normalize_mask(mask, b, tq, nt)
+    m4, kind = normalize_mask(mask, b, tq, nt, heads)
+    if m4 is not None and m4.shape[1] > 1:
+        m4 = m4.repeat_interleave(hq // heads, dim=1)  # per KV head -> its query heads
     if kind == 1:
-        s = s.masked_fill(~m3[:, None], float("-inf"))
+        s = s.masked_fill(~m4, float("-inf"))
     elif kind == 2:
-        s = s + m3[:, None].float()
+        s = s + m4.float()
     if causal:
         pos = torch.arange(nt, device=s.device)
         limit = nt - tq + torch.arange(tq, device=s.device)
@@ -135,7 +143,9 @@ def route_tiers(query, segs, mask_kind: int, mask_rows: bool, causal: bool, cuda
                 mma_warps: int = 4, mma_min_blocks: int = 3, mma_ring: int = 4) -> list:
     """Per tier: the (warps, blocks per SM) the CUDA tensor-core kernel reads it with, or None
     (the Triton kernel reads it). cuda_kernel None: the CUDA kernel wherever it can
-    (mma_decode.mma_supported); False: never; True: raise for a tier it cannot read."""
+    (mma_decode.mma_supported); False: never; True: raise for a tier it cannot read.
+    mask_rows: the mask has more than one row per batch row (per query row or per KV head),
+    which the CUDA kernel does not read."""
     from . import mma_decode
 
     route = []
@@ -195,13 +205,15 @@ def decode_attention(query, tiers=(), k_fp=None, v_fp=None, mask=None, scale=Non
     from ._triton_decode import triton_decode_attention
 
     b, _, tq, d = query.shape
-    m3, kind = normalize_mask(mask, b, tq, total_tokens(segs, k_fp))
+    m4, kind = normalize_mask(mask, b, tq, total_tokens(segs, k_fp), heads)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    cuda_tiers = route_tiers(query, segs, kind, m3 is not None and m3.shape[1] > 1, causal, cuda_kernel,
-                             mma_warps, mma_min_blocks, tuning.get("mma_ring", 4))
+    # the CUDA kernel takes one keep-mask row per batch row: per-query-row and per-head masks
+    # route every tier to the Triton kernel (route_tiers' mask_rows)
+    cuda_tiers = route_tiers(query, segs, kind, m4 is not None and (m4.shape[1] > 1 or m4.shape[2] > 1), causal,
+                             cuda_kernel, mma_warps, mma_min_blocks, tuning.get("mma_ring", 4))
     if record is not None:
         record.update(route="kernels", reason=None, cuda_tiers=sum(c is not None for c in cuda_tiers))
-    return triton_decode_attention(query, segs, k_fp, v_fp, m3, kind, scale, causal, lengths=lengths,
+    return triton_decode_attention(query, segs, k_fp, v_fp, m4, kind, scale, causal, lengths=lengths,
                                    cuda_tiers=cuda_tiers, record=record, **tuning)
 
 
