@@ -172,3 +172,32 @@ def test_unsupported_attention_arguments_raise_naming_them():
     ids, mask = padded_batch(length=20, pad=0, batch=1)
     with pytest.raises(ValueError, match="softcap"):
         generate(model, zipkv.make_cache("zipkv", model.config), ids, mask)
+
+
+@pytest.mark.parametrize("method", STATIC)
+def test_vlm_static_form_equals_eager_form(vlm, method):
+    """The registry's methods with a static form, inside a VLM's language model: the prompt
+    forward with the images, then StaticDecoder steps, against generate() with the eager cache."""
+    from zipkv.decode_positions import uses_mrope
+    from zipkv.graph_decode import StaticDecoder, prompt_positions
+
+    arch, model, inputs = vlm
+    spec = zipkv.METHODS[method]
+    params = contract_params(spec)
+    if "decode_path" in spec.params:
+        params["decode_path"] = "packed"
+    with torch.no_grad():
+        out = model.generate(**inputs, past_key_values=spec.build(model.config, **params), max_new_tokens=NEW_TOKENS,
+                             do_sample=False)
+    expected = out[:, inputs["input_ids"].shape[1]:]
+    cache = spec.build(model.config, **params)
+    positions = None if uses_mrope(model) else prompt_positions(inputs["attention_mask"])
+    with torch.inference_mode():
+        first = model(**inputs, position_ids=positions, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+    held = cache.get_seq_length()
+    decoder = StaticDecoder(model, cache, first, prompt_positions(inputs["attention_mask"])[:, -1] + 1, NEW_TOKENS - 1,
+                            inputs["attention_mask"], cuda_graph=False)
+    assert cache.get_seq_length() == held  # the static form keeps every token
+    tokens = torch.cat([first] + [decoder.step().clone() for _ in range(NEW_TOKENS - 1)], dim=1)
+    assert torch.equal(tokens, expected), f"{method} on {arch}: static and eager forms disagree"
+    assert cache.stats().bytes_held == held_bytes(cache)
