@@ -123,27 +123,32 @@ class ZipCache(Cache):
         after the prompt). prompt_padding: padding tokens per row of the prompt ([B] ints, or
         the prompt's 2-D attention_mask); needed when the batch is padded."""
         from .static_layer import StaticZipLayer
+        from .static_sliding_layer import StaticSlidingLayer
 
         if not isinstance(extra_tokens, int) or extra_tokens < 1:
             raise ValueError(f"extra_tokens must be an integer >= 1 (got {extra_tokens!r})")
         if self.settings.lossless:
             raise ValueError("a lossless ZipCache has nothing to compress; use transformers' StaticCache for graphs")
-        if any(not isinstance(layer, ZipCacheLayer) for layer in self.layers):
-            raise ValueError("static decoding needs every layer to be full attention (sliding-window layers are not supported)")
         if prompt_padding is not None and prompt_padding.dim() == 2:
             prompt_padding = (prompt_padding == 0).sum(dim=1)
         # One layer at a time, each eager layer released as its copy is made: the peak is the
-        # cache plus one layer, not two caches.
+        # cache plus one layer, not two caches. Window layers become rings with their own mask.
         for i, layer in enumerate(self.layers):
-            if not isinstance(layer, StaticZipLayer):
-                self.layers[i] = StaticZipLayer.from_layer(layer, extra_tokens, prompt_padding)
+            if not self._is_static_layer(layer):
+                static = StaticSlidingLayer if isinstance(layer, SlidingZipLayer) else StaticZipLayer
+                self.layers[i] = static.from_layer(layer, extra_tokens, prompt_padding)
             del layer
+
+    @staticmethod
+    def _is_static_layer(layer) -> bool:
+        from .static_layer import StaticZipLayer
+        from .static_sliding_layer import StaticSlidingLayer
+
+        return isinstance(layer, (StaticZipLayer, StaticSlidingLayer))
 
     @property
     def is_static(self) -> bool:
-        from .static_layer import StaticZipLayer
-
-        return all(isinstance(layer, StaticZipLayer) for layer in self.layers)
+        return all(self._is_static_layer(layer) for layer in self.layers)
 
     def stats(self) -> CacheStats:
         stats = CacheStats()

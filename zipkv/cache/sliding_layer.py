@@ -67,6 +67,16 @@ def window_settings(settings: CompressionConfig, window: int) -> CompressionConf
     )
 
 
+def ring_tier(settings: CompressionConfig) -> PackedTier:
+    """An empty tier of a window layer (settings: its window_settings): the inner layer's one
+    tier (its low tier: with equal bits nothing goes high), with each append's partial key
+    group at the front (see PackedTier.front_partial_group). The static form quantizes each
+    block into one of these too, so both forms hold the same codes."""
+    key_bits, value_bits = settings.tier_bits[1]
+    return PackedTier(key_bits, settings.key_group_size, settings.value_group_size, settings.channel_separable,
+                      value_bits, front_partial_group=True)
+
+
 def _inner(name: str, doc: str | None = None) -> property:
     """A read-only attribute that is the inner layer's `name`."""
     return property(lambda layer: getattr(layer.inner, name), doc=doc)
@@ -97,12 +107,7 @@ class SlidingZipLayer(ZipkvLayer):
         self._group_ends = []  # host copy of tier.group_ends (valid while it ends at tier.num_tokens)
 
     def _ring_tier(self) -> PackedTier:
-        """The inner layer's one tier (its low tier: with equal bits nothing goes high), with
-        each append's partial key group at the front (see PackedTier.front_partial_group)."""
-        s = self.settings
-        key_bits, value_bits = s.tier_bits[1]
-        return PackedTier(key_bits, s.key_group_size, s.value_group_size, s.channel_separable, value_bits,
-                          front_partial_group=True)
+        return ring_tier(self.settings)
 
     # -- what the inner layer holds -------------------------------------------------------------
     tier = _inner("low", "The packed tier of the window's quantized tokens, oldest first.")

@@ -47,6 +47,23 @@ def static_form_of(layer_class: type) -> type:
     return _STATIC_FORMS[layer_class]
 
 
+def append_decode_token(layer, key_states, value_states) -> None:
+    """The captured part of a static layer's update() (StaticZipLayer, StaticSlidingLayer): the
+    one new token into the window buffers at layer.lengths[-1] (one launch on CUDA, the slot
+    read on the device), that count advanced there, the queries asked for. NaN/inf are recorded
+    in layer.nonfinite and raised at the next flush: a check now would stop the graph.
+    Detached: a buffer written in place from a tensor that requires grad would join (and keep)
+    the autograd graph."""
+    if key_states.shape[2] != 1:
+        raise ValueError(f"a static (CUDA-graph) cache decodes one token per step (got {key_states.shape[2]})")
+    if layer.awaiting_queries:
+        raise layer.missing_attention_error()
+    window_append(key_states.detach(), value_states.detach(), layer.k_win, layer.v_win, layer.lengths, layer.nonfinite)
+    layer.lengths[-1:] += 1
+    layer.awaiting_queries = True
+    hand_queries_to(layer)
+
+
 def tier_attributes(layer) -> list[tuple[str, object]]:
     """(attribute name, tier) of every tier of `layer`, in attention order."""
     names = {id(value): name for name, value in vars(layer).items()}
@@ -269,18 +286,8 @@ class StaticZipLayer(ZipCacheLayer):
 
     # -- one decode step (captured) ---------------------------------------------------------------
     def update(self, key_states, value_states, *args, **kwargs):
-        if key_states.shape[2] != 1:
-            raise ValueError(f"a static (CUDA-graph) cache decodes one token per step (got {key_states.shape[2]})")
-        if self.awaiting_queries:
-            raise self.missing_attention_error()
-        # One launch on CUDA (the slot is read on the device). NaN/inf are recorded here and
-        # raised at the next flush: a check now would stop the graph. Detached: a buffer written
-        # in place from a tensor that requires grad would join (and keep) the autograd graph.
-        window_append(key_states.detach(), value_states.detach(), self.k_win, self.v_win, self.lengths, self.nonfinite)
-        self.lengths[-1:] += 1
-        self.awaiting_queries = True
+        append_decode_token(self, key_states, value_states)
         self.returned_fp16_only = True
-        hand_queries_to(self)
         return key_states, value_states
 
     def attend(self, module, query, key, value, attention_mask, scaling, **kwargs):

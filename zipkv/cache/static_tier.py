@@ -35,7 +35,7 @@ class StaticTier:
             like.append(template, template)
         self._allocate(like, self.num_groups + extra_groups, self.num_chunks + extra_chunks)
         if tier.num_tokens:
-            self._write(tier, 0, 0, 0)
+            self.write_block(tier, 0, 0, 0)
         # Device copies of the counts, for appends inside a CUDA graph (append_on_device). The
         # token count is the owning layer's entry of its `lengths` (count_in() says which).
         self.lengths, self.length_index = None, None
@@ -68,7 +68,10 @@ class StaticTier:
             self.v_channel = zeros(like.v_channel, chunks, 2) + 1
             self.token_chunk = torch.zeros(self.capacity, dtype=torch.int32, device=dev)
 
-    def _write(self, block: PackedTier, at: int, group_at: int, chunk_at: int) -> None:
+    def write_block(self, block: PackedTier, at: int, group_at: int, chunk_at: int) -> None:
+        """Copy a quantized block (a PackedTier or PackedSegment) into the buffers: its tokens at
+        `at`, its key groups at `group_at`, its value chunks at `chunk_at` (a window layer's
+        ring writes each key group into a slot it reuses: cache/static_sliding_layer.py)."""
         n = block.num_tokens
         if at + n > self.capacity:
             raise RuntimeError(f"static tier full: {at} + {n} tokens > capacity {self.capacity}")
@@ -96,7 +99,7 @@ class StaticTier:
             return
         block = self._new_block()
         block.append(keys, values)
-        self._write(block, self.num_tokens, self.num_groups, self.num_chunks)
+        self.write_block(block, self.num_tokens, self.num_groups, self.num_chunks)
         self.num_tokens += block.num_tokens
         self.num_groups += block.k_scale.shape[2]
         self.num_chunks += 0 if block.v_channel is None else block.v_channel.shape[2]
