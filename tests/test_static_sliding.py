@@ -12,6 +12,7 @@ from transformers.masking_utils import chunked_overlay, sliding_window_overlay
 
 import zipkv
 from zipkv.cache.static_sliding_layer import EMPTY, StaticSlidingLayer, ring_slots, window_visible
+from zipkv.cache.static_window_layer import StaticWindowLayer
 from zipkv.graph_decode import StaticDecoder, prompt_positions
 
 QUANTIZING = ("zipkv", "zipcache", "kivi", "uniform")
@@ -131,3 +132,63 @@ def test_static_layer_refuses_a_multi_token_step():
     states = torch.zeros(2, 2, 3, 16)
     with pytest.raises(ValueError, match="one token per step"):
         cache.layers[0].update(states, states)
+
+
+@pytest.mark.parametrize("method", ["streaming_llm", "h2o", "snapkv"])
+@pytest.mark.parametrize("length", [12, 40])
+def test_evicting_caches_keep_window_layers_exact_in_static_form(method, length):
+    """An evicting cache keeps transformers' window layer (exact); its static form is an fp16
+    ring of `window` slots (StaticWindowLayer). At 12 tokens the padded row's padding and the
+    ring's unwritten slots are inside the window: only the layer's own mask hides them."""
+    model = tiny_model("gemma3", sliding_window=16)
+    ids, mask = padded_batch(length=length, pad=6)
+    spec = zipkv.METHODS[method]
+    params = {"ratio": 0.8, **({"window": 4, "kernel_size": 3} if "window" in spec.params else {})}
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=spec.build(model.config, **params),
+                             max_new_tokens=20, do_sample=False, min_new_tokens=0)
+    cache = spec.build(model.config, **params)
+    tokens = zipkv.greedy_decode(model, cache, ids, mask, max_new_tokens=20, cuda_graph=False)
+    assert cache.is_static and isinstance(cache.layers[0], StaticWindowLayer)
+    assert torch.equal(tokens, out[:, length:]), method
+    assert cache.stats().bytes_held == held_bytes(cache)
+
+
+def stepped_logits(model, cache, ids, mask, steps, static):
+    """Last-token logits [steps, B, V] of a prompt then `steps` greedy steps. static: the cache
+    goes to static form after the prompt and each step does what StaticDecoder does (without a
+    graph): positions given, then advance() and flush() where due."""
+    positions = prompt_positions(mask)
+    logits = []
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        token, position = out.logits[:, -1:].argmax(-1), positions[:, -1:] + 1
+        if static:
+            cache.to_static(steps, mask)
+        for _ in range(steps):
+            if static:
+                out = model(input_ids=token, position_ids=position, past_key_values=cache, use_cache=True,
+                            cache_position=torch.tensor([cache.get_seq_length()]))
+                for layer in cache.layers:
+                    layer.advance()
+                    if layer.flush_due():
+                        layer.flush()
+            else:
+                mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+                out = model(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=cache,
+                            use_cache=True)
+            logits.append(out.logits[:, -1])
+            token, position = out.logits[:, -1:].argmax(-1), position + 1
+    return torch.stack(logits)
+
+
+@pytest.mark.parametrize("method", ["kivi", "streaming_llm"])
+def test_static_step_logits_equal_eager(method):
+    """Closer than tokens: every step's logits, with padding and unwritten ring slots inside the window."""
+    model = tiny_model("gemma3", sliding_window=16)
+    ids, mask = padded_batch(length=12, pad=6)
+    spec = zipkv.METHODS[method]
+    params = {"ratio": 0.8} if spec.takes_budget else {**method_params(method)}
+    eager = stepped_logits(model, spec.build(model.config, **params), ids, mask, 24, static=False)
+    static = stepped_logits(model, spec.build(model.config, **params), ids, mask, 24, static=True)
+    torch.testing.assert_close(static, eager, atol=1e-4, rtol=1e-4)

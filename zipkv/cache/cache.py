@@ -74,7 +74,9 @@ class DetachedWindowLayer(DynamicSlidingWindowLayer):
 
 def sliding_layer(text_config, kind):
     """transformers' own (fp16, exact) window layer, holding nothing that requires grad."""
-    return DetachedWindowLayer(sliding_window=window_of(text_config, kind))
+    layer = DetachedWindowLayer(sliding_window=window_of(text_config, kind))
+    layer.kind = kind  # the mask its static form computes (static_window_layer.py)
+    return layer
 
 
 def head_dim(config) -> int:

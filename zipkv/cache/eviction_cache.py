@@ -23,10 +23,12 @@ from ..attention import enable_zipkv_attention
 from .eviction_layer import EvictingLayer, SparsePrefillRecord
 from .eviction_policies import KeepPolicy
 from .static_evicting_layer import StaticEvictingLayer, static_evicting_layer, static_slot_rule
+from .static_window_layer import StaticWindowLayer
 from .stats import CacheStats, fp16_equivalent, held_tensors_of, tensor_bytes
 
 # eager or static (to_static): both have the accounting stats() reads
 EVICTING_LAYERS = (EvictingLayer, StaticEvictingLayer)
+STATIC_LAYERS = (StaticEvictingLayer, StaticWindowLayer)
 
 
 
@@ -164,28 +166,29 @@ class EvictionCache(Cache):
         """Move every layer into preallocated buffers with room for `extra_tokens` more tokens,
         so that a decode step can be captured in a CUDA graph (zipkv.greedy_decode does this
         after the prompt; static_evicting_layer.py says how each method's step works).
-        prompt_padding is accepted for the decoders' common call and not needed: the kept
-        tokens already say which rows hold fewer. Methods without a static form raise a
-        ValueError naming them."""
+        prompt_padding (the prompt's 2-D mask or [B] counts) is for the window layers (kept
+        exact, transformers' own: static_window_layer.py), whose padding may sit inside the
+        window; the kept tokens of the evicting layers say which rows hold fewer. Methods
+        without a static form raise a ValueError naming them."""
         if not isinstance(extra_tokens, int) or isinstance(extra_tokens, bool) or extra_tokens < 1:
             raise ValueError(f"extra_tokens must be an integer >= 1 (got {extra_tokens!r})")
-        if any(not isinstance(layer, EVICTING_LAYERS) for layer in self.layers):
-            raise ValueError("static decoding needs every layer to be full attention (sliding-window layers are "
-                             "not supported)")
         for layer in self.layers:  # a refused method leaves the cache as it was
-            if not isinstance(layer, StaticEvictingLayer):
+            if isinstance(layer, EVICTING_LAYERS) and not isinstance(layer, StaticEvictingLayer):
                 static_slot_rule(layer, self.method)
         # one layer at a time, each eager layer released as its copy is made: the peak is the
         # cache plus one layer, not two caches
         for i, layer in enumerate(self.layers):
-            if not isinstance(layer, StaticEvictingLayer):
+            if isinstance(layer, EVICTING_LAYERS) and not isinstance(layer, StaticEvictingLayer):
                 self.layers[i] = static_evicting_layer(layer, self.method, extra_tokens)
+            elif not isinstance(layer, STATIC_LAYERS):  # a window layer (Gemma 3's sliding, Llama 4's chunked)
+                self.layers[i] = StaticWindowLayer.from_layer(layer, i, layer.kind, prompt_padding)
+                self.layers[i].owner = self
             del layer
         self.note_bytes()
 
     @property
     def is_static(self) -> bool:
-        return all(isinstance(layer, StaticEvictingLayer) for layer in self.layers)
+        return all(isinstance(layer, STATIC_LAYERS) for layer in self.layers)
 
     def sparse_prefill_report(self) -> SparsePrefillReport | None:
         """What ZipVL's sparse prefill kept and saved per layer (None if this cache did not

@@ -58,6 +58,25 @@ def window_visible(kind: str, window: int, positions: torch.Tensor, query_positi
                               == (query_position - pads).div(window, rounding_mode="floor"))
 
 
+def padding_counts(prompt_padding: torch.Tensor | None, batch: int) -> torch.Tensor:
+    """int64 [B] on the CPU: left-padding tokens per row, from [B] counts or the prompt's 2-D
+    attention mask (None: no padding)."""
+    if prompt_padding is None:
+        return torch.zeros(batch, dtype=torch.int64)
+    pads = (prompt_padding == 0).sum(dim=1) if prompt_padding.dim() == 2 else prompt_padding
+    pads = pads.long().cpu()
+    if pads.shape != (batch,) or bool((pads < 0).any()):
+        raise ValueError(f"prompt_padding must be the prompt's 2-D attention mask or one non-negative count per batch "
+                         f"row ({batch}; got shape {tuple(prompt_padding.shape)})")
+    return pads
+
+
+def raise_if_nonfinite(layer) -> None:
+    """A window layer's check_finite(): the NaN/inf its steps recorded (layer.nonfinite)."""
+    if bool(layer.nonfinite):
+        raise ValueError(f"key_states/value_states of window layer {layer.layer_idx} contained NaN/inf while decoding")
+
+
 def ring_slots(window: int, block: int, group_sizes: list[int]) -> int:
     """Slots a ring needs (module docstring): the full groups live at once, plus each short
     group of the eager ring (a prompt's partial group)."""
@@ -153,9 +172,7 @@ class StaticSlidingLayer(SlidingZipLayer):
         self.inner = copy.copy(layer.inner)
         b, h, n_fp, d = layer.fp16_keys.shape
         dev = layer.device
-        pads = torch.zeros(b, dtype=torch.int64) if prompt_padding is None else prompt_padding.long().cpu()
-        if pads.shape != (b,) or bool((pads < 0).any()):
-            raise ValueError(f"prompt_padding must hold one non-negative count per batch row ({b}; got {tuple(pads.shape)})")
+        pads = padding_counts(prompt_padding, b)
         self.pads_host = pads.tolist()  # for the host's expiry test (a list: held_tensors() lists every tensor)
         self.pads = pads.to(device=dev, dtype=torch.int32)
 
@@ -230,8 +247,7 @@ class StaticSlidingLayer(SlidingZipLayer):
         return False  # the slot a block goes to is chosen on the host
 
     def check_finite(self) -> None:
-        if bool(self.nonfinite):
-            raise ValueError(f"key_states/value_states of window layer {self.layer_idx} contained NaN/inf while decoding")
+        raise_if_nonfinite(self)
 
     def flush(self, check_finite: bool = True) -> None:
         """The eager policy over views of the window (as the eager layer after a step's
