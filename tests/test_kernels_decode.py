@@ -357,3 +357,30 @@ def test_per_head_masks_are_checked():
         decode_attention(q, segs, mask=torch.ones(1, 4, 1, 10, dtype=torch.bool))
     with pytest.raises(ValueError, match="per-head mask must be bool"):
         decode_attention(q, segs, mask=torch.zeros(1, 2, 1, 10))
+
+
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_decode_returns_the_log_sum_exp(with_lengths):
+    """return_lse: each query row's log-sum-exp of the scaled scores, so exp(scale * q.k - lse)
+    is a key's attention probability (what a tiered layer's window scores need); the kernel's
+    equals the reference's, -inf for a row that attends nothing."""
+    g = torch.Generator().manual_seed(47)
+    b, hkv, r, d, nf = 2, 2, 2, 64, 9
+    segs = [make_segment(b, hkv, 40, d, 2, cs=True, pieces=2, gen=g)]
+    kf, vf = torch.randn(b, hkv, nf, d, generator=g).half(), torch.randn(b, hkv, nf, d, generator=g).half()
+    q = torch.randn(b, hkv * r, 1, d, generator=g).half()
+    keep = torch.ones(b, hkv, 1, 40 + nf, dtype=torch.bool)
+    keep[1, :, :, :7] = False
+    keep[0, 1] = False
+    ref_out, ref_lse = decode_attention_reference(q, segs, kf, vf, mask=keep, scale=0.2, return_lse=True)
+    keys = torch.cat([dequantize_segment(segs[0])[0], kf.float()], 2).repeat_interleave(r, 1)
+    scores = (q.float() @ keys.transpose(-1, -2) * 0.2).masked_fill(~keep.repeat_interleave(r, 1), float("-inf"))
+    torch.testing.assert_close(ref_lse, torch.logsumexp(scores, -1))
+    kwargs = dict(mask=keep, scale=0.2, impl="triton", block_n=32, block_n_fp=16, return_lse=True)
+    if with_lengths:
+        kwargs["lengths"] = torch.tensor([40, nf], dtype=torch.int32)
+    out, lse = decode_attention(q, segs, kf, vf, **kwargs)
+    assert rel_err(out, ref_out) < 3e-3
+    assert lse.shape == (b, hkv * r, 1) and lse.dtype == torch.float32
+    assert torch.isneginf(lse[0, r:]).all() and torch.isfinite(lse[0, :r]).all() and torch.isfinite(lse[1]).all()
+    torch.testing.assert_close(lse[torch.isfinite(lse)], ref_lse[torch.isfinite(ref_lse)], atol=2e-2, rtol=0)

@@ -369,18 +369,18 @@ _register(MethodSpec(
     "zipvl", "tiered", "tau-important tokens (97% of probe attention) 4-bit, every other token 2-bit (v1)",
     "He et al. 2024, ZipVL (arXiv 2410.08584)",
     params=_TIERED + ("sparse_prefill",) + EVICT_COMMON, takes_budget=False, footprint="~2-4 bits/value",
-    static=False, **_evicting("zipvl", "zipvl_policy", dict(tau=0.97, high_bits=4, low_bits=2), layout="zipvl_v1"),
+    static=True, **_evicting("zipvl", "zipvl_policy", dict(tau=0.97, high_bits=4, low_bits=2), layout="zipvl_v1"),
 ))
 _register(MethodSpec(
     "zipvl_v2", "tiered", "tau-important tokens 4-bit, the rest evicted (capped at budget / ratio)",
     "He et al. 2024, ZipVL (arXiv 2410.08584)",
     params=_TIERED + ("sparse_prefill",) + EVICT_COMMON, takes_budget=True, footprint="kept x ~4.5 bits/value",
-    static=False, **_evicting("zipvl_v2", "zipvl_policy", dict(tau=0.97, high_bits=4, low_bits=2), layout="zipvl_v2"),
+    static=True, **_evicting("zipvl_v2", "zipvl_policy", dict(tau=0.97, high_bits=4, low_bits=2), layout="zipvl_v2"),
 ))
 _register(MethodSpec(
     "three_tier", "tiered", "top high_ratio high-bit, next low_ratio low-bit, rest evicted; or a byte budget", "",
     params=("scorer", "high_ratio", "low_ratio", "byte_ratio", "high_share") + SCORER_PARAMS + _TIERED
-    + EVICT_COMMON, takes_budget=False, footprint="byte_ratio x 16 bits/value", static=False,
+    + EVICT_COMMON, takes_budget=False, footprint="byte_ratio x 16 bits/value", static=True,
     **_evicting("three_tier", "three_tier_policy",
                 dict(scorer="snapkv", **SNAP_DEFAULTS, high_bits=4, low_bits=2)),
 ))
@@ -388,7 +388,7 @@ _register(MethodSpec(
     "mikv", "tiered", "top `ratio` of tokens fp16, every other token 2-bit (nothing evicted)",
     "Yang et al. 2024, MiKV (No Token Left Behind)",
     params=("scorer",) + SCORER_PARAMS + _TIERED + EVICT_COMMON, takes_budget=True,
-    footprint="ratio x 16 + rest x ~2.5 bits/value", static=False,
+    footprint="ratio x 16 + rest x ~2.5 bits/value", static=True,
     **_evicting("mikv", "mikv_policy", dict(scorer="snapkv", **SNAP_DEFAULTS, high_bits=16, low_bits=2)),
 ))
 

@@ -446,6 +446,11 @@ class TieredPolicy(Policy):
         layer.recent_score_sum += probs[..., -r:].sum(dim=3).mean(dim=2)
         layer.recent_score_count += allowed[:, :1, 0, :, -r:].sum(dim=2, dtype=torch.float32)
 
+    def split_block(self, layer) -> None:
+        """The decode block split alone (what after_forward runs once stream_interval tokens
+        wait in layer.recent_*): a static form's flush runs it over its window buffers."""
+        self._block(layer)
+
     def _block(self, layer):
         keys, values, real = layer.recent_keys, layer.recent_values, layer.recent_real
         lengths = real.sum(1).to(torch.int64)

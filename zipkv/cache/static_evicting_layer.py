@@ -35,7 +35,7 @@ from ..kernels.decode_attention import decode_attention
 from ..kernels.window_step import window_append, window_scores
 from .backref import BackReference
 from .eviction_layer import EvictingLayer
-from .eviction_policies import ContinuousPolicy, KeepPolicy, SelectPolicy
+from .eviction_policies import ContinuousPolicy, KeepPolicy, SelectPolicy, TieredPolicy
 from .layer_base import ZipkvLayer
 from .stats import tensor_bytes
 
@@ -44,27 +44,43 @@ UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias", "sliding_win
 
 
 def static_slot_rule(layer: EvictingLayer, method: str):
-    """The slot rule of a layer's static form (below), or a ValueError naming `method` when it
-    has none; also checks the layer holds a prompt and is not mid-forward."""
+    """The slot rule of a layer's static form (below; None for a tiered layer, which has its own
+    class: static_tiered_layer.py), or a ValueError naming `method` when it has none; also
+    checks the layer holds a prompt and is not mid-forward."""
     policy = layer.policy
-    if isinstance(policy, (KeepPolicy, SelectPolicy)):
-        rule = AppendSlots
-    elif isinstance(policy, ContinuousPolicy):
-        rule = RingSlots if policy.kind == "streaming_llm" else HeavyHitterSlots
-    else:
-        raise ValueError(f"method {method!r} has no static (CUDA-graph) form yet: its packed (quantized) parts "
-                         "are not built as static tiers; decode it eagerly (model.generate)")
     if not layer.is_initialized:
         raise ValueError(f"layer {layer.layer_idx}: to_static() needs a cache that holds the prompt")
     if layer.awaiting_queries:
         raise layer.missing_attention_error()
-    return rule
+    if isinstance(policy, (KeepPolicy, SelectPolicy)):
+        return AppendSlots
+    if isinstance(policy, ContinuousPolicy):
+        return RingSlots if policy.kind == "streaming_llm" else HeavyHitterSlots
+    if isinstance(policy, TieredPolicy):
+        from .static_tiered_layer import check_tiered  # it builds on this module
+
+        check_tiered(layer, method)
+        return None
+    raise ValueError(f"method {method!r} has no static (CUDA-graph) form: {type(policy).__name__} has none; "
+                     "decode it eagerly (model.generate)")
 
 
 def static_evicting_layer(layer: EvictingLayer, method: str, extra_tokens: int) -> "StaticEvictingLayer":
     """The static form of an eager evicting layer that holds a prompt, with room for
     `extra_tokens` more tokens, or a ValueError naming `method` when it has none."""
-    return StaticEvictingLayer(layer, static_slot_rule(layer, method), method, extra_tokens)
+    rule = static_slot_rule(layer, method)
+    if rule is None:
+        from .static_tiered_layer import StaticTieredLayer
+
+        return StaticTieredLayer(layer, method, extra_tokens)
+    return StaticEvictingLayer(layer, rule, method, extra_tokens)
+
+
+def check_static_kwargs(kwargs: dict) -> None:
+    """Attention arguments a static evicting layer cannot honour: an error, never dropped."""
+    given = sorted(name for name in UNSUPPORTED_KWARGS if kwargs.get(name) is not None)
+    if given:
+        raise ValueError(f"a static evicting cache cannot honour the attention arguments {given}")
 
 
 def held_rectangle(layer: EvictingLayer, method: str):
@@ -102,18 +118,22 @@ class StaticEvictingLayer(ZipkvLayer):
     `static_evicting_layer()`; follows the static-layer protocol of zipkv.graph_decode."""
 
     def __init__(self, layer: EvictingLayer, rule, method: str, extra_tokens: int):
-        super().__init__()
+        self.adopt(layer, method)
+        keys, values, real, extras = held_rectangle(layer, method)
+        self.lengths = torch.zeros(1, dtype=torch.int32, device=self.device)
+        # the slot rule sizes the buffers (room to append, or one free slot) and fills them
+        self.slots = rule(self, layer, keys, values, real, extras, extra_tokens)
+        self.padded = not bool(self.pad_mask.all())
+
+    def adopt(self, layer: EvictingLayer, method: str) -> None:
+        """The eager layer's identity, shapes and lengths (what every static form starts from)."""
+        ZipkvLayer.__init__(self)
         self.layer_idx, self.method, self.owner = layer.layer_idx, method, layer.owner
         self.dtype, self.device, self.store_dtype = layer.dtype, layer.device, layer.store_dtype
         self.batch_size, self.num_heads, self.head_dim = layer.batch_size, layer.num_heads, layer.head_dim
         self.logical_length = layer.logical_length
         self.is_initialized, self.awaiting_queries = True, False
-        keys, values, real, extras = held_rectangle(layer, method)
         self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
-        self.lengths = torch.zeros(1, dtype=torch.int32, device=self.device)
-        # the slot rule sizes the buffers (room to append, or one free slot) and fills them
-        self.slots = rule(self, layer, keys, values, real, extras, extra_tokens)
-        self.padded = not bool(self.pad_mask.all())
 
     def allocate(self, keys, values, real, slots: int) -> None:
         """Buffers of `slots` tokens with the held rectangle at their front (called by the slot
@@ -144,15 +164,17 @@ class StaticEvictingLayer(ZipkvLayer):
         # NaN/inf are recorded in nonfinite (raised by check_finite: a check now would stop the
         # graph). Detached: a buffer written in place from a tensor that requires grad would
         # join (and keep) the autograd graph.
-        self.slots.write(key_states.detach(), value_states.detach())
+        self.write(key_states.detach(), value_states.detach())
         self.awaiting_queries = True
         hand_queries_to(self)
         return key_states, value_states
 
+    def write(self, keys, values) -> None:
+        """The new token into the buffers (captured): where the slot rule says."""
+        self.slots.write(keys, values)
+
     def attend(self, module, query, key, value, attention_mask, scaling, **kwargs):
-        given = sorted(name for name in UNSUPPORTED_KWARGS if kwargs.get(name) is not None)
-        if given:
-            raise ValueError(f"a static evicting cache cannot honour the attention arguments {given}")
+        check_static_kwargs(kwargs)
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         mask = None
         if self.padded:  # per head [B, H, N] -> the kernel's [B, Hkv, Tq, N]

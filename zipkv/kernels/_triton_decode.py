@@ -544,9 +544,11 @@ def _decode_kernel(
 
 
 @triton.jit(do_not_specialize=["E"])
-def _merge_kernel(po_ptr, pl_ptr, out_ptr, sob, soh, sot, E, H,
-                  R: tl.constexpr, TQ: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr):
-    """out row = log-sum-exp merge of its E partials (one per split)."""
+def _merge_kernel(po_ptr, pl_ptr, out_ptr, lse_ptr, sob, soh, sot, E, H,
+                  R: tl.constexpr, TQ: tl.constexpr, D: tl.constexpr, BLOCK_S: tl.constexpr,
+                  STORE_LSE: tl.constexpr = False):
+    """out row = log-sum-exp merge of its E partials (one per split); STORE_LSE: the row's
+    log-sum-exp of the scaled scores (natural log) into lse_ptr [B, Hq, TQ]."""
     bh = tl.program_id(0)
     row = tl.program_id(1)
     b = bh // H
@@ -572,6 +574,9 @@ def _merge_kernel(po_ptr, pl_ptr, out_ptr, sob, soh, sot, E, H,
     out = acc / tl.where(l_run > 0, l_run, 1.0)
     head = h * R + row // TQ
     tl.store(out_ptr + b * sob + head * soh + (row % TQ) * sot + offs_d, out.to(out_ptr.dtype.element_ty))
+    if STORE_LSE:  # partials are in log2 units of the scaled scores
+        lse2 = tl.where(l_run > 0, m_run + tl.log2(tl.where(l_run > 0, l_run, 1.0)), _NEG_INF)
+        tl.store(lse_ptr + (b * H * R + head) * TQ + row % TQ, lse2 * 0.6931471805599453)
 
 
 # ----------------------------------------------------------------------------- host side
@@ -638,7 +643,7 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask4, mask_kind, scale, ca
                             num_stages: int = 2, programs_per_sm: float = 32.0, maxnreg: int | None = 128,
                             use_asm: bool | None = None, tiers_per_launch: int = 2, lengths=None,
                             dequant: bool | None = None, cuda_tiers=None, mma_ctas_per_sm: float = 4.0,
-                            mma_ring: int = 4, record: dict | None = None):
+                            mma_ring: int = 4, record: dict | None = None, return_lse: bool = False):
     """Defaults are the fastest measured on the H100 (experiments/NOTES.md, v5; experiments/results/v5.json).
 
     lengths: None, or int32 [len(segs) + 1] on the query's device: valid tokens of each tier
@@ -792,6 +797,7 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask4, mask_kind, scale, ca
 
     out = torch.empty((b, hq, tq, d), device=dev, dtype=query.dtype)
     e = s_total
-    _merge_kernel[(b * heads, rt)](po, pl, out, out.stride(0), out.stride(1), out.stride(2), e, heads,
-                                   R=r, TQ=tq, D=d, BLOCK_S=min(64, _pow2(e)), num_warps=4)
-    return out
+    lse = torch.empty((b, hq, tq), device=dev, dtype=torch.float32) if return_lse else out
+    _merge_kernel[(b * heads, rt)](po, pl, out, lse, out.stride(0), out.stride(1), out.stride(2), e, heads,
+                                   R=r, TQ=tq, D=d, BLOCK_S=min(64, _pow2(e)), STORE_LSE=return_lse, num_warps=4)
+    return (out, lse) if return_lse else out

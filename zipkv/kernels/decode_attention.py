@@ -80,7 +80,8 @@ def normalize_mask(mask, batch: int, tq: int, nt: int, heads: int | None = None)
     return mask, 1 if mask.dtype == torch.bool else 2
 
 
-def decode_attention_reference(query, tiers=(), k_fp=None, v_fp=None, mask=None, scale=None, causal=False):
+def decode_attention_reference(query, tiers=(), k_fp=None, v_fp=None, mask=None, scale=None, causal=False,
+                               return_lse: bool = False):
     segs, heads = _check_inputs(query, tiers, k_fp, v_fp)
     b, hq, tq, d = query.shape
     keys, values = [], []
@@ -108,7 +109,8 @@ def decode_attention_reference(query, tiers=(), k_fp=None, v_fp=None, mask=None,
         limit = nt - tq + torch.arange(tq, device=s.device)
         s = s.masked_fill(pos[None, :] > limit[:, None], float("-inf"))
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a fully masked row attends nothing: 0
-    return (p @ v).to(query.dtype)
+    out = (p @ v).to(query.dtype)
+    return (out, torch.logsumexp(s, dim=-1)) if return_lse else out
 
 
 def _check_lengths(lengths, segs, k_fp, causal, device):
@@ -168,13 +170,18 @@ def route_tiers(query, segs, mask_kind: int, mask_rows: bool, causal: bool, cuda
 
 def decode_attention(query, tiers=(), k_fp=None, v_fp=None, mask=None, scale=None, causal=False,
                      impl: str = "auto", lengths=None, record: dict | None = None, cuda_kernel: bool | None = None,
-                     mma_warps: int = 4, mma_min_blocks: int = 3, **tuning):
+                     mma_warps: int = 4, mma_min_blocks: int = 3, return_lse: bool = False, **tuning):
     """Attention output [B, Hq, Tq, D] in query's dtype. `tiers`: PackedTier-like objects in
     key order; `k_fp`/`v_fp`: the fp16 part [B, Hkv, Nf, D] or None. `tuning` (kernel path):
     block_n, block_n_fp, num_warps, num_stages, programs_per_sm, maxnreg, use_asm, tiers_per_launch,
     dequant (v6: fp16 dequantization in registers before the dots; None = per launch, by key group size),
     mma_ctas_per_sm, mma_ring (the CUDA kernel's blocks per SM in all and copy-ring stages);
     cuda_kernel, mma_warps, mma_min_blocks: see route_tiers.
+
+    return_lse: also return each query row's log-sum-exp of the scaled scores (float32
+    [B, Hq, Tq], natural log; -inf for a row that attends nothing): (output, lse). A step that
+    needs the attention probability of a few keys (a tiered layer's window scores) gets it as
+    exp(scale * q.k - lse) without a second pass over the cache.
 
     record: None, or a dict filled with "route" ("reference" or "kernels"), "reason" (why
     the reference, when the kernels were wanted), "cuda_tiers" (tiers the CUDA kernel read)
@@ -201,7 +208,7 @@ def decode_attention(query, tiers=(), k_fp=None, v_fp=None, mask=None, scale=Non
             record.update(route="reference", reason=reason, cuda_tiers=0)
         if lengths is not None:
             segs, k_fp, v_fp, mask = valid_parts(segs, k_fp, v_fp, mask, lengths)
-        return decode_attention_reference(query, segs, k_fp, v_fp, mask, scale, causal)
+        return decode_attention_reference(query, segs, k_fp, v_fp, mask, scale, causal, return_lse)
     from ._triton_decode import triton_decode_attention
 
     b, _, tq, d = query.shape
@@ -214,7 +221,7 @@ def decode_attention(query, tiers=(), k_fp=None, v_fp=None, mask=None, scale=Non
     if record is not None:
         record.update(route="kernels", reason=None, cuda_tiers=sum(c is not None for c in cuda_tiers))
     return triton_decode_attention(query, segs, k_fp, v_fp, m4, kind, scale, causal, lengths=lengths,
-                                   cuda_tiers=cuda_tiers, record=record, **tuning)
+                                   cuda_tiers=cuda_tiers, record=record, return_lse=return_lse, **tuning)
 
 
 __all__ = ["PackedSegment", "decode_attention", "decode_attention_reference", "normalize_mask", "route_tiers",
