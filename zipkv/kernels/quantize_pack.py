@@ -27,7 +27,7 @@ def _check(x: torch.Tensor, name: str):
     if x.dim() != 4:
         raise ValueError(f"{name} must be [B, H, N, D] (got shape {tuple(x.shape)})")
     if x.is_floating_point() and x.numel() and not torch.isfinite(x).all():
-        raise ValueError("cannot quantize states that contain NaN or inf")
+        raise ValueError(f"cannot quantize {name} that contain NaN or inf")
 
 
 def quantize_pack_keys(keys: torch.Tensor, bits: int, group: int | None, impl: str = "auto"):

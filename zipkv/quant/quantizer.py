@@ -35,17 +35,19 @@ def param_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float16 if float(amax) < FP16_MAX / 2 else torch.float32
 
 
-def quantize(x: torch.Tensor, bits: int, dims, out_dtype: torch.dtype | None = None, check_finite: bool = True):
+def quantize(x: torch.Tensor, bits: int, dims, out_dtype: torch.dtype | None = None, check_finite: bool = True,
+             name: str = "states"):
     """Quantize `x` with one (scale, min) per slice obtained by reducing over `dims`.
 
     Returns (codes uint8 with x's shape, scale, minimum); scale/minimum keep the reduced dims
     (keepdim=True) so they broadcast against the codes. check_finite=False skips the NaN/inf
-    check (a host wait) for callers that checked already (CUDA-graph block quantization).
+    check (a host wait) for callers that checked already (CUDA-graph block quantization);
+    `name` is what the NaN/inf error calls `x` (keys, values).
     """
     check_bits(bits)
     xf = x.float()
     if check_finite and not torch.isfinite(xf).all():
-        raise ValueError("cannot quantize states that contain NaN or inf")
+        raise ValueError(f"cannot quantize {name} that contain NaN or inf")
     lo = xf.amin(dim=dims, keepdim=True)
     hi = xf.amax(dim=dims, keepdim=True)
     return quantize_range(xf, bits, lo, hi, out_dtype or param_dtype(x))

@@ -38,7 +38,7 @@ def quantize_keys_channelwise(keys: torch.Tensor, bits: int, group: int | None, 
         fill = keys[:, :, (n_groups - 1) * g : (n_groups - 1) * g + 1].expand(b, h, n_groups * g - n, d)
         padded = torch.cat([keys, fill], dim=2)
     grouped = padded.reshape(b, h, n_groups, g, d)
-    codes, scale, minimum = quantize(grouped, bits, dims=3, check_finite=check_finite)
+    codes, scale, minimum = quantize(grouped, bits, dims=3, check_finite=check_finite, name="keys")
     codes = codes.reshape(b, h, n_groups * g, d)[:, :, :n]
     return pack(codes, bits), scale.squeeze(3), minimum.squeeze(3), n_groups
 
@@ -69,7 +69,7 @@ def quantize_values_tokenwise(values: torch.Tensor, bits: int, group: int | None
         factors = channel_factors(values)
         x = values.float() / factors
     codes, scale, minimum = quantize(x.reshape(b, h, n, d // g, g), bits, dims=4, out_dtype=param_dtype(values),
-                                     check_finite=check_finite)
+                                     check_finite=check_finite, name="values")
     if factors is not None:
         factors = factors.to(scale.dtype)
     return pack(codes.reshape(b, h, n, d), bits), scale.squeeze(4), minimum.squeeze(4), factors

@@ -111,6 +111,13 @@ def _split_order(mask: torch.Tensor) -> torch.Tensor:
     return (~mask).to(torch.int8).argsort(dim=-1, stable=True)
 
 
+def spectrum_dtype(keys: torch.Tensor, magnitude: torch.Tensor) -> torch.dtype:
+    """dtype of the spectrum magnitudes: a component sums D/2 channels, so fp16 keys near the
+    fp16 limit have magnitudes beyond it (stored as inf: keys restored as inf / NaN). bf16
+    keys keep bf16 (its range is fp32's); otherwise fp16 when the magnitudes fit, else fp32."""
+    return torch.bfloat16 if keys.dtype == torch.bfloat16 else param_dtype(magnitude)
+
+
 def quantize_keys_vidkv(keys: torch.Tensor, group: int):
     """keys [B, H, n, D] -> dict of packed codes and parameters (one block)."""
     _check_finite(keys, "keys")
@@ -137,7 +144,7 @@ def quantize_keys_vidkv(keys: torch.Tensor, group: int):
         wide_scale=scale.squeeze(3),  # [B, H, G, D/2]
         wide_min=minimum.squeeze(3),
         narrow_codes=pack_bits(spectrum >= 0),  # [B, H, n, D/16]
-        narrow_scale=magnitude.squeeze(3).to(param_dtype(keys)),  # [B, H, G, D/2]
+        narrow_scale=magnitude.squeeze(3).to(spectrum_dtype(keys, magnitude)),  # [B, H, G, D/2]
     )
 
 
