@@ -25,8 +25,8 @@ Attention goes through zipkv attention like ZipCacheLayer (the inner layer's `at
 over the dequantized tier + fp16 part, or the packed decode kernel, both with the model's
 mask); after it, the groups the next query can no longer see are dropped.
 
-A static form reads `tier`, `fp16_keys` / `fp16_values`, `offset` (logical position of the
-oldest held token), `sliding_window` and `block`.
+The static (CUDA-graph) form is `StaticSlidingLayer` (cache/static_sliding_layer.py): the
+same policy over a ring of reusable key-group slots, masked on the device from token positions.
 """
 
 from __future__ import annotations
