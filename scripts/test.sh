@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Run the test suite (what CI runs): everything on the newest supported transformers, then
-# the core and evicting cache tests again on the oldest supported one (5.2.0), in a throw-away venv.
+# Run the test suite (what CI runs): everything on the newest supported transformers (5.24), then
+# the core, evicting and compatibility tests again on the oldest supported one (5.2.0), in a
+# throw-away venv.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . .venv/bin/activate
@@ -13,5 +14,6 @@ if [ "${ZIPKV_SKIP_OLDEST:-0}" != 1 ]; then
   . .venv-oldest/bin/activate
   python -m pip install -q torch==2.13.0
   python -m pip install -q -e ".[test]" "transformers==5.2.0"
-  python -m pytest -q -p no:cacheprovider tests/test_cache.py tests/test_quant.py tests/test_eviction_cache.py tests/test_minicache.py
+  python -m pytest -q -p no:cacheprovider tests/test_cache.py tests/test_quant.py tests/test_eviction_cache.py tests/test_minicache.py \
+    tests/test_transformers_compat.py
 fi

@@ -3,8 +3,11 @@
     import zipkv
     model, tok = zipkv.load_default_model()
     cache = zipkv.ZipCache(model.config, high_bits=4, low_bits=2, salient_ratio=0.6)
-    model.generate(**tok(prompt, return_tensors="pt"), past_key_values=cache, max_new_tokens=64)
+    model.generate(**tok(prompt, return_tensors="pt"), cache=cache, max_new_tokens=64)
     print(cache.stats())
+
+transformers < 5.24 takes the cache as `past_key_values=cache`; `**zipkv.cache_kwargs(cache)`
+spells it for the installed release.
 
 Names are imported lazily (PEP 562), so `zipkv.quant` and friends load without transformers.
 """
@@ -26,6 +29,7 @@ _EXPORTS = {
     "load_model": "zipkv.models",
     "make_eviction_cache": "zipkv.eviction_cache",
     "EvictionCache": "zipkv.eviction_cache",
+    "cache_kwargs": "zipkv.transformers_support",
     "greedy_decode": "zipkv.graph_decode",
     "StaticDecoder": "zipkv.graph_decode",
 }

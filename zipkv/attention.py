@@ -11,9 +11,13 @@ from __future__ import annotations
 import threading
 import weakref
 
-from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from .transformers_support import check_installed_transformers
+
+check_installed_transformers()  # as zipkv.cache does: a clear ImportError outside the tested range
+
+from transformers import AttentionInterface  # noqa: E402 (after the version check)
+from transformers.integrations.sdpa_attention import sdpa_attention_forward  # noqa: E402
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa: E402
 
 ATTENTION_NAME = "zipkv"
 # The note: a weak reference to the layer whose update() waits for its queries. Weak, so

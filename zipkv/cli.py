@@ -281,10 +281,12 @@ class GenerateCommand:
             new_ids = greedy_decode(model, cache, inputs["input_ids"], inputs.get("attention_mask"),
                                     max_new_tokens=args.max_new_tokens)[0]
         else:
+            from .transformers_support import cache_kwargs
+
             with torch.inference_mode():
                 output = model.generate(
                     **inputs,
-                    past_key_values=cache,
+                    **cache_kwargs(cache),
                     max_new_tokens=args.max_new_tokens,
                     do_sample=False,
                     pad_token_id=_pad_token_id(tokenizer, model),

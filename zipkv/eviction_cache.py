@@ -1,7 +1,7 @@
 """Named eviction presets: `make_eviction_cache(method, config, budget=... | ratio=..., **params)`.
 
     cache = make_eviction_cache("snapkv", model.config, ratio=0.2)
-    model.generate(**inputs, past_key_values=cache, max_new_tokens=32)
+    model.generate(**inputs, cache=cache, max_new_tokens=32)
     cache.stats()  # bytes really held, kept tokens, peak
 
 budget: tokens kept per layer and sequence (an error if larger than the prompt);

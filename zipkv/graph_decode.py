@@ -22,6 +22,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from .decode_positions import decode_positions, forget_rope_deltas
+from .transformers_support import cache_kwargs
 
 
 @runtime_checkable
@@ -140,7 +141,7 @@ class StaticDecoder:
 
     def _forward(self) -> None:
         out = self.model(input_ids=self.ids, position_ids=self.positions, cache_position=self.cache_position,
-                         past_key_values=self.cache, use_cache=True)
+                         use_cache=True, **cache_kwargs(self.cache))
         self.ids.copy_(out.logits[:, -1:].argmax(-1))
         self.positions += 1
         self.cache_position += 1
@@ -289,7 +290,7 @@ def greedy_decode(model, cache, input_ids: torch.Tensor, attention_mask: torch.T
     forget_rope_deltas(model)  # text position_ids given: an M-RoPE model's deltas are zero
     with torch.inference_mode():
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                    past_key_values=cache, use_cache=True)
+                    use_cache=True, **cache_kwargs(cache))
         first = out.logits[:, -1:].argmax(-1)
         del out
     tokens = [first]

@@ -94,7 +94,7 @@ class ZipCache(Cache):
     Example::
 
         cache = ZipCache(model.config, high_bits=4, low_bits=2, salient_ratio=0.6)
-        model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+        model.generate(**inputs, cache=cache, max_new_tokens=64)
         print(cache.stats())
     """
 

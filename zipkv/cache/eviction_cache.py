@@ -20,6 +20,7 @@ from transformers.cache_utils import Cache
 
 from .cache import checked_layer_types, require_full_attention, sliding_layer
 from ..attention import enable_zipkv_attention
+from ..transformers_support import cache_kwargs
 from .eviction_layer import EvictingLayer, SparsePrefillRecord
 from .eviction_policies import KeepPolicy
 from .static_evicting_layer import StaticEvictingLayer, static_evicting_layer, static_slot_rule
@@ -266,5 +267,5 @@ def record_prefill(model, input_ids, attention_mask=None):
     ('full') cache of the prompt, ready to decode the uncompressed baseline."""
     cache = EvictionCache(model.config, RecordingPolicy(), method="full", keep_model_dtype=True)
     with torch.no_grad():
-        out = model(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, use_cache=True)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=True, **cache_kwargs(cache))
     return cache.record(), out.logits, cache

@@ -8,7 +8,7 @@ divergent tokens (`retain_ratio`) kept exactly (zipkv.merge). Layers before `sta
 Tokens after the prefill stay unmerged in fp16. See methods.md section 2.
 
     cache = MiniCache(model.config, start_layer=15, t=0.6, retain_ratio=0.05)
-    model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+    model.generate(**inputs, cache=cache, max_new_tokens=64)
     print(cache.stats())
 """
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..transformers_support import cache_kwargs
 from .methods import Method
 
 MODE_AFTER = "after"  # the question is a second forward on top of the cached context
@@ -32,7 +33,7 @@ def _forward(model, method: Method, cache, ids: list[int], start: int, keep: int
     positions = torch.arange(start, start + len(ids), device=device).unsqueeze(0)
     extra = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in method.forward_kwargs(start, len(ids)).items()}
     out = model(
-        input_ids=input_ids, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=keep, **extra
+        input_ids=input_ids, position_ids=positions, use_cache=True, logits_to_keep=keep, **cache_kwargs(cache), **extra
     )
     return out.logits[0].float()
 

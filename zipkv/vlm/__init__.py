@@ -2,7 +2,7 @@
 
     from zipkv.vlm import make_vlm_cache
     cache = make_vlm_cache("zipvl", model.config, inputs["input_ids"])
-    model.generate(**inputs, past_key_values=cache)
+    model.generate(**inputs, cache=cache)
     cache.modality_stats()
 
 The plain caches (`zipkv.make_cache(...)`) work unchanged inside LLaVA, LLaVA-NeXT,

@@ -2,7 +2,7 @@
 
     inputs = processor(images=..., text=..., return_tensors="pt", padding=True)
     cache = zipkv.vlm.make_vlm_cache("zipvl", model.config, inputs["input_ids"])
-    model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+    model.generate(**inputs, cache=cache, max_new_tokens=64)
     cache.stats()           # CacheStats, as for every zipkv cache
     cache.modality_stats()  # tokens / bytes held for text, visual and padding tokens
 

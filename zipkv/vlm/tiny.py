@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from ..transformers_support import cache_kwargs
+
 ARCHS = ("llava", "llava_next", "qwen2_vl", "qwen2_5_vl")
 
 PAD, BOS, EOS = 0, 1, 2
@@ -185,6 +187,6 @@ def greedy(model, inputs: dict, cache, new_tokens: int, **generate_kwargs):
     generated token is text (as with a trained model)."""
     with torch.no_grad():
         return model.generate(
-            **inputs, past_key_values=cache, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+            **inputs, **cache_kwargs(cache), max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
             suppress_tokens=list(SPECIAL.values()), **generate_kwargs,
         )
