@@ -121,6 +121,10 @@ def plot(path: str) -> str:
                                                        for c in cases], label="CUDA-graph step (median)")
     ax.scatter(x, [c.get("roofline_ms", float("nan")) for c in cases], color="black", marker="_", s=600, zorder=3,
                label="roofline: (weights + bytes held) / copy bandwidth")
+    floor = res.get("model_floor_case")
+    if floor and "ms_per_step" in floor:
+        ax.axhline(floor["ms_per_step"], color="gray", ls="--", lw=1,
+                   label=f"the same decoder at {floor['batch']} x {floor['context']} tokens (the step without its cache)")
     for i, c in enumerate(cases):
         ax.annotate(f"{c.get('x_roofline', float('nan')):.2f}x", (i, c["ms_per_step"]), ha="center", va="bottom",
                     fontsize=8)
@@ -128,7 +132,7 @@ def plot(path: str) -> str:
     ax.set_ylabel("ms per decode step")
     first = cases[0] if cases else {}
     ax.set_title(f"every static method, {first.get('batch')} x {first.get('context')} tokens, "
-                 f"{res['device'].get('gpu', res['device'].get('device'))}\n(blue: quantizing, red: evicting at 20%)",
+                 f"{res['device'].get('gpu', res['device'].get('device'))}\n(blue: quantizing; red: evicting at 20% / tiered; label: x roofline)",
                  fontsize=10)
     ax.set_ylim(0, 1.3 * max(c["ms_per_step"] for c in cases))
     ax.legend(fontsize=8, loc="upper center", ncol=2)
