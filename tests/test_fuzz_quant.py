@@ -275,12 +275,16 @@ def test_vidkv_tier_round_trip(seed, dtype, kind, group, appends, dim):
         narrow = ~wide[:, :, 0]
         y = rfft_half(x.transpose(2, 3)[narrow].reshape(*x.shape[:2], dim // 2, -1).transpose(2, 3))
         y_deq = rfft_half(k_deq.transpose(2, 3)[narrow].reshape(*x.shape[:2], dim // 2, -1).transpose(2, 3))
-        clear = y.abs() > 1e-3 * y.abs().amax().clamp_min(1e-30)  # away from 0, where float noise picks the sign
+        # away from 0 on both sides, where float noise picks the sign (a magnitude stored as 0
+        # comes back as FFT round-off)
+        clear = (y.abs() > 1e-3 * y.abs().amax().clamp_min(1e-30)) & (y_deq.abs() > 1e-3 * y_deq.abs().amax().clamp_min(1e-30))
         # a magnitude below the parameter dtype's range is stored as 0: the sign is then lost, never flipped
         assert bool((torch.sign(y_deq) * torch.sign(y))[clear].ge(0).all()), f"vidkv narrow signs {dtype} {kind}"
         assert bool((v_deq * x >= 0).all()), f"vidkv values flipped a sign {dtype} {kind}"
         largest = group_range(x.abs(), local, int(local.max()) + 1, dim=2)[1]
-        assert bool((v_deq.abs() <= largest * (1 + 2 ** -7) + 1e-30).all()), f"vidkv values too large {dtype} {kind}"
+        # alpha is a mean of magnitudes, stored in fp16 / bf16 (relative rounding <= 2^-8, and
+        # 2^-24 absolute: fp16's subnormal spacing)
+        assert bool((v_deq.abs() <= largest * (1 + 2 ** -7) + 2 ** -24).all()), f"vidkv values too large {dtype} {kind}"
         start = end
 
 

@@ -7,6 +7,7 @@ from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 
 from ..attention import enable_zipkv_attention
 from .config import CompressionConfig
+from .fixed_layers import FixedLayers
 from .layer import ZipCacheLayer
 from .sliding_layer import KINDS as SLIDING_KINDS, SlidingZipLayer
 from .layer_base import ZipkvLayer
@@ -84,7 +85,7 @@ def head_dim(config) -> int:
     return getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
 
 
-class ZipCache(Cache):
+class ZipCache(FixedLayers, Cache):
     """KV cache with saliency-aware mixed-precision quantization (ZipCache).
 
     Full-attention layers are compressed; so are sliding-window and chunked-attention layers

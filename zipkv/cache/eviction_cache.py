@@ -22,6 +22,7 @@ from .cache import checked_layer_types, require_full_attention, sliding_layer
 from ..attention import enable_zipkv_attention
 from ..transformers_support import cache_kwargs
 from .eviction_layer import EvictingLayer, SparsePrefillRecord
+from .fixed_layers import FixedLayers
 from .eviction_policies import KeepPolicy
 from .static_evicting_layer import StaticEvictingLayer, static_evicting_layer, static_slot_rule
 from .static_window_layer import StaticWindowLayer
@@ -122,7 +123,7 @@ class LayerRecord:
     memo: dict = field(default_factory=dict, repr=False)
 
 
-class EvictionCache(Cache):
+class EvictionCache(FixedLayers, Cache):
     """KV cache that evicts tokens (and optionally quantizes the kept ones) by a policy.
 
     Build it with `zipkv.eviction_cache.make_eviction_cache(method, model.config, ...)`.
@@ -162,6 +163,10 @@ class EvictionCache(Cache):
 
     def note_bytes(self) -> None:
         self.peak_bytes = max(self.peak_bytes, self.bytes_held())
+
+    def reset(self) -> None:
+        super().reset()
+        self.peak_bytes = 0  # a reset cache reports like a fresh one
 
     def to_static(self, extra_tokens: int, prompt_padding=None) -> None:
         """Move every layer into preallocated buffers with room for `extra_tokens` more tokens,

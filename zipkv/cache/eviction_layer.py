@@ -76,6 +76,7 @@ class EvictingLayer(ZipkvLayer):
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
+        self.check_states(key_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.awaiting_queries:

@@ -151,7 +151,7 @@ class ZipCacheLayer(ZipkvLayer):
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
-        self.check_has_tokens(key_states)
+        self.check_states(key_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.awaiting_queries:

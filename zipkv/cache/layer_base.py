@@ -40,9 +40,35 @@ class ZipkvLayer(CacheLayerMixin):
     is_croppable = False
     owner = BackReference()  # the cache holding this layer, held weakly (no reference cycle)
 
+    def __init__(self):
+        super().__init__()
+        self.state_signature = None  # what the first update brought (check_states); reset() clears it
+
     def check_has_tokens(self, key_states: torch.Tensor) -> None:
         if key_states.shape[2] == 0:
             raise ValueError(f"layer {self.layer_idx}: key_states hold no tokens (an empty prompt?)")
+
+    def check_states(self, key_states: torch.Tensor) -> None:
+        """What an update checks before it touches the layer: tokens and batch rows to add and,
+        once the layer holds states, that they come from the same model and batch (KV heads,
+        head_dim, dtype, device, rows). A cache reused for another model would otherwise fail
+        deep in a torch.cat or in attention, or attend in the first model's dtype."""
+        self.check_has_tokens(key_states)
+        b, heads, _, dim = key_states.shape
+        if b == 0:
+            raise ValueError(f"layer {self.layer_idx}: key_states hold no batch rows (batch size 0)")
+        got = dict(kv_heads=heads, head_dim=dim, dtype=key_states.dtype, device=key_states.device)
+        held = getattr(self, "state_signature", None)
+        if held is None:  # a fresh (or reset) layer takes what comes
+            self.state_signature = got
+            return
+        got["batch_rows"], held = b, dict(held, batch_rows=self.batch_rows())
+        changed = [f"{name} {held[name]} -> {got[name]}" for name in got if got[name] != held[name]]
+        if changed:
+            raise ValueError(
+                f"layer {self.layer_idx} holds states of another model or batch ({', '.join(changed)}): a cache "
+                "serves one model and one batch; build a new cache for this one, or call cache.reset() first"
+            )
 
     def get_mask_sizes(self, query_length) -> tuple[int, int]:
         """(kv_length, kv_offset) for the model's mask: every held token plus the new ones."""

@@ -22,6 +22,7 @@ from ..merge.pair import check_fraction
 from ..quant.quantizer import SUPPORTED_BITS
 from .cache import checked_layer_types, sliding_layer
 from .config import LOSSLESS_BITS
+from .fixed_layers import FixedLayers
 from .merged_pair import MergedPair
 from .minicache_layer import MiniCacheLayer
 from .stats import CacheStats, layer_stats
@@ -71,7 +72,7 @@ def merged_pairs(types: list[str], start: int) -> list[tuple[int, int]]:
     return pairs
 
 
-class MiniCache(Cache):
+class MiniCache(FixedLayers, Cache):
     """KV cache that merges adjacent layers' prefill cache (MiniCache, cross-layer SLERP)."""
 
     def __init__(self, config, start_layer: int | None = None, t: float = 0.6, retain_ratio: float = 0.05,

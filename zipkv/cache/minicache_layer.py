@@ -40,7 +40,7 @@ class MiniCacheLayer(ZipkvLayer):
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
-        self.check_has_tokens(key_states)
+        self.check_states(key_states)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         # Detached at the door: merging is not differentiable, and a held tensor that requires

@@ -63,6 +63,9 @@ def _water_fill(prefs: Tensor, total: float, cap: float) -> Tensor:
         return torch.full((layers,), math.floor(cap), dtype=torch.int64)
     if float(prefs.sum()) == 0.0:
         prefs = torch.ones_like(prefs)
+    # the split is scale-free; without this, subnormal preferences overflow left / weight to
+    # inf and every layer is capped: the budgets then sum past the total
+    prefs = prefs / prefs.max()
     share = torch.zeros_like(prefs)
     capped = torch.zeros(layers, dtype=torch.bool)
     while True:  # at most L rounds: each round caps at least one more layer or stops
