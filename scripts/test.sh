@@ -15,5 +15,5 @@ if [ "${ZIPKV_SKIP_OLDEST:-0}" != 1 ]; then
   python -m pip install -q torch==2.13.0
   python -m pip install -q -e ".[test]" "transformers==5.2.0"
   python -m pytest -q -p no:cacheprovider tests/test_cache.py tests/test_quant.py tests/test_eviction_cache.py tests/test_minicache.py \
-    tests/test_transformers_compat.py
+    tests/test_transformers_compat.py tests/test_inputs.py tests/test_threads.py
 fi

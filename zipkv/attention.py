@@ -22,7 +22,10 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask  # noqa
 ATTENTION_NAME = "zipkv"
 # The note: a weak reference to the layer whose update() waits for its queries. Weak, so
 # that a note nobody picked up (a forward that failed, a model without zipkv attention)
-# never keeps a layer, and through it a whole cache, alive.
+# never keeps a layer, and through it a whole cache, alive. Thread-local, because a layer's
+# update() and its attention call run in the thread of their forward: two threads, each with
+# its own cache, never see each other's notes (tests/test_threads.py). One cache must not be
+# fed by two threads at once (its layers are not locked).
 _waiting = threading.local()
 
 

@@ -281,6 +281,9 @@ def greedy_decode(model, cache, input_ids: torch.Tensor, attention_mask: torch.T
     if not has_static_form(cache) or cache.get_seq_length() != 0:
         raise ValueError("cache must be a new, empty ZipCache or EvictionCache (greedy_decode fills it from the "
                          "prompt)")
+    # The whole decode is known here (the last token is never fed back): the context check of
+    # cache.position_limit (warn or raise) before the prompt runs; static steps check nothing.
+    cache.position_limit.check(input_ids.shape[1], max_new_tokens - 1)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     if attention_mask.shape != input_ids.shape:

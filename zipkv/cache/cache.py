@@ -11,6 +11,7 @@ from .fixed_layers import FixedLayers
 from .layer import ZipCacheLayer
 from .sliding_layer import KINDS as SLIDING_KINDS, SlidingZipLayer
 from .layer_base import ZipkvLayer
+from .limits import PositionLimit
 from .stats import CacheStats, fp16_equivalent, held_tensors_of, tensor_bytes
 
 
@@ -107,6 +108,7 @@ class ZipCache(FixedLayers, Cache):
         if group is not None and head_dim(config) % group:
             raise ValueError(f"value_group_size must divide head_dim {head_dim(config)} (got {group})")
         super().__init__(layers=layers)
+        self.position_limit = PositionLimit(config)  # prompt + new tokens vs max_position_embeddings
         for layer in layers:
             if isinstance(layer, ZipkvLayer):  # a weak back reference (BackReference); transformers' layers get none
                 layer.owner = self

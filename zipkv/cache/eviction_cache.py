@@ -23,6 +23,7 @@ from ..attention import enable_zipkv_attention
 from ..transformers_support import cache_kwargs
 from .eviction_layer import EvictingLayer, SparsePrefillRecord
 from .fixed_layers import FixedLayers
+from .limits import PositionLimit
 from .eviction_policies import KeepPolicy
 from .static_evicting_layer import StaticEvictingLayer, static_evicting_layer, static_slot_rule
 from .static_window_layer import StaticWindowLayer
@@ -139,6 +140,7 @@ class EvictionCache(FixedLayers, Cache):
             else:
                 layers.append(sliding_layer(text_config, kind))
         super().__init__(layers=layers)
+        self.position_limit = PositionLimit(config)  # prompt + new tokens vs max_position_embeddings
         self.method = method
         self.policy = policy
         self.peak_bytes = 0

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from .layer_base import ZipkvLayer, query_length_of, storage_dtype, to_store_dtype
 
 from ..attention import forget, hand_queries_to
+from .limits import check_positions
 from .stats import tensor_bytes
 
 
@@ -77,6 +78,7 @@ class EvictingLayer(ZipkvLayer):
 
     def update(self, key_states, value_states, *args, **kwargs):
         self.check_states(key_states)
+        check_positions(self, key_states.shape[2])  # before anything is stored (limits.py)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.awaiting_queries:

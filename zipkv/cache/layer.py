@@ -21,6 +21,7 @@ from .layer_base import ZipkvLayer, storage_dtype, to_store_dtype
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..attention import hand_queries_to
+from .limits import check_positions
 from ..kernels._runtime import triton_installed
 from ..kernels.attention_lse import causal_attention_lse
 from ..kernels.decode_attention import decode_attention
@@ -152,6 +153,7 @@ class ZipCacheLayer(ZipkvLayer):
 
     def update(self, key_states, value_states, *args, **kwargs):
         self.check_states(key_states)
+        check_positions(self, key_states.shape[2])  # before anything is stored (limits.py)
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         if self.awaiting_queries:

@@ -35,6 +35,7 @@ from bisect import bisect_right
 from dataclasses import replace
 
 from ..attention import forget, hand_queries_to
+from .limits import check_positions
 from .config import CompressionConfig
 from .layer import ZipCacheLayer
 from .layer_base import ZipkvLayer, query_length_of
@@ -145,6 +146,7 @@ class SlidingZipLayer(ZipkvLayer):
         self.inner.lazy_initialization(key_states, value_states)
 
     def update(self, key_states, value_states, *args, **kwargs):
+        check_positions(self, key_states.shape[2])  # the logical length (the inner layer checks nothing)
         keys, values = self.inner.update(key_states, value_states)
         self.cumulative_length += key_states.shape[2]
         # zipkv attention must come to this layer (to drop what expires), not to the inner one
