@@ -3,16 +3,12 @@ sliding-window / chunked-attention layers are `SlidingZipLayer`s (a packed ring 
 
 from __future__ import annotations
 
-from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
+from transformers.cache_utils import DynamicSlidingWindowLayer
 
-from ..attention import enable_zipkv_attention
+from .base import ZipkvCache
 from .config import CompressionConfig
-from .fixed_layers import FixedLayers
 from .layer import ZipCacheLayer
 from .sliding_layer import KINDS as SLIDING_KINDS, SlidingZipLayer
-from .layer_base import ZipkvLayer
-from .limits import PositionLimit
-from .stats import CacheStats, fp16_equivalent, held_tensors_of, tensor_bytes
 
 
 def layer_types(text_config) -> list[str]:
@@ -86,7 +82,15 @@ def head_dim(config) -> int:
     return getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
 
 
-class ZipCache(FixedLayers, Cache):
+def window_layer(settings, text_config, kind: str, layer_idx: int):
+    """A sliding-window / chunked layer under `settings`: compressed (a packed ring over the
+    window), or transformers' exact one in a lossless cache ("full" equals DynamicCache)."""
+    if settings.lossless:
+        return sliding_layer(text_config, kind)
+    return SlidingZipLayer(settings, layer_idx, window_of(text_config, kind), kind)
+
+
+class ZipCache(ZipkvCache):
     """KV cache with saliency-aware mixed-precision quantization (ZipCache).
 
     Full-attention layers are compressed; so are sliding-window and chunked-attention layers
@@ -101,75 +105,22 @@ class ZipCache(FixedLayers, Cache):
     """
 
     def __init__(self, config, **settings):
-        self.settings = CompressionConfig(**settings)
+        self.settings = self.checked_settings(config, settings)
         text_config, types = checked_layer_types(config)
-        layers = [self._new_layer(text_config, kind, i) for i, kind in enumerate(types)]
+        layers = self.build_layers(text_config, types)
         group = self.settings.value_group_size
         if group is not None and head_dim(config) % group:
             raise ValueError(f"value_group_size must divide head_dim {head_dim(config)} (got {group})")
-        super().__init__(layers=layers)
-        self.position_limit = PositionLimit(config)  # prompt + new tokens vs max_position_embeddings
-        for layer in layers:
-            if isinstance(layer, ZipkvLayer):  # a weak back reference (BackReference); transformers' layers get none
-                layer.owner = self
-        if not self.settings.lossless:
-            enable_zipkv_attention(config)
+        # lossy layers hand every forward to zipkv attention (scoring, compression, decode path)
+        super().__init__(config, layers, needs_attention=not self.settings.lossless)
 
-    def _new_layer(self, text_config, kind: str, layer_idx: int):
-        if kind == "full_attention":
-            return ZipCacheLayer(self.settings, layer_idx)
-        if self.settings.lossless:  # transformers' exact window layer: "full" equals DynamicCache
-            return sliding_layer(text_config, kind)
-        return SlidingZipLayer(self.settings, layer_idx, window_of(text_config, kind), kind)
+    def checked_settings(self, config, settings: dict) -> CompressionConfig:
+        return CompressionConfig(**settings)
 
-    def to_static(self, extra_tokens: int, prompt_padding=None) -> None:
-        """Move every layer into preallocated buffers with room for `extra_tokens` more tokens,
-        so that a decode step can be captured in a CUDA graph (zipkv.greedy_decode does this
-        after the prompt). prompt_padding: padding tokens per row of the prompt ([B] ints, or
-        the prompt's 2-D attention_mask); needed when the batch is padded."""
-        from .static_layer import StaticZipLayer
-        from .static_sliding_layer import StaticSlidingLayer
+    def build_layers(self, text_config, types: list[str]) -> list:
+        return [ZipCacheLayer(self.settings, i) if kind == "full_attention"
+                else window_layer(self.settings, text_config, kind, i) for i, kind in enumerate(types)]
 
-        if not isinstance(extra_tokens, int) or extra_tokens < 1:
-            raise ValueError(f"extra_tokens must be an integer >= 1 (got {extra_tokens!r})")
+    def check_static(self) -> None:
         if self.settings.lossless:
             raise ValueError("a lossless ZipCache has nothing to compress; use transformers' StaticCache for graphs")
-        if prompt_padding is not None and prompt_padding.dim() == 2:
-            prompt_padding = (prompt_padding == 0).sum(dim=1)
-        # One layer at a time, each eager layer released as its copy is made: the peak is the
-        # cache plus one layer, not two caches. Window layers become rings with their own mask.
-        for i, layer in enumerate(self.layers):
-            if not self._is_static_layer(layer):
-                static = StaticSlidingLayer if isinstance(layer, SlidingZipLayer) else StaticZipLayer
-                self.layers[i] = static.from_layer(layer, extra_tokens, prompt_padding)
-            del layer
-
-    @staticmethod
-    def _is_static_layer(layer) -> bool:
-        from .static_layer import StaticZipLayer
-        from .static_sliding_layer import StaticSlidingLayer
-
-        return isinstance(layer, (StaticZipLayer, StaticSlidingLayer))
-
-    @property
-    def is_static(self) -> bool:
-        return all(self._is_static_layer(layer) for layer in self.layers)
-
-    def stats(self) -> CacheStats:
-        stats = CacheStats()
-        for layer in self.layers:
-            if isinstance(layer, (ZipCacheLayer, SlidingZipLayer)):
-                held = tensor_bytes(layer.held_tensors())
-                # a window layer's get_seq_length() is the logical length; it holds fewer
-                tokens = layer.held_tokens() if isinstance(layer, SlidingZipLayer) else layer.get_seq_length()
-                shape = layer.keys.shape if layer.is_initialized else None
-            else:
-                held = tensor_bytes(held_tensors_of(layer))
-                tokens = layer.keys.shape[2] if layer.is_initialized and layer.keys.dim() == 4 else 0
-                shape = layer.keys.shape if tokens else None
-            stats.tokens_per_layer.append(tokens)
-            stats.bytes_per_layer.append(held)
-            stats.fp16_bytes_per_layer.append(fp16_equivalent(tokens, shape[0], shape[1], shape[3]) if shape else 0)
-        return stats
-
-

@@ -16,23 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-from transformers.cache_utils import Cache
 
+from .base import ZipkvCache
 from .cache import checked_layer_types, require_full_attention, sliding_layer
-from ..attention import enable_zipkv_attention
 from ..transformers_support import cache_kwargs
 from .eviction_layer import EvictingLayer, SparsePrefillRecord
-from .fixed_layers import FixedLayers
-from .limits import PositionLimit
 from .eviction_policies import KeepPolicy
-from .static_evicting_layer import StaticEvictingLayer, static_evicting_layer, static_slot_rule
-from .static_window_layer import StaticWindowLayer
-from .stats import CacheStats, fp16_equivalent, held_tensors_of, tensor_bytes
-
-# eager or static (to_static): both have the accounting stats() reads
-EVICTING_LAYERS = (EvictingLayer, StaticEvictingLayer)
-STATIC_LAYERS = (StaticEvictingLayer, StaticWindowLayer)
-
+from .stats import CacheStats, held_tensors_of, tensor_bytes
 
 
 @dataclass
@@ -52,6 +42,14 @@ class EvictionStats(CacheStats):
     token_bytes_per_layer: list[int] = field(default_factory=list)
     peak_bytes: int = 0
     sparse_prefill: dict | None = None  # SparsePrefillReport.to_dict() of a ZipVL sparse prefill
+
+    def add_layer(self, layer) -> None:
+        super().add_layer(layer)
+        evicting = hasattr(layer, "kept_token_heads") and layer.is_initialized  # eager or static
+        heads = layer.batch_size * layer.num_heads if evicting else 0
+        self.logical_tokens_per_layer.append(layer.logical_length * heads if evicting else 0)
+        self.kept_token_heads_per_layer.append(layer.kept_token_heads() if evicting else 0)
+        self.token_bytes_per_layer.append(layer.token_bytes() if evicting else 0)
 
     @property
     def kept_fraction(self) -> float:
@@ -124,44 +122,32 @@ class LayerRecord:
     memo: dict = field(default_factory=dict, repr=False)
 
 
-class EvictionCache(FixedLayers, Cache):
+class EvictionCache(ZipkvCache):
     """KV cache that evicts tokens (and optionally quantizes the kept ones) by a policy.
 
     Build it with `zipkv.eviction_cache.make_eviction_cache(method, model.config, ...)`.
+    to_static() (ZipkvCache) moves the evicting layers to StaticEvictingLayer and the window
+    layers, kept exact, to StaticWindowLayer; methods without a static form raise a
+    ValueError naming them.
     """
 
     def __init__(self, config, policy, *, method: str = "custom", keep_model_dtype: bool = False):
         text_config, types = checked_layer_types(config)
         require_full_attention(text_config, types, method)
-        layers = []
-        for i, kind in enumerate(types):
-            if kind == "full_attention":
-                layers.append(EvictingLayer(policy, i, keep_model_dtype))
-            else:
-                layers.append(sliding_layer(text_config, kind))
-        super().__init__(layers=layers)
-        self.position_limit = PositionLimit(config)  # prompt + new tokens vs max_position_embeddings
+        layers = [EvictingLayer(policy, i, keep_model_dtype) if kind == "full_attention"
+                  else sliding_layer(text_config, kind) for i, kind in enumerate(types)]
         self.method = method
         self.policy = policy
         self.peak_bytes = 0
-        evicting = self.evicting_layers()
-        for layer in evicting:
-            layer.owner = self
-        policy.bind(evicting)
         why = "needs the attention weights (queries) to score tokens" if policy.needs_queries else "builds per-layer masks"
-        enable_zipkv_attention(config, needs=f"method {method!r} {why}, so it needs")
+        super().__init__(config, layers, needs_attention=f"method {method!r} {why}, so it needs")
+        policy.bind(self.evicting_layers())
 
     def evicting_layers(self) -> list[EvictingLayer]:
         return [layer for layer in self.layers if isinstance(layer, EvictingLayer)]
 
     def bytes_held(self) -> int:
-        total = 0
-        for layer in self.layers:
-            if isinstance(layer, EVICTING_LAYERS):
-                total += layer.nbytes()
-            elif layer.is_initialized:
-                total += tensor_bytes(held_tensors_of(layer))
-        return total
+        return sum(tensor_bytes(held_tensors_of(layer)) for layer in self.layers)
 
     def note_bytes(self) -> None:
         self.peak_bytes = max(self.peak_bytes, self.bytes_held())
@@ -171,32 +157,8 @@ class EvictionCache(FixedLayers, Cache):
         self.peak_bytes = 0  # a reset cache reports like a fresh one
 
     def to_static(self, extra_tokens: int, prompt_padding=None) -> None:
-        """Move every layer into preallocated buffers with room for `extra_tokens` more tokens,
-        so that a decode step can be captured in a CUDA graph (zipkv.greedy_decode does this
-        after the prompt; static_evicting_layer.py says how each method's step works).
-        prompt_padding (the prompt's 2-D mask or [B] counts) is for the window layers (kept
-        exact, transformers' own: static_window_layer.py), whose padding may sit inside the
-        window; the kept tokens of the evicting layers say which rows hold fewer. Methods
-        without a static form raise a ValueError naming them."""
-        if not isinstance(extra_tokens, int) or isinstance(extra_tokens, bool) or extra_tokens < 1:
-            raise ValueError(f"extra_tokens must be an integer >= 1 (got {extra_tokens!r})")
-        for layer in self.layers:  # a refused method leaves the cache as it was
-            if isinstance(layer, EVICTING_LAYERS) and not isinstance(layer, StaticEvictingLayer):
-                static_slot_rule(layer, self.method)
-        # one layer at a time, each eager layer released as its copy is made: the peak is the
-        # cache plus one layer, not two caches
-        for i, layer in enumerate(self.layers):
-            if isinstance(layer, EVICTING_LAYERS) and not isinstance(layer, StaticEvictingLayer):
-                self.layers[i] = static_evicting_layer(layer, self.method, extra_tokens)
-            elif not isinstance(layer, STATIC_LAYERS):  # a window layer (Gemma 3's sliding, Llama 4's chunked)
-                self.layers[i] = StaticWindowLayer.from_layer(layer, i, layer.kind, prompt_padding)
-                self.layers[i].owner = self
-            del layer
+        super().to_static(extra_tokens, prompt_padding)
         self.note_bytes()
-
-    @property
-    def is_static(self) -> bool:
-        return all(isinstance(layer, STATIC_LAYERS) for layer in self.layers)
 
     def sparse_prefill_report(self) -> SparsePrefillReport | None:
         """What ZipVL's sparse prefill kept and saved per layer (None if this cache did not
@@ -205,32 +167,10 @@ class EvictionCache(FixedLayers, Cache):
                    if layer.sparse_prefill_record is not None]
         return SparsePrefillReport(records) if records else None
 
-    def stats(self) -> EvictionStats:
+    def empty_stats(self) -> EvictionStats:
         report = self.sparse_prefill_report()
-        stats = EvictionStats(method=self.method, peak_bytes=self.peak_bytes,
-                              sparse_prefill=report.to_dict() if report is not None else None)
-        for layer in self.layers:
-            if isinstance(layer, EVICTING_LAYERS):
-                init = layer.is_initialized
-                b, h, d = (layer.batch_size, layer.num_heads, layer.head_dim) if init else (1, 1, 0)
-                kept = layer.kept_token_heads()
-                stats.tokens_per_layer.append(round(kept / (b * h)) if init else 0)
-                stats.bytes_per_layer.append(layer.nbytes())
-                stats.fp16_bytes_per_layer.append(fp16_equivalent(layer.logical_length, b, h, d) if init else 0)
-                stats.logical_tokens_per_layer.append(layer.logical_length * b * h if init else 0)
-                stats.kept_token_heads_per_layer.append(kept)
-                stats.token_bytes_per_layer.append(layer.token_bytes())
-            else:
-                init = layer.is_initialized and layer.keys is not None and layer.keys.dim() == 4
-                tokens = layer.keys.shape[2] if init else 0
-                shape = layer.keys.shape if init else None
-                stats.tokens_per_layer.append(tokens)
-                stats.bytes_per_layer.append(tensor_bytes(held_tensors_of(layer)) if init else 0)
-                stats.fp16_bytes_per_layer.append(fp16_equivalent(tokens, shape[0], shape[1], shape[3]) if init else 0)
-                stats.logical_tokens_per_layer.append(0)
-                stats.kept_token_heads_per_layer.append(0)
-                stats.token_bytes_per_layer.append(0)
-        return stats
+        return EvictionStats(method=self.method, peak_bytes=self.peak_bytes,
+                             sparse_prefill=report.to_dict() if report is not None else None)
 
     # -- prefill once, compress many times -----------------------------------------------------
     def record(self) -> list[LayerRecord]:

@@ -16,16 +16,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from transformers.cache_utils import Cache
-
 from ..merge.pair import check_fraction
 from ..quant.quantizer import SUPPORTED_BITS
+from .base import ZipkvCache
 from .cache import checked_layer_types, sliding_layer
 from .config import LOSSLESS_BITS
-from .fixed_layers import FixedLayers
 from .merged_pair import MergedPair
 from .minicache_layer import MiniCacheLayer
-from .stats import CacheStats, layer_stats
 
 
 @dataclass(frozen=True)
@@ -72,8 +69,11 @@ def merged_pairs(types: list[str], start: int) -> list[tuple[int, int]]:
     return pairs
 
 
-class MiniCache(FixedLayers, Cache):
-    """KV cache that merges adjacent layers' prefill cache (MiniCache, cross-layer SLERP)."""
+class MiniCache(ZipkvCache):
+    """KV cache that merges adjacent layers' prefill cache (MiniCache, cross-layer SLERP).
+
+    stats() counts the bytes really held: a pair's shared tensors are counted once, in its
+    first layer. It has no static (CUDA-graph) form: to_static() raises a ValueError."""
 
     def __init__(self, config, start_layer: int | None = None, t: float = 0.6, retain_ratio: float = 0.05,
                  direction_bits: int = LOSSLESS_BITS):
@@ -91,11 +91,7 @@ class MiniCache(FixedLayers, Cache):
             else sliding_layer(text_config, kind)
             for i, kind in enumerate(types)
         ]
-        super().__init__(layers=layers)
-
-    def stats(self) -> CacheStats:
-        """Bytes really held; a pair's shared tensors are counted once, in its first layer."""
-        return layer_stats(self.layers)
+        super().__init__(config, layers)  # its layers never need zipkv attention
 
     def prefill_from_states(self, records) -> "MiniCache":
         """Fill a fresh cache from a recorded prefill (zipkv.eviction_cache.record_prefill: one

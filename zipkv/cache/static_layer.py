@@ -70,6 +70,24 @@ def tier_attributes(layer) -> list[tuple[str, object]]:
     return [(names[id(tier)], tier) for tier in layer.tiers()]
 
 
+def check_static_form(layer: ZipCacheLayer) -> None:
+    """A ValueError when `layer` cannot move to its static form (StaticZipLayer.from_layer):
+    it must hold a prompt, not be mid-forward, and keep only tiers the decode kernel reads."""
+    if not layer.is_initialized:
+        raise ValueError(f"layer {layer.layer_idx}: to_static() needs a cache that holds the prompt")
+    for name, tier in tier_attributes(layer):
+        # low and high receive every decoded block; other tiers (visual) what the window holds
+        # now: a tier the static form cannot attend must neither hold nor be able to receive
+        # tokens (they would silently leave attention and get_seq_length)
+        if not isinstance(tier, PackedTier) and (name in ("low", "high") or tier.num_tokens or layer.keys.shape[2]):
+            raise ValueError(
+                f"layer {layer.layer_idx}: static (CUDA-graph) decoding reads packed tiers; the {name!r} tier is a "
+                f"{type(tier).__name__} ({getattr(tier, 'bits', '?')} bits), which the decode kernel cannot read "
+                "(16-bit and VidKV tiers are not supported): decode with model.generate() instead")
+    if layer.awaiting_queries:
+        raise layer.missing_attention_error()
+
+
 class StaticZipLayer(ZipCacheLayer):
     @classmethod
     def from_layer(cls, layer: ZipCacheLayer, extra_tokens: int, prompt_padding: torch.Tensor | None):
@@ -78,20 +96,8 @@ class StaticZipLayer(ZipCacheLayer):
         Every tier of the layer is copied (a VLM layer's visual tiers too), so the static
         form holds every token the eager one did."""
         s = layer.settings
-        if not layer.is_initialized:
-            raise ValueError(f"layer {layer.layer_idx}: to_static() needs a cache that holds the prompt")
+        check_static_form(layer)
         tiers = tier_attributes(layer)
-        for name, tier in tiers:
-            # low and high receive every decoded block; other tiers (visual) what the window holds
-            # now: a tier the static form cannot attend must neither hold nor be able to receive
-            # tokens (they would silently leave attention and get_seq_length)
-            if not isinstance(tier, PackedTier) and (name in ("low", "high") or tier.num_tokens or layer.keys.shape[2]):
-                raise ValueError(
-                    f"layer {layer.layer_idx}: static (CUDA-graph) decoding reads packed tiers; the {name!r} tier is a "
-                    f"{type(tier).__name__} ({getattr(tier, 'bits', '?')} bits), which the decode kernel cannot read "
-                    "(16-bit and VidKV tiers are not supported): decode with model.generate() instead")
-        if layer.awaiting_queries:
-            raise layer.missing_attention_error()
         self = static_form_of(type(layer)).__new__(static_form_of(type(layer)))
         self.__dict__.update(vars(layer))  # the policy's own state (settings, sinks, VLM tags and counts)
         self.prompt_done = True
@@ -323,4 +329,4 @@ class StaticZipLayer(ZipCacheLayer):
         raise NotImplementedError("a static cache cannot be reset; build a new ZipCache")
 
 
-__all__ = ["StaticZipLayer"]
+__all__ = ["StaticZipLayer", "check_static_form"]

@@ -36,6 +36,13 @@ class CacheStats:
             return 1.0
         return self.fp16_bytes / self.bytes_held if self.bytes_held else 1.0
 
+    def add_layer(self, layer) -> None:
+        """Append one layer's figures (layer_report); a subclass adds its own fields here."""
+        report = layer_report(layer)
+        self.tokens_per_layer.append(report.tokens)
+        self.bytes_per_layer.append(report.bytes_held)
+        self.fp16_bytes_per_layer.append(report.fp16_bytes)
+
     def to_dict(self) -> dict:
         out = asdict(self)
         out.update(bytes_held=self.bytes_held, fp16_bytes=self.fp16_bytes, ratio=self.ratio)
@@ -58,19 +65,44 @@ def held_tensors_of(layer) -> list[torch.Tensor]:
     return [value for value in vars(layer).values() if isinstance(value, torch.Tensor)]
 
 
-def layer_stats(layers) -> CacheStats:
-    """CacheStats of a list of cache layers: zipkv layers report their `held_tensors()`
-    (a tensor shared by several layers is listed by one of them only); transformers' own
-    layers (sliding windows) hold their keys and values."""
-    stats = CacheStats()
-    for layer in layers:
-        shape = layer.keys.shape if layer.is_initialized and getattr(layer.keys, "dim", lambda: 0)() == 4 else None
-        held = tensor_bytes(held_tensors_of(layer))
-        if hasattr(layer, "held_tensors"):
-            tokens = layer.get_seq_length()
-        else:
-            tokens = shape[2] if shape else 0
-        stats.tokens_per_layer.append(tokens)
-        stats.bytes_per_layer.append(held)
-        stats.fp16_bytes_per_layer.append(fp16_equivalent(tokens, shape[0], shape[1], shape[3]) if shape else 0)
-    return stats
+@dataclass(frozen=True)
+class LayerReport:
+    """One layer's figures in CacheStats: tokens held per (sequence, KV head), bytes of every
+    tensor held, and what an fp16 DynamicCache layer would hold (for an evicting layer: the
+    LOGICAL sequence, so the ratio shows what eviction saved; otherwise the held tokens)."""
+
+    tokens: int
+    bytes_held: int
+    fp16_bytes: int
+
+
+def held_shape(layer):
+    """[B, H, T, D] of the layer's fp16 keys once it holds states, else None."""
+    keys = getattr(layer, "keys", None) if layer.is_initialized else None
+    return keys.shape if keys is not None and keys.dim() == 4 else None
+
+
+def held_tokens_of(layer) -> int:
+    """Tokens a non-evicting layer holds per (sequence, KV head): a compressed window layer
+    says (held_tokens: its get_seq_length() is the logical length); any other zipkv layer
+    holds every token it was given; an exact window layer (transformers' own, or its static
+    ring) holds its key buffer."""
+    if hasattr(layer, "held_tokens"):
+        return layer.held_tokens()
+    if hasattr(layer, "held_tensors") and not layer.is_sliding:
+        return layer.get_seq_length()
+    shape = held_shape(layer)
+    return shape[2] if shape else 0
+
+
+def layer_report(layer) -> LayerReport:
+    """The one place a cache layer's stats figures are computed (every zipkv cache's stats())."""
+    held = tensor_bytes(held_tensors_of(layer))
+    if hasattr(layer, "kept_token_heads"):  # an evicting layer (eager or static)
+        if not layer.is_initialized:
+            return LayerReport(0, held, 0)
+        b, h = layer.batch_size, layer.num_heads
+        fp16 = fp16_equivalent(layer.logical_length, b, h, layer.head_dim)
+        return LayerReport(round(layer.kept_token_heads() / (b * h)), held, fp16)
+    tokens, shape = held_tokens_of(layer), held_shape(layer)
+    return LayerReport(tokens, held, fp16_equivalent(tokens, shape[0], shape[1], shape[3]) if shape else 0)

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import torch
 
-from ..attention import enable_zipkv_attention
 from ..cache import ZipCache
-from ..cache.cache import head_dim
-from ..cache.layer import ZipCacheLayer
+from ..cache.cache import head_dim, window_layer
 from ..methods import PRESETS, make_cache
 from .layer import ModalityTags, VisualZipCacheLayer
 from .modality import token_modality, visual_token_ids
@@ -43,26 +41,25 @@ class VisualZipCache(ZipCache):
 
     def __init__(self, config, input_ids: torch.Tensor | None = None, *, attention_mask=None, mm_token_type_ids=None,
                  **settings):
-        visual = {name: settings.pop(name) for name in _VISUAL_FIELDS if name in settings}
-        super().__init__(config, **settings)  # validates the text settings and the model's layers
-        self.settings = VisualCompressionConfig(**settings, **visual)
+        super().__init__(config, **settings)  # checked_settings and build_layers below
         self.image_token_ids = visual_token_ids(config)
-        if self.settings.visual_low_bits == VIDKV:
-            check_head_dim(head_dim(config))
-        self.tags = ModalityTags(readers=sum(isinstance(layer, ZipCacheLayer) for layer in self.layers))
-        self.layers = [
-            VisualZipCacheLayer(self.settings, i, self.tags) if isinstance(layer, ZipCacheLayer) else layer
-            for i, layer in enumerate(self.layers)
-        ]
-        for layer in self.layers:
-            if isinstance(layer, VisualZipCacheLayer):
-                layer.owner = self  # lets zipkv attention tell this cache's notes from others'
-        if not self.settings.lossless:
-            # lossy layers hand every forward to zipkv attention (scoring, compression, decode path)
-            enable_zipkv_attention(config)
         self._config = config
         if input_ids is not None:
             self.set_modality(input_ids, attention_mask=attention_mask, mm_token_type_ids=mm_token_type_ids)
+
+    def checked_settings(self, config, settings: dict) -> VisualCompressionConfig:
+        visual = {name: settings.pop(name) for name in _VISUAL_FIELDS if name in settings}
+        # the text settings alone, as ZipCache checks them; window layers keep them (text only)
+        self.text_settings = super().checked_settings(config, settings)
+        checked = VisualCompressionConfig(**settings, **visual)
+        if checked.visual_low_bits == VIDKV:
+            check_head_dim(head_dim(config))
+        return checked
+
+    def build_layers(self, text_config, types: list[str]) -> list:
+        self.tags = ModalityTags(readers=types.count("full_attention"))
+        return [VisualZipCacheLayer(self.settings, i, self.tags) if kind == "full_attention"
+                else window_layer(self.text_settings, text_config, kind, i) for i, kind in enumerate(types)]
 
     def set_modality(self, input_ids: torch.Tensor, attention_mask=None, mm_token_type_ids=None) -> None:
         """Which positions are visual, from the full sequence's ids [B, T] (position 0 on):
