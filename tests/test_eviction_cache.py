@@ -242,7 +242,7 @@ def test_zipvl_important_tokens_high_bit_rest_low_or_evicted():
 
 
 def test_causal_chunked_h2o_totals_equal_the_scorers_accumulate():
-    from zipkv.cache.eviction_policies import ContinuousPolicy
+    from zipkv.policies import ContinuousPolicy
     from zipkv.eviction import H2OScorer
 
     g = torch.Generator().manual_seed(3)

@@ -21,7 +21,7 @@ def test_three_tier_hand_example():
 
 def test_the_layouts_of_the_tiered_methods():
     """zipvl / mikv: everything not high is low-bit; zipvl_v2: everything not high is evicted
-    (TieredPolicy's layouts, cache/eviction_policies.py)."""
+    (TieredPolicy's layouts, zipkv/policies/tiered.py)."""
     v1 = assign_tiers(SCORES, 2, "rest")
     assert v1.high.dense().tolist() == [[[0, 4]]] and v1.low.dense().tolist() == [[[1, 2, 3, 5]]]
     assert v1.evicted.total == 0

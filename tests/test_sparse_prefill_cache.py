@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import zipkv
-import zipkv.cache.eviction_policies as policies
+import zipkv.policies.tiered as policies
 from zipkv.cache.eviction_cache import record_prefill
-from zipkv.cache.eviction_policies import probe_positions
+from zipkv.policies.zipvl_probes import probe_positions
 from zipkv.eviction import ZipCacheScorer, rank_tokens, zipvl_important_count
 from zipkv.eviction.scorers.base import window_attention
 from zipkv.eviction_cache import make_eviction_cache

@@ -226,13 +226,16 @@ def _quantizing(name: str, defaults: dict) -> dict:
 
 
 def _evicting(name: str, policy: str, defaults: dict, **fixed) -> dict:
-    """build / check of an eviction method: `policy` names its policy maker in
-    zipkv.eviction_cache, called with `fixed`, the defaults and the given parameters."""
+    """build / check of an eviction method: `policy` names its policy builder as
+    "<file>.<function>" of zipkv/policies/, called with `fixed`, the defaults and the given
+    parameters."""
+    module, _, function = policy.partition(".")
 
     def make_policy(config, params: dict):
-        from . import eviction_cache
+        from importlib import import_module
 
-        return getattr(eviction_cache, policy)(config, **fixed, **{**defaults, **params})
+        builder = getattr(import_module(f"{__package__}.policies.{module}"), function)
+        return builder(config, **fixed, **{**defaults, **params})
 
     def build(config, *, keep_model_dtype: bool = False, **params):
         from .cache.eviction_cache import EvictionCache
@@ -316,52 +319,52 @@ _register(MethodSpec(
     "streaming_llm", "evict", "4 attention sinks + the most recent tokens, after every forward",
     "Xiao et al. 2023, StreamingLLM (arXiv 2309.17453)",
     params=("num_sinks",) + EVICT_COMMON, takes_budget=True, footprint=_KEPT, static=True,
-    **_evicting("streaming_llm", "continuous_policy", dict(num_sinks=4), kind="streaming_llm"),
+    **_evicting("streaming_llm", "continuous.build_continuous", dict(num_sinks=4), kind="streaming_llm"),
 ))
 _register(MethodSpec(
     "h2o", "evict", "accumulated-attention heavy hitters + the budget//2 most recent, after every forward",
     "Zhang et al. 2023, H2O (arXiv 2306.14048)",
     params=("query_chunk",) + EVICT_COMMON, takes_budget=True, footprint=_KEPT, static=True,
-    **_evicting("h2o", "continuous_policy", dict(query_chunk=512), kind="h2o"),
+    **_evicting("h2o", "continuous.build_continuous", dict(query_chunk=512), kind="h2o"),
 ))
 _register(MethodSpec(
     "snapkv", "evict", "observation-window vote (pooled) picks the prompt tokens kept, + the window",
     "Li et al. 2024, SnapKV (arXiv 2404.14469)",
     params=SNAP + EVICT_COMMON, takes_budget=True, footprint=_KEPT, static=True,
-    **_evicting("snapkv", "select_policy", SNAP_DEFAULTS, rule="uniform", scorer="snapkv"),
+    **_evicting("snapkv", "select.build_select", SNAP_DEFAULTS, rule="uniform", scorer="snapkv"),
 ))
 _register(MethodSpec(
     "pyramidkv", "evict", "SnapKV scores, layer budgets decreasing linearly with depth (beta 20)",
     "Cai et al. 2024, PyramidKV (arXiv 2406.02069)",
     params=SNAP + ("beta",) + EVICT_COMMON, takes_budget=True, footprint=_KEPT, static=True,
-    **_evicting("pyramidkv", "select_policy", dict(SNAP_DEFAULTS, beta=20.0), rule="pyramid", scorer="snapkv"),
+    **_evicting("pyramidkv", "select.build_select", dict(SNAP_DEFAULTS, beta=20.0), rule="pyramid", scorer="snapkv"),
 ))
 _register(MethodSpec(
     "adakv", "evict", "SnapKV scores, head-wise budgets (alpha 0.2), ragged storage",
     "Feng et al. 2024, Ada-KV (arXiv 2407.11550)",
     params=SNAP + ("alpha",) + EVICT_COMMON, takes_budget=True, footprint=_KEPT, static=True,
-    **_evicting("adakv", "select_policy", dict(SNAP_DEFAULTS, alpha=0.2), rule="adakv", scorer="snapkv"),
+    **_evicting("adakv", "select.build_select", dict(SNAP_DEFAULTS, alpha=0.2), rule="adakv", scorer="snapkv"),
 ))
 _register(MethodSpec(
     "cake", "evict", "mean + variance of window attention; layer budgets by preference, cascading",
     "Qin et al. 2025, CAKE (arXiv 2503.12491)",
     params=("window", "kernel_size", "gamma", "tau1", "tau2") + EVICT_COMMON, takes_budget=True,
     footprint=_KEPT, static=True,
-    **_evicting("cake", "select_policy", dict(window=32, kernel_size=5, gamma=200.0, tau1=1.0, tau2=1.0),
-                rule="cake", scorer="cake"),
+    **_evicting("cake", "cake.build_cake", dict(window=32, kernel_size=5, gamma=200.0, tau1=1.0, tau2=1.0),
+                scorer="cake"),
 ))
 _register(MethodSpec(
     "defensive_kv", "evict", "worst-case (max over window rows) attention scores, uniform budgets",
     "Feng et al. 2025, DefensiveKV (github FFY0/DefensiveKV)",
     params=("window", "kernel_size") + EVICT_COMMON, takes_budget=True, footprint=_KEPT, static=True,
-    **_evicting("defensive_kv", "select_policy", dict(window=32, kernel_size=5), rule="uniform",
+    **_evicting("defensive_kv", "select.build_select", dict(window=32, kernel_size=5), rule="uniform",
                 scorer="defensive_kv"),
 ))
 _register(MethodSpec(
     "key_norm", "evict", "keeps the tokens whose keys have the smallest L2 norm; needs no queries",
     "Devoto et al. 2024 (arXiv 2406.11430)",
     params=EVICT_COMMON, takes_budget=True, footprint=_KEPT, static=True,
-    **_evicting("key_norm", "select_policy", {}, rule="uniform", scorer="key_norm"),
+    **_evicting("key_norm", "select.build_select", {}, rule="uniform", scorer="key_norm"),
 ))
 
 _TIERED = TIER_PARAMS + TIER_QUANT
@@ -369,19 +372,21 @@ _register(MethodSpec(
     "zipvl", "tiered", "tau-important tokens (97% of probe attention) 4-bit, every other token 2-bit (v1)",
     "He et al. 2024, ZipVL (arXiv 2410.08584)",
     params=_TIERED + ("sparse_prefill",) + EVICT_COMMON, takes_budget=False, footprint="~2-4 bits/value",
-    static=True, **_evicting("zipvl", "zipvl_policy", dict(tau=0.97, high_bits=4, low_bits=2), layout="zipvl_v1"),
+    static=True, **_evicting("zipvl", "tiered.build_zipvl", dict(tau=0.97, high_bits=4, low_bits=2),
+                             layout="zipvl_v1"),
 ))
 _register(MethodSpec(
     "zipvl_v2", "tiered", "tau-important tokens 4-bit, the rest evicted (capped at budget / ratio)",
     "He et al. 2024, ZipVL (arXiv 2410.08584)",
     params=_TIERED + ("sparse_prefill",) + EVICT_COMMON, takes_budget=True, footprint="kept x ~4.5 bits/value",
-    static=True, **_evicting("zipvl_v2", "zipvl_policy", dict(tau=0.97, high_bits=4, low_bits=2), layout="zipvl_v2"),
+    static=True, **_evicting("zipvl_v2", "tiered.build_zipvl", dict(tau=0.97, high_bits=4, low_bits=2),
+                             layout="zipvl_v2"),
 ))
 _register(MethodSpec(
     "three_tier", "tiered", "top high_ratio high-bit, next low_ratio low-bit, rest evicted; or a byte budget", "",
     params=("scorer", "high_ratio", "low_ratio", "byte_ratio", "high_share") + SCORER_PARAMS + _TIERED
     + EVICT_COMMON, takes_budget=False, footprint="byte_ratio x 16 bits/value", static=True,
-    **_evicting("three_tier", "three_tier_policy",
+    **_evicting("three_tier", "tiered.build_three_tier",
                 dict(scorer="snapkv", **SNAP_DEFAULTS, high_bits=4, low_bits=2)),
 ))
 _register(MethodSpec(
@@ -389,7 +394,7 @@ _register(MethodSpec(
     "Yang et al. 2024, MiKV (No Token Left Behind)",
     params=("scorer",) + SCORER_PARAMS + _TIERED + EVICT_COMMON, takes_budget=True,
     footprint="ratio x 16 + rest x ~2.5 bits/value", static=True,
-    **_evicting("mikv", "mikv_policy", dict(scorer="snapkv", **SNAP_DEFAULTS, high_bits=16, low_bits=2)),
+    **_evicting("mikv", "tiered.build_mikv", dict(scorer="snapkv", **SNAP_DEFAULTS, high_bits=16, low_bits=2)),
 ))
 
 _register(MethodSpec(

@@ -1,6 +1,6 @@
 """`EvictionCache`: a transformers `Cache` whose full-attention layers drop tokens for real.
 
-One policy (eviction_policies) decides for every layer; the layers (eviction_layer) hold
+One policy (zipkv/policies/) decides for every layer; the layers (eviction_layer) hold
 what is kept in stores (eviction_store); attention runs through zipkv's attention
 function, which hands each call to `EvictingLayer.attend`. Sliding-window layers of hybrid models keep their own window cache.
 
@@ -21,7 +21,7 @@ from .base import ZipkvCache
 from .cache import checked_layer_types, require_full_attention, sliding_layer
 from ..transformers_support import cache_kwargs
 from .eviction_layer import EvictingLayer, SparsePrefillRecord
-from .eviction_policies import KeepPolicy
+from ..policies.keep import KeepPolicy
 from .stats import CacheStats, held_tensors_of, tensor_bytes
 
 

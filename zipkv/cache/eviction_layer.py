@@ -15,7 +15,7 @@ reads their padding from the right place of the (logically long) 2-D attention m
 held part of the mask comes from the layer itself (`attention_mask`), because what each
 layer, row and head still holds differs.
 
-Policy (what to score, when to drop) lives in `eviction_policies`; the layer hands it the
+Policy (what to score, when to drop) lives in `zipkv/policies/`; the layer hands it the
 queries after every forward through `observe`.
 """
 

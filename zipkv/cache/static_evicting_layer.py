@@ -35,7 +35,7 @@ from ..kernels.decode_attention import decode_attention
 from ..kernels.window_step import window_append, window_scores
 from .backref import BackReference
 from .eviction_layer import EvictingLayer
-from .eviction_policies import ContinuousPolicy, KeepPolicy, SelectPolicy, TieredPolicy
+from ..policies import ContinuousPolicy, KeepPolicy, SelectPolicy, TieredPolicy
 from .layer_base import ZipkvLayer
 from .stats import tensor_bytes
 

@@ -30,6 +30,16 @@ def adakv_head_budgets(scores: Tensor, budget: int, *, alpha: float = 0.2) -> Te
     return _largest_remainder(share, total)
 
 
+def adakv_layer_counts(scores: Tensor, budgets: Tensor, real: Tensor, *, layer: int, num_layers: int,
+                       window: int, alpha: float = 0.2) -> Tensor:
+    """SelectPolicy's rule 'adakv' (the budget-rule contract, policies/select.py): int64 [B, H],
+    each row's head budgets over its real tokens only (left padding is not a candidate)."""
+    return torch.stack([
+        adakv_head_budgets(scores[b : b + 1, :, real.shape[1] - n :], int(c), alpha=alpha)[0]
+        for b, (c, n) in enumerate(zip(budgets.tolist(), real.sum(1).tolist()))
+    ])
+
+
 def _largest_remainder(share: Tensor, total: int) -> Tensor:
     """Integer rounding of rows of `share` (each summing to `total`) that keeps the sum."""
     floor = share.floor()

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import math
 
+import torch
+from torch import Tensor
+
 from ..validation import check_budget, check_int, check_positive
 
 
@@ -32,3 +35,13 @@ def pyramid_budgets(num_layers: int, budget: int, prompt_len: int, *, window: in
     step = (high - low) / (num_layers - 1)
     # the tiny epsilon keeps exact integers (e.g. 40.0 computed as 39.9999...) from flooring down
     return [math.floor(high - layer * step + 1e-9) + window for layer in range(num_layers)]
+
+
+def pyramid_layer_counts(scores: Tensor, budgets: Tensor, real: Tensor, *, layer: int, num_layers: int,
+                         window: int, beta: float = 20.0) -> Tensor:
+    """SelectPolicy's rule 'pyramid' (the budget-rule contract, policies/select.py): int64 [B],
+    this layer's step of each row's staircase, for the row's budget [B] and real length."""
+    return torch.tensor([
+        pyramid_budgets(num_layers, int(c), int(n), window=window, beta=beta)[layer]
+        for c, n in zip(budgets.tolist(), real.sum(1).tolist())
+    ], dtype=torch.int64)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+from torch import Tensor
+
 from ..validation import check_budget, check_int, check_ratio
 
 
@@ -25,3 +27,10 @@ def uniform_budgets(num_layers: int, prompt_len: int, *, budget: int | None = No
         budget = budget_from_ratio(ratio, prompt_len)
     check_budget(budget, prompt_len, window=min(window, prompt_len))
     return [budget] * num_layers
+
+
+def uniform_layer_counts(scores: Tensor, budgets: Tensor, real: Tensor, *, layer: int, num_layers: int,
+                         window: int) -> Tensor:
+    """SelectPolicy's rule 'uniform' (the budget-rule contract, policies/select.py): every
+    layer keeps each row's budget, budgets int64 [B]."""
+    return budgets
