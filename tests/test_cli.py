@@ -112,7 +112,7 @@ def test_top_level_help_lists_generate(capsys):
     (["generate", "hi", "--method", "kivi:bits=3"], "argument --method: bits must be one of (2, 4, 8) (got 3)"),
     (["generate", "hi", "--method", "zipkv:foo=1"], "argument --method: zipkv does not take ['foo']; it accepts"),
     (["generate", "hi", "--method", "snapkv:ratio=0.2", "--ratio", "0.3"], "--ratio given twice"),
-    (["generate", "hi", "--ratio", "0.5"], "--ratio does not apply to --method zipcache"),
+    (["generate", "hi", "--ratio", "0.5"], "--ratio does not apply to --method zipkv"),
     (["generate", "hi", "--method", "zipcache", "--high-bits", "2", "--low-bits", "4"],
      "argument --low-bits: low_bits (4) must not exceed high_bits (2)"),
     (["generate", "hi", "--method", "minicache", "--static"], "--static needs a method with a static form"),
@@ -123,12 +123,14 @@ def test_top_level_help_lists_generate(capsys):
     (["generate", "hi", "--residual-length", "-1"], "--residual-length: must be an integer >= 0"),
     (["generate", "hi", "--dtype", "float64"], "invalid choice: 'float64'"),
     (["generate", "hi", "--device", "tpu"], "invalid choice: 'tpu'"),
-    (["generate", "hi", "--bits", "4"], "--bits does not apply to --method zipcache"),
+    (["generate", "hi", "--bits", "4"], "--bits does not apply to --method zipkv"),
     (["generate", "hi", "--retain-ratio", "1.5"], "--retain-ratio: must be a number in [0, 1]"),
-    (["generate", "hi", "--start-layer", "2"], "--start-layer does not apply to --method zipcache"),
+    (["generate", "hi", "--start-layer", "2"], "--start-layer does not apply to --method zipkv"),
     (["generate", "hi", "--method", "full", "--high-bits", "4"], "--high-bits does not apply to --method full"),
     (["generate", "hi", "--method", "kivi", "--salient-ratio", "0.5"], "--salient-ratio does not apply to --method kivi"),
     (["generate", "hi", "--model", "no/such/model"], "does not exist"),
+    (["generate", "hi", "--model", "/nonexistent"], "error: --model must be 'default', a local model"),
+    (["generate", "hi", "--salient-ratio", "0.5"], "--salient-ratio does not apply to --method zipkv"),
 ])
 def test_bad_options_are_usage_errors(argv, message, capsys):
     assert message in usage_error(argv, capsys)
@@ -338,3 +340,62 @@ def test_subcommand_module_with_a_broken_import_is_reported_not_fatal(monkeypatc
     assert exited.value.code == 0
     err = capsys.readouterr().err
     assert "zipkv_test_broken are unavailable" in err and "zipkv_dependency_that_is_missing" in err
+
+
+def test_default_method_is_the_best_measured_recipe(capsys):
+    # README "Results" (results/passkey_ablation.json): zipkv's recipe is the best measured one.
+    assert cli.DEFAULT_METHOD == "zipkv"
+    assert cli.build_parser().parse_args(["generate", "hi"]).method == ("zipkv", {})
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    assert "(default: zipkv)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_model_folder_without_a_model_names_the_flag(tmp_path, capsys):
+    message = usage_error(["generate", "hi", "--model", str(tmp_path), "--max-new-tokens", "1"], capsys)
+    assert "--model: no model in this folder" in message
+    assert "tokenizer" not in message.split("no model in this folder")[0]
+
+
+def test_config_defaults_copy_matches_compression_config():
+    # cli keeps a copy so that `zipkv --help` need not import torch: it must not drift.
+    from zipkv.cache.config import CompressionConfig
+
+    for name, value in cli.CONFIG_DEFAULTS.items():
+        assert getattr(CompressionConfig(), name) == value
+
+
+def test_residual_length_help_lists_each_preset(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["generate", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    kivi = zipkv.METHODS["kivi"].defaults["residual_length"]
+    assert f"newest tokens always kept in fp16 (preset 0; kivi {kivi})" in help_text
+
+
+def _report(method, params=None, dtype="float32", tokens=49):
+    return {"method": method, "params": params or {}, "dtype": dtype, "memory": {"tokens_per_layer": [tokens] * 3}}
+
+
+def test_ratio_notes_say_why_the_ratio_is_low():
+    (full,) = cli.ratio_notes(_report("full"))
+    assert "float32" in full and "0.50x" in full
+    assert cli.ratio_notes(_report("full", dtype="bfloat16")) == []
+    (kivi,) = cli.ratio_notes(_report("kivi"))
+    assert "newest 128 tokens (residual_length)" in kivi and "block of 32" in kivi
+    (zipkv_note,) = cli.ratio_notes(_report("zipkv"))
+    assert "block of 100" in zipkv_note and "residual_length" not in zipkv_note
+    assert "block of 8" in cli.ratio_notes(_report("zipkv", {"stream_interval": 8}, tokens=20))[0]
+    # long contexts: the fp16 part is small, no note; eviction ratios need none
+    assert cli.ratio_notes(_report("zipkv", tokens=4096)) == []
+    assert cli.ratio_notes(_report("snapkv", {"ratio": 0.5})) == []
+
+
+def test_generate_table_explains_the_ratio(tiny_model_dir, capsys):
+    status, out, _ = run_cli(["generate", PROMPT, "--model", str(tiny_model_dir), "--method", "full",
+                              "--max-new-tokens", "2"], capsys)
+    assert status == 0 and "why this ratio" in out and "float32" in out
+    status, out, _ = run_cli(["generate", PROMPT, "--model", str(tiny_model_dir), "--method", "kivi",
+                              "--max-new-tokens", "2", "--json"], capsys)
+    report = json.loads(out)
+    assert report["ratio_notes"] == cli.ratio_notes(report) and "residual_length" in report["ratio_notes"][0]

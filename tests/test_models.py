@@ -118,6 +118,16 @@ def test_load_model_rejects_what_is_not_local(tmp_path):
         models.load_model("default", gguf_file="x.gguf")
 
 
+def test_load_model_names_the_argument_and_an_empty_folder(tmp_path):
+    with pytest.raises(ValueError, match="--model must be 'default'"):
+        models.load_model(tmp_path / "missing", argument="--model")
+    with pytest.raises(ValueError, match="name_or_path: no model in this folder"):
+        models.load_model(tmp_path)
+    (tmp_path / "model.gguf").write_bytes(b"")
+    with pytest.raises(ValueError, match="for a GGUF file pass its path .*model.gguf"):
+        models.load_model(tmp_path)
+
+
 def test_cuda_device_without_cuda_is_a_clear_error():
     if torch.cuda.is_available():
         pytest.skip("CUDA is available here")

@@ -34,7 +34,8 @@ SUBCOMMAND_MODULES = ("zipkv.eval.cli", "zipkv.bench_cli")
 BIT_WIDTHS = (2, 4, 8)
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
 DEVICES = ("cpu", "cuda")
-DEFAULT_METHOD = "zipcache"
+# The best measured recipe (README "Results"; results/passkey_ablation.json): keys 4-bit, values 2-bit.
+DEFAULT_METHOD = "zipkv"
 
 
 def main(argv=None) -> int:
@@ -154,6 +155,15 @@ def _takers(param: str) -> str:
     return ", ".join(n for n, s in registry.METHODS.items() if param in s.accepts)
 
 
+def _preset_note(param: str) -> str:
+    """'(preset 0; kivi 128)': the CompressionConfig default and the methods whose registry
+    defaults differ, so the help of a flag cannot drift from the presets."""
+    usual = CONFIG_DEFAULTS[param]
+    other = [f"{n} {s.defaults[param]}" for n, s in registry.METHODS.items()
+             if param in s.accepts and s.defaults.get(param, usual) != usual]
+    return f"(preset {usual}" + (f"; {', '.join(other)})" if other else ")")
+
+
 def _option_flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -168,8 +178,7 @@ CACHE_FLAG_HELP = (
     ("low_bits", _BITS, "bits of the other tokens (zipcache preset 2); at most --high-bits"),
     ("bits", _BITS, "bits of every quantized token (preset 2)"),
     ("salient_ratio", dict(type=_fraction, metavar="[0-1]"), "fraction of tokens kept at --high-bits (preset 0.6)"),
-    ("residual_length", dict(type=_int_at_least(0), metavar="N"),
-     "newest tokens always kept in fp16 (preset: kivi 128, zipcache and uniform 0)"),
+    ("residual_length", dict(type=_int_at_least(0), metavar="N"), "newest tokens always kept in fp16"),
     ("start_layer", dict(type=_int_at_least(0), metavar="N"),
      "first layer of the first merged layer pair (preset: the middle layer)"),
     ("retain_ratio", dict(type=_fraction, metavar="[0-1]"),
@@ -180,6 +189,13 @@ CACHE_FLAG_HELP = (
      "tokens kept per layer and sequence, an integer >= 1 (at most the prompt's length)"),
 )
 CACHE_FLAGS = tuple(param for param, _, _ in CACHE_FLAG_HELP)
+
+
+# Flags whose preset differs between methods: their help lists each preset (_preset_note).
+# CompressionConfig's default of each, copied so `zipkv --help` need not import torch
+# (tests/test_cli.py checks the copy against CompressionConfig).
+CONFIG_DEFAULTS = {"residual_length": 0, "stream_interval": 100}
+PRESET_NOTED = ("residual_length",)
 
 
 # ---- zipkv generate -------------------------------------------------------------------
@@ -214,7 +230,8 @@ class GenerateCommand:
         )
         cache = parser.add_argument_group("cache options (default: the method's preset)")
         for param, options, text in CACHE_FLAG_HELP:
-            cache.add_argument(_option_flag(param), **options, help=f"{_takers(param)}: {text}")
+            note = f" {_preset_note(param)}" if param in PRESET_NOTED else ""
+            cache.add_argument(_option_flag(param), **options, help=f"{_takers(param)}: {text}{note}")
         parser.add_argument(
             "--max-new-tokens", type=_int_at_least(1), default=64, metavar="N",
             help="most tokens to generate (default: %(default)s)",
@@ -263,7 +280,7 @@ class GenerateCommand:
 
         device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
-            model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+            model, tokenizer = load_model(args.model, dtype=args.dtype, device=device, argument="--model")
         except (ValueError, FileNotFoundError, DefaultModelMissingError) as error:
             args.parser.error(str(error))
         inputs = encode_prompt(args, tokenizer, model.device)
@@ -309,6 +326,7 @@ class GenerateCommand:
             "static": bool(args.static),
             "memory": cache.stats().to_dict(),
         }
+        report["ratio_notes"] = ratio_notes(report)
         if args.json:
             print(json.dumps(report, indent=2))
         else:
@@ -415,6 +433,7 @@ def print_report(report: dict) -> None:
     """The answer on stdout, then a table of what the cache holds."""
     from rich.console import Console
     from rich.table import Table
+    from rich.text import Text
 
     console = Console()
     console.print(report["answer"], markup=False, highlight=False)
@@ -431,10 +450,37 @@ def print_report(report: dict) -> None:
     table.add_row("bytes held", _bytes(memory["bytes_held"]))
     table.add_row("bytes an fp16 DynamicCache would hold", _bytes(memory["fp16_bytes"]))
     table.add_row("ratio (fp16 / held)", f"{memory['ratio']:.2f}x")
+    for note in report.get("ratio_notes", ()):
+        table.add_row("why this ratio", Text(note, justify="left"))
     if memory.get("masked_only"):
         table.add_row("note", "tokens are masked, not removed: no memory saved")
     table.add_row("generate time", f"{report['seconds']:.2f} s")
     console.print(table)
+
+
+def ratio_notes(report: dict) -> list[str]:
+    """Why the ratio is what it is, where a newcomer would not guess it: the reference counts
+    fp16 bytes, and a quantizing cache keeps its newest tokens fp16 (a short run shows less
+    compression than the method's footprint)."""
+    spec = registry.METHODS[report["method"]]
+    params = report["params"]
+
+    def setting(name):
+        return params.get(name, spec.defaults.get(name, CONFIG_DEFAULTS[name]))
+
+    notes = []
+    if spec.family == "lossless" and report["dtype"] == "float32":
+        notes.append(f"{spec.name} keeps the model's float32 states (4 bytes a value) and the reference counts "
+                     "fp16 (2 bytes): 0.50x, nothing lost")
+    if spec.family == "quantize":
+        residual, interval = setting("residual_length"), setting("stream_interval")
+        tokens = max(report["memory"]["tokens_per_layer"], default=0)
+        if tokens <= 4 * (residual + interval):
+            kept = f"its newest {residual} tokens (residual_length) and " if residual else ""
+            notes.append(f"{spec.name} keeps {kept}the new tokens in fp16 until a block of {interval} has "
+                         f"accumulated (stream_interval); with {tokens} tokens held that fp16 part weighs a lot: "
+                         f"longer contexts approach {spec.footprint}")
+    return notes
 
 
 def _spread(values) -> str:

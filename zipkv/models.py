@@ -120,37 +120,52 @@ def load_default_model(dtype=torch.float32, device="cpu", progress: bool = True)
     return load_gguf_model(find_default_gguf(), dtype=dtype, device=device, progress=progress)
 
 
-def load_model(name_or_path, dtype=torch.float32, device="cpu", gguf_file=None, progress: bool = True):
+def load_model(name_or_path, dtype=torch.float32, device="cpu", gguf_file=None, progress: bool = True,
+               argument: str = "name_or_path"):
     """(model, tokenizer) for "default", a local model directory, or a local GGUF file.
 
     name_or_path: "default" (the embedded model), a directory holding a transformers
         checkpoint (config.json + weights + tokenizer files), a directory together with
         `gguf_file` (a file name inside it), or the path of a .gguf file. Local only: hub
         ids are not downloaded.
+    argument: what errors call name_or_path: the name the caller's user typed (the CLI
+        passes "--model").
     """
     if str(name_or_path) == "default":
         if gguf_file is not None:
-            raise ValueError("gguf_file must be None when name_or_path is 'default'")
+            raise ValueError(f"gguf_file must be None when {argument} is 'default'")
         return load_default_model(dtype=dtype, device=device, progress=progress)
     path = Path(name_or_path).expanduser()
     if gguf_file is not None:
         if not path.is_dir():
-            raise ValueError(f"name_or_path must be a local directory when gguf_file is given (got {str(path)!r})")
+            raise ValueError(f"{argument} must be a local directory when gguf_file is given (got {str(path)!r})")
         path = path / gguf_file
         if not path.is_file():
             raise ValueError(f"gguf_file {gguf_file!r} not found in {str(path.parent)!r}")
     if path.is_file():
         if path.suffix.lower() != ".gguf":
             raise ValueError(
-                f"name_or_path must be 'default', a model directory or a .gguf file (got the file {str(path)!r})"
+                f"{argument} must be 'default', a model directory or a .gguf file (got the file {str(path)!r})"
             )
         return load_gguf_model(path, dtype=dtype, device=device, progress=progress)
     if path.is_dir():
+        check_model_dir(path, argument)
         return load_pretrained_dir(path, dtype=dtype, device=device)
     raise ValueError(
-        f"name_or_path must be 'default', a local model directory or a .gguf file; {str(name_or_path)!r} "
+        f"{argument} must be 'default', a local model directory or a .gguf file; {str(name_or_path)!r} "
         "does not exist (hub ids are not downloaded: zipkv works offline)"
     )
+
+
+def check_model_dir(directory: Path, argument: str = "name_or_path") -> None:
+    """A folder without config.json is no transformers checkpoint: say so, rather than let
+    transformers fail on whatever it looks for first (a tokenizer backend, for an empty one)."""
+    if (directory / "config.json").is_file():
+        return
+    ggufs = sorted(p.name for p in directory.glob("*.gguf"))
+    hint = (f"; for a GGUF file pass its path ({str(directory / ggufs[0])!r})" if ggufs
+            else "; a model folder holds config.json, the weights and the tokenizer files")
+    raise ValueError(f"{argument}: no model in this folder ({str(directory)!r} has no config.json){hint}")
 
 
 def load_pretrained_dir(directory, dtype=torch.float32, device="cpu"):

@@ -37,7 +37,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    f"directory or .gguf file, or '{TINY}' (random weights, pipeline smoke test)")
     p.add_argument("--tasks", nargs="+", default=["default"], help="task names or groups (default: the quick suite)")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="method specs (default: %(default)s)")
-    p.add_argument("--lengths", nargs="+", type=int, default=list(DEFAULT_LENGTHS), help="prompt lengths in tokens")
+    p.add_argument("--lengths", nargs="+", type=int, default=list(DEFAULT_LENGTHS), help="prompt lengths in tokens (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="case generation seed (default: 0)")
     p.add_argument("--count", type=int, default=None, help="cases per task and length (default: each task's own)")
     p.add_argument("--depths", nargs="+", type=float, default=None, help="needle depths in [0, 1]")
@@ -85,7 +85,7 @@ def _load(args):
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = args.dtype or ("float16" if device.startswith("cuda") else "float32")
-    model, tokenizer = load_model(args.model, dtype=dtype, device=device)
+    model, tokenizer = load_model(args.model, dtype=dtype, device=device, argument="--model")
     name = f"embedded:{find_default_gguf().name}" if args.model == "default" else str(args.model)
     return (model, tokenizer), name
 
