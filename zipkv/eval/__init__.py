@@ -7,7 +7,18 @@ Run it as `zipkv eval ...` (see zipkv/eval/cli.py) or from Python:
                   methods=["full", "zipcache"], out_dir="eval_runs/x")).run()
 """
 from .case import Case
-from .runner import EvalConfig, Runner
 from .tasks import GROUPS, TASKS
+
+# The runner imports torch (3 s on 2 cores): loaded on first use, since `zipkv --help`,
+# `zipkv --version` and every other subcommand import zipkv.eval.cli, hence this package.
+_LAZY = {"EvalConfig": "runner", "Runner": "runner"}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(f"{__name__}.{_LAZY[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 __all__ = ["Case", "EvalConfig", "Runner", "TASKS", "GROUPS"]
