@@ -7,7 +7,7 @@ decode attention reference over them); the captured graphs run on the GPU (the l
 import pytest
 import torch
 from held_tensors import held_bytes
-from tiny_models import padded_batch, tiny_model
+from tiny_models import generate_new_tokens, padded_batch, tiny_model
 
 import zipkv
 from zipkv.cache.static_evicting_layer import StaticEvictingLayer
@@ -31,10 +31,7 @@ def _cache(model, method):
 
 def _generate(model, method, ids, mask):
     cache = _cache(model, method)
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=NEW,
-                             do_sample=False)
-    return out[:, ids.shape[1]:], cache
+    return generate_new_tokens(model, cache, ids, mask, NEW), cache
 
 
 def _eager_held(layer):

@@ -10,7 +10,7 @@ the same method's eager cache, and stats() must count exactly what the cache hol
 import pytest
 import torch
 from held_tensors import held_bytes
-from tiny_models import padded_batch, tiny_model
+from tiny_models import generate_new_tokens, padded_batch, tiny_model
 
 import zipkv
 
@@ -37,10 +37,7 @@ def _cache(model, method):
 def _generate(model, method, ids, mask):
     """model.generate's new tokens with the method's eager cache, and that cache."""
     eager = _cache(model, method)
-    with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=eager, max_new_tokens=NEW,
-                             do_sample=False)
-    return out[:, ids.shape[1]:], eager
+    return generate_new_tokens(model, eager, ids, mask, NEW), eager
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])

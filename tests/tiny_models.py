@@ -56,3 +56,11 @@ def padded_batch(length: int = 48, pad: int = 6, seed: int = 1, batch: int = 2):
     if batch > 1:
         ids[1, :pad], mask[1, :pad] = 0, 0
     return ids, mask
+
+
+def generate_new_tokens(model, cache, ids, mask, new_tokens: int):
+    """model.generate's greedy new tokens [B, new_tokens] with `cache` (no grad)."""
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new_tokens,
+                             do_sample=False)
+    return out[:, ids.shape[1]:]

@@ -368,20 +368,20 @@ _register(MethodSpec(
 ))
 
 _TIERED = TIER_PARAMS + TIER_QUANT
-_register(MethodSpec(
-    "zipvl", "tiered", "tau-important tokens (97% of probe attention) 4-bit, every other token 2-bit (v1)",
-    "He et al. 2024, ZipVL (arXiv 2410.08584)",
-    params=_TIERED + ("sparse_prefill",) + EVICT_COMMON, takes_budget=False, footprint="~2-4 bits/value",
-    static=True, **_evicting("zipvl", "tiered.build_zipvl", dict(tau=0.97, high_bits=4, low_bits=2),
-                             layout="zipvl_v1"),
-))
-_register(MethodSpec(
-    "zipvl_v2", "tiered", "tau-important tokens 4-bit, the rest evicted (capped at budget / ratio)",
-    "He et al. 2024, ZipVL (arXiv 2410.08584)",
-    params=_TIERED + ("sparse_prefill",) + EVICT_COMMON, takes_budget=True, footprint="kept x ~4.5 bits/value",
-    static=True, **_evicting("zipvl_v2", "tiered.build_zipvl", dict(tau=0.97, high_bits=4, low_bits=2),
-                             layout="zipvl_v2"),
-))
+# ZipVL's two layouts: v1 keeps every token (the rest low-bit), v2 evicts the rest
+for _name, _summary, _budget, _footprint in (
+    ("zipvl", "tau-important tokens (97% of probe attention) 4-bit, every other token 2-bit (v1)", False,
+     "~2-4 bits/value"),
+    ("zipvl_v2", "tau-important tokens 4-bit, the rest evicted (capped at budget / ratio)", True,
+     "kept x ~4.5 bits/value"),
+):
+    _register(MethodSpec(
+        _name, "tiered", _summary, "He et al. 2024, ZipVL (arXiv 2410.08584)",
+        params=_TIERED + ("sparse_prefill",) + EVICT_COMMON, takes_budget=_budget, footprint=_footprint, static=True,
+        **_evicting(_name, "tiered.build_zipvl", dict(tau=0.97, high_bits=4, low_bits=2),
+                    layout="zipvl_v1" if _name == "zipvl" else "zipvl_v2"),
+    ))
+del _name, _summary, _budget, _footprint
 _register(MethodSpec(
     "three_tier", "tiered", "top high_ratio high-bit, next low_ratio low-bit, rest evicted; or a byte budget", "",
     params=("scorer", "high_ratio", "low_ratio", "byte_ratio", "high_share") + SCORER_PARAMS + _TIERED

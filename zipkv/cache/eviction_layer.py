@@ -28,7 +28,6 @@ import torch.nn.functional as F
 from .layer_base import ZipkvLayer, query_length_of, storage_dtype, to_store_dtype
 
 from ..attention import forget, hand_queries_to
-from .limits import check_positions
 from .stats import tensor_bytes
 
 
@@ -77,12 +76,7 @@ class EvictingLayer(ZipkvLayer):
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
-        self.check_states(key_states)
-        check_positions(self, key_states.shape[2])  # before anything is stored (limits.py)
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        if self.awaiting_queries:
-            raise self.missing_attention_error()
+        self.begin_update(key_states, value_states)
         n, b = key_states.shape[2], key_states.shape[0]
         # Detached at the door: eviction and quantization are not differentiable, and a held
         # tensor that requires grad would keep the forward's whole autograd graph alive.

@@ -21,7 +21,6 @@ from .layer_base import ZipkvLayer, storage_dtype, to_store_dtype
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from ..attention import hand_queries_to
-from .limits import check_positions
 from ..kernels._runtime import triton_installed
 from ..kernels.attention_lse import causal_attention_lse
 from ..kernels.decode_attention import decode_attention
@@ -152,12 +151,7 @@ class ZipCacheLayer(ZipkvLayer):
         self.is_initialized = True
 
     def update(self, key_states, value_states, *args, **kwargs):
-        self.check_states(key_states)
-        check_positions(self, key_states.shape[2])  # before anything is stored (limits.py)
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        if self.awaiting_queries:
-            raise self.missing_attention_error()
+        self.begin_update(key_states, value_states)
         n = key_states.shape[2]
         b = key_states.shape[0]
         # Detached at the door: quantization is not differentiable, and a held tensor that

@@ -10,6 +10,7 @@ import torch
 from transformers.cache_utils import CacheLayerMixin
 
 from .backref import BackReference
+from .limits import check_positions
 
 
 def storage_dtype(model_dtype: torch.dtype, keep_model_dtype: bool) -> torch.dtype:
@@ -47,6 +48,17 @@ class ZipkvLayer(CacheLayerMixin):
     def check_has_tokens(self, key_states: torch.Tensor) -> None:
         if key_states.shape[2] == 0:
             raise ValueError(f"layer {self.layer_idx}: key_states hold no tokens (an empty prompt?)")
+
+    def begin_update(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """The door of a compressing layer's update(): the checks before anything is stored
+        (states, the model's context limit), lazy initialization, and a previous forward
+        whose attention never came (the model does not run zipkv attention)."""
+        self.check_states(key_states)
+        check_positions(self, key_states.shape[2])
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.awaiting_queries:
+            raise self.missing_attention_error()
 
     def check_states(self, key_states: torch.Tensor) -> None:
         """What an update checks before it touches the layer: tokens and batch rows to add and,

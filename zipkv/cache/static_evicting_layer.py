@@ -37,6 +37,7 @@ from .backref import BackReference
 from .eviction_layer import EvictingLayer
 from ..policies import ContinuousPolicy, KeepPolicy, SelectPolicy, TieredPolicy
 from .layer_base import ZipkvLayer
+from .static_base import StaticLayerBase
 from .stats import tensor_bytes
 
 # attention kwargs this layer cannot honour: an error, never dropped
@@ -113,7 +114,7 @@ def row_mask(real: torch.Tensor, method: str) -> torch.Tensor:
     return real
 
 
-class StaticEvictingLayer(ZipkvLayer):
+class StaticEvictingLayer(StaticLayerBase, ZipkvLayer):
     """The static form of an `EvictingLayer` (module docstring). Built by
     `static_evicting_layer()`; follows the static-layer protocol of zipkv.graph_decode."""
 
@@ -190,23 +191,9 @@ class StaticEvictingLayer(ZipkvLayer):
         self.logical_length += 1
         self.slots.advance()
 
-    def flush_due(self) -> bool:
-        return False  # nothing is quantized or moved between steps
-
-    def can_flush_on_device(self) -> bool:
-        return False
-
-    def flush(self, check_finite: bool = True) -> None:
-        if check_finite:
-            self.check_finite()
-
     def has_room(self) -> bool:
         """Whether one more step fits (a ring never fills)."""
         return self.slots.has_room()
-
-    def check_finite(self) -> None:
-        if bool(self.nonfinite):
-            raise ValueError(f"key_states/value_states of layer {self.layer_idx} contained NaN/inf while decoding")
 
     # -- the layer interface and the accounting EvictionCache.stats() reads -----------------------
     def get_seq_length(self) -> int:
@@ -237,14 +224,9 @@ class StaticEvictingLayer(ZipkvLayer):
     def batch_rows(self) -> int:
         return self.batch_size
 
-    def _select_batch(self, index):
-        raise NotImplementedError("a static (CUDA-graph) cache keeps its batch rows; select rows before to_static()")
-
     def crop(self, tokens_to_remove: int):
         raise NotImplementedError("evicting caches cannot be cropped (dropped tokens are gone)")
 
-    def reset(self) -> None:
-        raise NotImplementedError("a static cache cannot be reset; build a new cache")
 
 
 class SlotRule:

@@ -24,6 +24,7 @@ from ..attention import hand_queries_to
 from ..kernels.decode_attention import decode_attention
 from ..kernels.window_step import window_append, window_scores
 from .layer import ZipCacheLayer, gather_tokens, salient_count, salient_split
+from .static_base import StaticLayerBase
 from .static_tier import StaticTier
 from .tier import PackedTier
 
@@ -88,7 +89,7 @@ def check_static_form(layer: ZipCacheLayer) -> None:
         raise layer.missing_attention_error()
 
 
-class StaticZipLayer(ZipCacheLayer):
+class StaticZipLayer(StaticLayerBase, ZipCacheLayer):
     @classmethod
     def from_layer(cls, layer: ZipCacheLayer, extra_tokens: int, prompt_padding: torch.Tensor | None):
         """A static copy of an eager layer that holds a prompt, with room for `extra_tokens`
@@ -206,10 +207,6 @@ class StaticZipLayer(ZipCacheLayer):
             return True
         return self.n_fp - self.num_sinks - s.residual_length >= s.stream_interval
 
-    def check_finite(self) -> None:
-        if bool(self.nonfinite):
-            raise ValueError(f"key_states/value_states of layer {self.layer_idx} contained NaN/inf while decoding")
-
     def flush(self, check_finite: bool = True) -> None:
         """ZipCacheLayer's policy over views of the window, results written back (outside the
         graph). check_finite=False: the caller checked `nonfinite` (one wait for many layers)."""
@@ -322,11 +319,6 @@ class StaticZipLayer(ZipCacheLayer):
                self.lengths, self.nonfinite, self.pads_low, *self.flag_win.values()]
         return own + [t for tier in self.tiers() for t in tier.tensors()]
 
-    def _select_batch(self, index):
-        raise NotImplementedError("a static (CUDA-graph) cache keeps its batch rows; select rows before to_static()")
-
-    def reset(self) -> None:
-        raise NotImplementedError("a static cache cannot be reset; build a new ZipCache")
 
 
 __all__ = ["StaticZipLayer", "check_static_form"]

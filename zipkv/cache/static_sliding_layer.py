@@ -37,6 +37,7 @@ import torch
 from ..kernels.decode_attention import decode_attention
 from ..kernels.packed import PackedSegment
 from .sliding_layer import SlidingZipLayer, ring_tier
+from .static_base import StaticLayerBase
 from .static_layer import append_decode_token
 from .static_tier import StaticTier
 from .tier import PackedTier
@@ -69,12 +70,6 @@ def padding_counts(prompt_padding: torch.Tensor | None, batch: int) -> torch.Ten
         raise ValueError(f"prompt_padding must be the prompt's 2-D attention mask or one non-negative count per batch "
                          f"row ({batch}; got shape {tuple(prompt_padding.shape)})")
     return pads
-
-
-def raise_if_nonfinite(layer) -> None:
-    """A window layer's check_finite(): the NaN/inf its steps recorded (layer.nonfinite)."""
-    if bool(layer.nonfinite):
-        raise ValueError(f"key_states/value_states of window layer {layer.layer_idx} contained NaN/inf while decoding")
 
 
 def ring_slots(window: int, block: int, group_sizes: list[int]) -> int:
@@ -146,7 +141,7 @@ class PackedRing:
         return self.store.tensors() + [self.positions]
 
 
-class StaticSlidingLayer(SlidingZipLayer):
+class StaticSlidingLayer(StaticLayerBase, SlidingZipLayer):
     """The static form of a SlidingZipLayer (module docstring); follows graph_decode.StaticLayer."""
 
     awaiting_queries = False  # its own flag (the eager class reads its inner layer's)
@@ -246,9 +241,6 @@ class StaticSlidingLayer(SlidingZipLayer):
     def can_flush_on_device(self) -> bool:
         return False  # the slot a block goes to is chosen on the host
 
-    def check_finite(self) -> None:
-        raise_if_nonfinite(self)
-
     def flush(self, check_finite: bool = True) -> None:
         """The eager policy over views of the window (as the eager layer after a step's
         attention), the quantized block written into free ring slots."""
@@ -286,11 +278,6 @@ class StaticSlidingLayer(SlidingZipLayer):
     def batch_rows(self) -> int:
         return self.k_win.shape[0]
 
-    def _select_batch(self, index):
-        raise NotImplementedError("a static (CUDA-graph) cache keeps its batch rows; select rows before to_static()")
-
-    def reset(self) -> None:
-        raise NotImplementedError("a static cache cannot be reset; build a new ZipCache")
 
 
 __all__ = ["PackedRing", "StaticSlidingLayer", "window_visible"]

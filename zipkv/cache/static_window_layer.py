@@ -19,10 +19,11 @@ from ..attention import hand_queries_to
 from ..kernels.decode_attention import decode_attention
 from ..kernels.window_step import window_append
 from .layer_base import ZipkvLayer, query_length_of
-from .static_sliding_layer import EMPTY, padding_counts, raise_if_nonfinite, window_visible
+from .static_base import StaticLayerBase
+from .static_sliding_layer import EMPTY, padding_counts, window_visible
 
 
-class StaticWindowLayer(ZipkvLayer):
+class StaticWindowLayer(StaticLayerBase, ZipkvLayer):
     """A window layer (transformers' DynamicSlidingWindowLayer) as an fp16 ring (module
     docstring); follows graph_decode.StaticLayer."""
 
@@ -100,19 +101,6 @@ class StaticWindowLayer(ZipkvLayer):
     def advance(self) -> None:
         self.cumulative_length += 1
 
-    def flush_due(self) -> bool:
-        return False
-
-    def flush(self, check_finite: bool = True) -> None:
-        if check_finite:
-            self.check_finite()
-
-    def can_flush_on_device(self) -> bool:
-        return False
-
-    def check_finite(self) -> None:
-        raise_if_nonfinite(self)
-
     def has_room(self) -> bool:
         return True  # a ring
 
@@ -135,11 +123,6 @@ class StaticWindowLayer(ZipkvLayer):
     def batch_rows(self) -> int:
         return self.k_ring.shape[0]
 
-    def _select_batch(self, index):
-        raise NotImplementedError("a static (CUDA-graph) cache keeps its batch rows; select rows before to_static()")
-
-    def reset(self) -> None:
-        raise NotImplementedError("a static cache cannot be reset; build a new cache")
 
 
 __all__ = ["StaticWindowLayer"]

@@ -1,0 +1,35 @@
+"""What every static (CUDA-graph) layer shares, whatever it stores.
+
+Its batch rows and buffers are fixed (a captured graph reads them at fixed addresses), so it
+cannot select rows or be reset; NaN/inf that a captured step met are recorded on the device
+(`nonfinite`) and raised between steps; a layer with nothing to quantize between replays
+never asks for a flush. Layers override what they do differently (StaticZipLayer flushes
+blocks, StaticSlidingLayer fills ring slots); `graph_decode.StaticLayer` is the whole protocol.
+"""
+
+from __future__ import annotations
+
+
+class StaticLayerBase:
+    def flush_due(self) -> bool:
+        return False  # nothing is quantized or moved between steps
+
+    def can_flush_on_device(self) -> bool:
+        return False
+
+    def flush(self, check_finite: bool = True) -> None:
+        if check_finite:
+            self.check_finite()
+
+    def check_finite(self) -> None:
+        if bool(self.nonfinite):
+            raise ValueError(f"key_states/value_states of layer {self.layer_idx} contained NaN/inf while decoding")
+
+    def _select_batch(self, index):
+        raise NotImplementedError("a static (CUDA-graph) cache keeps its batch rows; select rows before to_static()")
+
+    def reset(self) -> None:
+        raise NotImplementedError("a static cache cannot be reset; build a new cache")
+
+
+__all__ = ["StaticLayerBase"]
