@@ -7,10 +7,10 @@ blocks (stream_interval 8, residual_length 4) so 1024 tokens are 128 quantizatio
 Checked every 64 steps (a whole number of blocks: the fp16 part holds exactly the
 residual_length newest tokens then):
 
-(a) max |logit - reference logit| <= LOGIT_BOUND. Measured here (seed 0): 0.082 (zipkv),
-    0.204 (kivi, 2-bit keys in groups of 8); the 8192-token runs at the default blocks of 100
-    stay under 0.075 (results/long_generation/tiny_*.json). The bounds are those figures with
-    a 1.5x margin; the logits themselves reach |1.2| on this random model.
+(a) max |logit - reference logit| <= the case's bound. Measured here (seed 0): 0.062 (zipkv),
+    0.076 (kivi, 2-bit keys in groups of 8); the 8192-token runs at the registry's default
+    blocks grow to 0.080 / 0.090 (results/long_generation/tiny_*.json). The bounds, 0.10 and
+    0.12, are the 1024-token figures with a ~1.6x margin (above the 8K figures as well).
 (b) stats().bytes_held == the bytes of every tensor reachable from the cache, at every check.
 (c) bytes_held grows by exactly block_bytes() per layer per quantized block (the tier layout
     of zipkv/cache/tier.py, docs/DESIGN.md): nothing held beyond the accounted bytes.
@@ -18,7 +18,7 @@ residual_length newest tokens then):
     fp16 bytes per block / block_bytes() (zipkv 2.25x, kivi 3.16x at these shapes).
 
 decode_path="dequantize": the PyTorch path (the packed path under TRITON_INTERPRET=1 is ~10x
-slower on a CPU; its equality with this one is tested in the kernel and cache tests).
+slower on a CPU; tests/test_cache.py checks the two give the same tokens and logits).
 """
 
 import pytest
@@ -33,8 +33,8 @@ BLOCK, RESIDUAL = 8, 4
 BLOCKS = dict(stream_interval=BLOCK, residual_length=RESIDUAL, decode_path="dequantize")
 CASES = {
     # name: (params, key bits, value bits, key group, value group, channel factors, bound)
-    "zipkv": (BLOCKS, 4, 2, None, None, True, 0.125),
-    "kivi": (dict(BLOCKS, key_group_size=8), 2, 2, 8, 16, False, 0.31),
+    "zipkv": (BLOCKS, 4, 2, None, None, True, 0.10),
+    "kivi": (dict(BLOCKS, key_group_size=8), 2, 2, 8, 16, False, 0.12),
 }
 PARAM_BYTES, END_BYTES = 2, 4  # fp16 scales / minimums / channel factors; int32 group and chunk ends
 
