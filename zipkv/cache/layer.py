@@ -219,8 +219,8 @@ class ZipCacheLayer(ZipkvLayer):
         q_len = query.shape[2]
         is_causal = kwargs.get("is_causal")
         is_causal = getattr(module, "is_causal", True) if is_causal is None else is_causal
-        plain_causal = is_causal and not any(kwargs.get(name) is not None for name in ("position_bias", "softcap", "s_aux"))
-        if not (self.settings.needs_queries and attention_mask is None and plain_causal and q_len > 1):
+        # softcap / s_aux / position_bias never get here: the attention entry point refuses them
+        if not (self.settings.needs_queries and attention_mask is None and is_causal and q_len > 1):
             return None
         if not (key.shape[2] == q_len == self.keys.shape[2] and self.keys.dtype == key.dtype):
             return None

@@ -10,6 +10,18 @@ blocks, StaticSlidingLayer fills ring slots); `graph_decode.StaticLayer` is the 
 from __future__ import annotations
 
 
+def check_holds_prompt(layer, index: int | None = None) -> None:
+    """What to_static() checks of every layer first: it holds a prompt, and no forward still
+    waits for this layer's attention (the model does not run zipkv attention). index: the
+    layer's position, for layers that do not know it (transformers' window layers)."""
+    keys = getattr(layer, "keys", None)
+    if not layer.is_initialized or (keys is not None and keys.dim() != 4):
+        index = layer.layer_idx if index is None else index
+        raise ValueError(f"layer {index}: to_static() needs a cache that holds the prompt")
+    if getattr(layer, "awaiting_queries", False):
+        raise layer.missing_attention_error()
+
+
 class StaticLayerBase:
     def flush_due(self) -> bool:
         return False  # nothing is quantized or moved between steps
@@ -32,4 +44,4 @@ class StaticLayerBase:
         raise NotImplementedError("a static cache cannot be reset; build a new cache")
 
 
-__all__ = ["StaticLayerBase"]
+__all__ = ["StaticLayerBase", "check_holds_prompt"]

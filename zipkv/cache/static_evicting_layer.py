@@ -30,18 +30,19 @@ from __future__ import annotations
 
 import torch
 
-from ..attention import hand_queries_to
+from ..attention import UNSUPPORTED_KWARGS as ATTENTION_UNSUPPORTED, hand_queries_to
 from ..kernels.decode_attention import decode_attention
 from ..kernels.window_step import window_append, window_scores
 from .backref import BackReference
 from .eviction_layer import EvictingLayer
 from ..policies import ContinuousPolicy, KeepPolicy, SelectPolicy, TieredPolicy
 from .layer_base import ZipkvLayer
-from .static_base import StaticLayerBase
+from .static_base import StaticLayerBase, check_holds_prompt
 from .stats import tensor_bytes
 
-# attention kwargs this layer cannot honour: an error, never dropped
-UNSUPPORTED_KWARGS = ("softcap", "s_aux", "sinks", "position_bias", "sliding_window")
+# attention kwargs this layer cannot honour (an error, never dropped): those no zipkv path
+# honours (refused at the entry point, zipkv.attention), and a window, which it has none of
+UNSUPPORTED_KWARGS = ATTENTION_UNSUPPORTED + ("sliding_window",)
 
 
 def static_slot_rule(layer: EvictingLayer, method: str):
@@ -49,10 +50,7 @@ def static_slot_rule(layer: EvictingLayer, method: str):
     class: static_tiered_layer.py), or a ValueError naming `method` when it has none; also
     checks the layer holds a prompt and is not mid-forward."""
     policy = layer.policy
-    if not layer.is_initialized:
-        raise ValueError(f"layer {layer.layer_idx}: to_static() needs a cache that holds the prompt")
-    if layer.awaiting_queries:
-        raise layer.missing_attention_error()
+    check_holds_prompt(layer)
     if isinstance(policy, (KeepPolicy, SelectPolicy)):
         return AppendSlots
     if isinstance(policy, ContinuousPolicy):

@@ -21,6 +21,7 @@ from transformers.cache_utils import DynamicSlidingWindowLayer
 from .eviction_layer import EvictingLayer
 from .layer import ZipCacheLayer
 from .sliding_layer import SlidingZipLayer
+from .static_base import check_holds_prompt
 from .static_evicting_layer import StaticEvictingLayer, static_evicting_layer, static_slot_rule
 from .static_layer import StaticZipLayer, check_static_form
 from .static_sliding_layer import StaticSlidingLayer
@@ -39,17 +40,9 @@ class StaticForm:
     build: Callable
 
 
-def check_holds_prompt(layer, index: int) -> None:
-    if not layer.is_initialized:
-        raise ValueError(f"layer {index}: to_static() needs a cache that holds the prompt")
-    if getattr(layer, "awaiting_queries", False):
-        raise layer.missing_attention_error()
-
-
 def check_window(layer, index: int) -> None:
     """transformers' window layer holds the newest window - 1 tokens (or fewer)."""
-    if not layer.is_initialized or layer.keys.dim() != 4:
-        raise ValueError(f"layer {index}: to_static() needs a cache that holds the prompt")
+    check_holds_prompt(layer, index)
     if layer.keys.shape[2] >= layer.sliding_window + 1:
         raise ValueError(f"layer {index}: a window layer of {layer.sliding_window} holds {layer.keys.shape[2]} "
                          "tokens (a cache that recorded its past?)")

@@ -24,7 +24,7 @@ from ..attention import hand_queries_to
 from ..kernels.decode_attention import decode_attention
 from ..kernels.window_step import window_append, window_scores
 from .layer import ZipCacheLayer, gather_tokens, salient_count, salient_split
-from .static_base import StaticLayerBase
+from .static_base import StaticLayerBase, check_holds_prompt
 from .static_tier import StaticTier
 from .tier import PackedTier
 
@@ -74,8 +74,7 @@ def tier_attributes(layer) -> list[tuple[str, object]]:
 def check_static_form(layer: ZipCacheLayer) -> None:
     """A ValueError when `layer` cannot move to its static form (StaticZipLayer.from_layer):
     it must hold a prompt, not be mid-forward, and keep only tiers the decode kernel reads."""
-    if not layer.is_initialized:
-        raise ValueError(f"layer {layer.layer_idx}: to_static() needs a cache that holds the prompt")
+    check_holds_prompt(layer)
     for name, tier in tier_attributes(layer):
         # low and high receive every decoded block; other tiers (visual) what the window holds
         # now: a tier the static form cannot attend must neither hold nor be able to receive
@@ -85,8 +84,6 @@ def check_static_form(layer: ZipCacheLayer) -> None:
                 f"layer {layer.layer_idx}: static (CUDA-graph) decoding reads packed tiers; the {name!r} tier is a "
                 f"{type(tier).__name__} ({getattr(tier, 'bits', '?')} bits), which the decode kernel cannot read "
                 "(16-bit and VidKV tiers are not supported): decode with model.generate() instead")
-    if layer.awaiting_queries:
-        raise layer.missing_attention_error()
 
 
 class StaticZipLayer(StaticLayerBase, ZipCacheLayer):

@@ -37,7 +37,7 @@ import torch
 from ..kernels.decode_attention import decode_attention
 from ..kernels.packed import PackedSegment
 from .sliding_layer import SlidingZipLayer, ring_tier
-from .static_base import StaticLayerBase
+from .static_base import StaticLayerBase, check_holds_prompt
 from .static_layer import append_decode_token
 from .static_tier import StaticTier
 from .tier import PackedTier
@@ -154,10 +154,7 @@ class StaticSlidingLayer(StaticLayerBase, SlidingZipLayer):
         """A static copy of an eager window layer that holds a prompt. extra_tokens is not
         needed (the ring reuses its slots); prompt_padding: [B] left-padding tokens of each row
         of the prompt (None: none)."""
-        if not layer.is_initialized:
-            raise ValueError(f"layer {layer.layer_idx}: to_static() needs a cache that holds the prompt")
-        if layer.awaiting_queries:
-            raise layer.missing_attention_error()
+        check_holds_prompt(layer)
         self = cls.__new__(cls)
         self.layer_idx, self.kind, self.sliding_window = layer.layer_idx, layer.kind, layer.sliding_window
         self.settings, self.block, self.cumulative_length = layer.settings, layer.block, layer.cumulative_length

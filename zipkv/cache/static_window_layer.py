@@ -19,7 +19,7 @@ from ..attention import hand_queries_to
 from ..kernels.decode_attention import decode_attention
 from ..kernels.window_step import window_append
 from .layer_base import ZipkvLayer, query_length_of
-from .static_base import StaticLayerBase
+from .static_base import StaticLayerBase, check_holds_prompt
 from .static_sliding_layer import EMPTY, padding_counts, window_visible
 
 
@@ -34,8 +34,7 @@ class StaticWindowLayer(StaticLayerBase, ZipkvLayer):
         """layer: the eager window layer holding the prompt's newest window - 1 tokens (or fewer);
         kind: 'sliding_attention' or 'chunked_attention'; prompt_padding: the prompt's 2-D mask or
         [B] padding counts (None: none)."""
-        if not layer.is_initialized or layer.keys.dim() != 4:
-            raise ValueError(f"layer {layer_idx}: to_static() needs a cache that holds the prompt")
+        check_holds_prompt(layer, layer_idx)
         self = cls.__new__(cls)
         self.layer_idx, self.kind, self.sliding_window = layer_idx, kind, layer.sliding_window
         self.cumulative_length = layer.cumulative_length
