@@ -186,7 +186,7 @@ def bits_choices() -> tuple[int, ...]:
 QUANT_SETTINGS = (
     "high_bits", "low_bits", "salient_ratio", "high_value_bits", "low_value_bits", "saliency", "probe_recent",
     "probe_random", "key_group_size", "value_group_size", "channel_separable", "sink_tokens", "residual_length",
-    "stream_interval", "seed", "decode_path",
+    "stream_interval", "seed", "decode_path", "rotation",
 )
 SALIENCY_SETTINGS = ("salient_ratio", "saliency", "probe_recent", "probe_random", "seed")
 UNSPLIT_SETTINGS = tuple(p for p in QUANT_SETTINGS if p not in SALIENCY_SETTINGS)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from ..quant.quantizer import SUPPORTED_BITS
+from ..quant.rotation import check_rotation
 
 LOSSLESS_BITS = 16
 
@@ -33,6 +34,10 @@ class CompressionConfig:
     decode_path: how decoding attends over the quantized tiers: "packed" (a kernel reads the
         packed codes directly; Triton on CUDA, its PyTorch reference elsewhere),
         "dequantize" (a dequantized copy + SDPA), "auto" (packed on CUDA with Triton).
+    rotation: None, or "hadamard": the quantized tiers hold keys (post-RoPE) and values rotated
+        by a seeded randomized Hadamard matrix per (layer, KV head) (zipkv.quant.rotation);
+        attention rotates the query and un-rotates the output. Needs a power-of-two head_dim.
+        Window layers (sliding / chunked attention) keep unrotated tiers.
     """
 
     high_bits: int = 4
@@ -51,6 +56,7 @@ class CompressionConfig:
     stream_interval: int = 100
     seed: int = 0
     decode_path: str = "auto"
+    rotation: str | None = None
 
     def __post_init__(self):
         allowed = SUPPORTED_BITS + (LOSSLESS_BITS,)
@@ -85,6 +91,9 @@ class CompressionConfig:
                 raise ValueError(f"{name} must be an integer >= 0 (got {value!r})")
         if self.decode_path not in ("auto", "packed", "dequantize"):
             raise ValueError(f"decode_path must be 'auto', 'packed' or 'dequantize' (got {self.decode_path!r})")
+        check_rotation(self.rotation)
+        if self.rotation is not None and self.lossless:
+            raise ValueError("rotation applies to quantized tiers; a lossless cache (16/16 bits) has none")
         if not isinstance(self.stream_interval, int) or self.stream_interval < 1:
             raise ValueError(f"stream_interval must be an integer >= 1 (got {self.stream_interval!r})")
 

@@ -25,6 +25,7 @@ from ..kernels._runtime import triton_installed
 from ..kernels.attention_lse import causal_attention_lse
 from ..kernels.decode_attention import decode_attention
 from ..kernels.probe_scores import probe_scores, probe_scores_lse
+from ..quant.rotation import HadamardRotation
 from ..saliency import allowed_keys, attention_scores, probe_positions
 from .config import LOSSLESS_BITS, CompressionConfig
 from .tier import PackedTier
@@ -114,6 +115,21 @@ def overwrite_padding(keys, values, is_real):
     return torch.where(pad, keys.gather(2, index), keys), torch.where(pad, values.gather(2, index), values)
 
 
+def rotated_decode_attention(rotation, query, tiers, k_fp, v_fp, **kwargs):
+    """decode_attention over tiers that hold rotated codes (rotation: a HadamardRotation, or None:
+    plain decode_attention): the query and the fp16 part go into the tiers' basis (q R, k R, v R:
+    scores are unchanged since R R^T = I), the kernel reads the codes as they are, and the output
+    comes back by o R^T. The fp16 part is a few hundred tokens at most; the tiers are never
+    rotated back. Everything rotated is float32-exact from the inputs, so an eager and a static
+    layer get the same output."""
+    if rotation is None:
+        return decode_attention(query, tiers, k_fp, v_fp, **kwargs)
+    dtype = query.dtype
+    k_fp, v_fp = (None, None) if k_fp is None else (rotation.rotate(k_fp, dtype), rotation.rotate(v_fp, dtype))
+    output = decode_attention(rotation.rotate(query), tiers, k_fp, v_fp, **kwargs)
+    return rotation.unrotate(output)
+
+
 class ZipCacheLayer(ZipkvLayer):
 
     def __init__(self, settings: CompressionConfig, layer_idx: int):
@@ -132,6 +148,7 @@ class ZipCacheLayer(ZipkvLayer):
         self.awaiting_queries = False
         self.returned_fp16_only = False  # the last update left the tiers to attend()
         self.owner = None  # the cache holding this layer (set by ZipCache)
+        self.rotation = None  # HadamardRotation of the quantized tiers (settings.rotation), made with the states
 
     # -- transformers layer interface -------------------------------------------------------
     def lazy_initialization(self, key_states, value_states):
@@ -148,7 +165,21 @@ class ZipCacheLayer(ZipkvLayer):
         self.score_count = torch.zeros((shape[0], int(track), 0), dtype=torch.float32, device=self.device)
         self.is_real = torch.ones((shape[0], 0), dtype=torch.bool, device=self.device)
         self.is_sink = torch.zeros((shape[0], 0), dtype=torch.bool, device=self.device)
+        self.make_rotation(key_states.shape[1], key_states.shape[3])
         self.is_initialized = True
+
+    def make_rotation(self, kv_heads: int, head_dim: int) -> None:
+        """The layer's rotation of its quantized tiers, per settings.rotation (None: none)."""
+        self.rotation = None
+        if self.settings.rotation is not None:
+            self.rotation = HadamardRotation(kv_heads, head_dim, self.settings.seed, self.layer_idx, self.device,
+                                             self.store_dtype)
+
+    def to_tier_basis(self, keys, values):
+        """States as the quantized tiers hold them: rotated (x R, float32) when the layer rotates."""
+        if self.rotation is None:
+            return keys, values
+        return self.rotation.rotate(keys, torch.float32), self.rotation.rotate(values, torch.float32)
 
     def update(self, key_states, value_states, *args, **kwargs):
         self.begin_update(key_states, value_states)
@@ -196,7 +227,8 @@ class ZipCacheLayer(ZipkvLayer):
         lse = None
         if self.returned_fp16_only:
             tiers = [t for t in self.tiers() if t.num_tokens]
-            output = decode_attention(query, tiers, key, value, mask=attention_mask, scale=scaling)
+            output = rotated_decode_attention(self.rotation, query, tiers, key, value, mask=attention_mask,
+                                              scale=scaling)
             output = output.transpose(1, 2).contiguous()
         else:
             got = self._first_prompt_with_lse(module, query, key, value, attention_mask, scaling, kwargs)
@@ -239,12 +271,19 @@ class ZipCacheLayer(ZipkvLayer):
     def attention_inputs(self):
         """[tiers | fp16] keys and values, the quantized tiers dequantized (reference path,
         correct with any attention implementation)."""
-        parts = [t.dequantize(self.dtype) for t in self.tiers() if t.num_tokens]
+        parts = [self.dequantized(t) for t in self.tiers() if t.num_tokens]
         if not parts:
             return self.keys.to(self.dtype), self.values.to(self.dtype)
         keys = torch.cat([p[0] for p in parts] + [self.keys.to(self.dtype)], dim=2)
         values = torch.cat([p[1] for p in parts] + [self.values.to(self.dtype)], dim=2)
         return keys, values
+
+    def dequantized(self, tier):
+        """(keys, values) of a tier in the model's dtype, in the model's basis (un-rotated)."""
+        if self.rotation is None or isinstance(tier, Fp16Tier):
+            return tier.dequantize(self.dtype)
+        keys, values = tier.dequantize(torch.float32)
+        return self.rotation.unrotate(keys, self.dtype), self.rotation.unrotate(values, self.dtype)
 
     def get_seq_length(self) -> int:
         if not self.is_initialized:
@@ -393,6 +432,8 @@ class ZipCacheLayer(ZipkvLayer):
         )
 
     def _append(self, tier, keys, values) -> None:
+        if not isinstance(tier, Fp16Tier):
+            keys, values = self.to_tier_basis(keys, values)
         try:
             tier.append(keys, values)
         except ValueError as error:
@@ -404,4 +445,5 @@ class ZipCacheLayer(ZipkvLayer):
         if not self.is_initialized:
             return []
         own = [self.keys, self.values, self.score_sum, self.score_count, self.is_real, self.is_sink]
+        own += [] if self.rotation is None else self.rotation.tensors()
         return own + [t for tier in self.tiers() for t in tier.tensors()]

@@ -65,6 +65,7 @@ def window_settings(settings: CompressionConfig, window: int) -> CompressionConf
         settings, high_bits=key_bits, low_bits=key_bits, high_value_bits=value_bits, low_value_bits=value_bits,
         saliency="none", sink_tokens=0, key_group_size=block, stream_interval=block,
         residual_length=min(settings.residual_length, window - block),
+        rotation=None,  # the ring's static form attends unrotated codes: window layers keep them so
     )
 
 

@@ -21,9 +21,8 @@ from __future__ import annotations
 import torch
 
 from ..attention import hand_queries_to
-from ..kernels.decode_attention import decode_attention
 from ..kernels.window_step import window_append, window_scores
-from .layer import ZipCacheLayer, gather_tokens, salient_count, salient_split
+from .layer import ZipCacheLayer, gather_tokens, rotated_decode_attention, salient_count, salient_split
 from .static_base import StaticLayerBase, check_holds_prompt
 from .static_tier import StaticTier
 from .tier import PackedTier
@@ -260,14 +259,16 @@ class StaticZipLayer(StaticLayerBase, ZipCacheLayer):
         keys, values = self.k_win[:, :, sinks:sinks + block], self.v_win[:, :, sinks:sinks + block]
         n_high = self._salient_count()
         if n_high == 0:
-            self.low.append_on_device(keys, values)
+            self.low.append_on_device(*self.to_tier_basis(keys, values))
         else:
             real = self.real_win[:, sinks:sinks + block]
             low_idx, high_idx = salient_split(self.score_win[:, :, sinks:sinks + block],
                                               self.count_win[:, :, sinks:sinks + block], real, n_high,
                                               s.saliency == "probe")
-            self.low.append_on_device(gather_tokens(keys, low_idx), gather_tokens(values, low_idx))
-            self.high.append_on_device(gather_tokens(keys, high_idx), gather_tokens(values, high_idx))
+            # (rotation is per token: gathering before or after it gives the same states)
+            self.low.append_on_device(*self.to_tier_basis(gather_tokens(keys, low_idx), gather_tokens(values, low_idx)))
+            self.high.append_on_device(*self.to_tier_basis(gather_tokens(keys, high_idx),
+                                                           gather_tokens(values, high_idx)))
         kept = n - sinks - block  # the residual window moves to just after the sinks
         for buffer in (self.k_win, self.v_win):
             buffer[:, :, sinks:sinks + kept] = buffer[:, :, sinks + block:n].clone()
@@ -293,8 +294,8 @@ class StaticZipLayer(StaticLayerBase, ZipCacheLayer):
     def attend(self, module, query, key, value, attention_mask, scaling, **kwargs):
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
         segments = [t.segment() for t in self.attended]
-        output = decode_attention(query, segments, self.k_win, self.v_win, mask=self.pad_mask if self.padded else None,
-                                  scale=scaling, lengths=self.lengths)
+        output = rotated_decode_attention(self.rotation, query, segments, self.k_win, self.v_win,
+                                          mask=self.pad_mask if self.padded else None, scale=scaling, lengths=self.lengths)
         if self.settings.needs_queries:  # saliency of the window slots, one launch on CUDA
             window_scores(query.detach(), self.k_win, self.lengths, self.real_win, self.score_win, self.count_win, scaling)
         self.awaiting_queries = False
@@ -314,6 +315,7 @@ class StaticZipLayer(StaticLayerBase, ZipCacheLayer):
     def held_tensors(self) -> list[torch.Tensor]:
         own = [self.k_win, self.v_win, self.score_win, self.count_win, self.sink_win, self.pad_mask,
                self.lengths, self.nonfinite, self.pads_low, *self.flag_win.values()]
+        own += [] if self.rotation is None else self.rotation.tensors()
         return own + [t for tier in self.tiers() for t in tier.tensors()]
 
 
