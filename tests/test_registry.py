@@ -13,14 +13,14 @@ import torch
 import zipkv
 from tiny_models import tiny_model
 from zipkv import cli, registry
-from zipkv.cache import ZipCache
+from zipkv.cache import TokenQuantCache, ZipCache
 from zipkv.cache.eviction_cache import EvictionCache
 from zipkv.cache.minicache import MiniCache
 from zipkv.registry import METHODS, MethodError, check_method, parse_method_spec
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 PROMPT = 192  # tokens: more than KIVI's 128 fp16 ones, and SnapKV's 32-token window at ratio 0.5
-CLASS_OF_FAMILY = {"lossless": ZipCache, "quantize": ZipCache, "evict": EvictionCache, "tiered": EvictionCache,
+CLASS_OF_FAMILY = {"lossless": ZipCache, "baseline": TokenQuantCache, "quantize": ZipCache, "evict": EvictionCache, "tiered": EvictionCache,
                    "merge": MiniCache}
 
 

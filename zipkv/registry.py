@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
-FAMILIES = ("lossless", "quantize", "evict", "tiered", "merge")
+FAMILIES = ("lossless", "baseline", "quantize", "evict", "tiered", "merge")
 BUDGET_PARAMS = ("budget", "ratio")
 
 
@@ -225,6 +225,29 @@ def _quantizing(name: str, defaults: dict) -> dict:
     return dict(defaults=defaults, build=build, check=check)
 
 
+def _lossless(defaults: dict) -> dict:
+    """`full`: the lossless ZipCache preset (its defaults are ZipCache settings), built as a
+    FullCache, which has a static form (flash-decoding over the exact states)."""
+
+    def build(config, **params):
+        from .cache.baseline_cache import FullCache
+
+        return FullCache(config, **{**defaults, **params})
+
+    return dict(_quantizing("full", defaults), build=build)
+
+
+def _baseline(form: str) -> dict:
+    """build of a per token-head quantized baseline (cache/baseline_cache.py); no parameters."""
+
+    def build(config):
+        from .cache.baseline_cache import TokenQuantCache
+
+        return TokenQuantCache(config, form)
+
+    return dict(defaults={}, build=build)
+
+
 def _evicting(name: str, policy: str, defaults: dict, **fixed) -> dict:
     """build / check of an eviction method: `policy` names its policy builder as
     "<file>.<function>" of zipkv/policies/, called with `fixed`, the defaults and the given
@@ -284,8 +307,8 @@ SNAP_DEFAULTS = dict(window=32, kernel_size=7, pooling="max")
 
 _register(MethodSpec(
     "full", "lossless", "every token fp16; equals DynamicCache token for token", "",
-    params=(), takes_budget=False, footprint="16 bits/value", static=False,
-    **_quantizing("full", dict(high_bits=16, low_bits=16, saliency="none")),
+    params=(), takes_budget=False, footprint="16 bits/value", static=True,
+    **_lossless(dict(high_bits=16, low_bits=16, saliency="none")),
 ))
 _register(MethodSpec(
     "zipcache", "quantize", "probe-attention saliency: salient 60% of tokens 4-bit, the rest 2-bit",
@@ -312,6 +335,18 @@ _register(MethodSpec(
     "uniform", "quantize", "one bit width for every token (ZipCache's channelwise keys, CS tokenwise values)", "",
     params=ONE_WIDTH, takes_budget=False, footprint="~2.3 bits/value (bits=2)", static=True,
     **_quantizing("uniform", dict(high_bits=2, low_bits=2, saliency="none")),
+))
+
+# what serving engines offer: fp8 (vLLM's --kv-cache-dtype fp8, per-token-head scales) and int4
+_register(MethodSpec(
+    "fp8", "baseline", "fp8 e4m3 codes, one fp32 scale per token and head (as vLLM stores it); exact prefill", "",
+    params=(), takes_budget=False, footprint="8 bits + fp32 scale per token-head (8.25 bits/value at d 128)",
+    static=True, **_baseline("fp8"),
+))
+_register(MethodSpec(
+    "int4", "baseline", "int4 codes, a 16-bit scale and zero per token and head (asymmetric); exact prefill", "",
+    params=(), takes_budget=False, footprint="4 bits + 16-bit scale and zero per token-head (4.25 at d 128)",
+    static=True, **_baseline("int4"),
 ))
 
 _KEPT = "ratio x 16 bits/value"

@@ -6,9 +6,10 @@ from ..transformers_support import check_installed_transformers
 # range fails here, naming the installed and the supported versions.
 check_installed_transformers()
 
+from .baseline_cache import TokenQuantCache
 from .cache import ZipCache
 from .config import CompressionConfig
 from .layer import ZipCacheLayer
 from .stats import CacheStats
 
-__all__ = ["ZipCache", "CompressionConfig", "ZipCacheLayer", "CacheStats"]
+__all__ = ["TokenQuantCache", "ZipCache", "CompressionConfig", "ZipCacheLayer", "CacheStats"]

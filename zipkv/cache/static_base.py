@@ -23,6 +23,13 @@ def check_holds_prompt(layer, index: int | None = None) -> None:
 
 
 class StaticLayerBase:
+    def begin_step(self, key_states) -> None:
+        """The door of a static step's update(): one new token, and the last step's attention came."""
+        if key_states.shape[2] != 1:
+            raise ValueError(f"a static (CUDA-graph) cache decodes one token per step (got {key_states.shape[2]})")
+        if self.awaiting_queries:
+            raise self.missing_attention_error()
+
     def flush_due(self) -> bool:
         return False  # nothing is quantized or moved between steps
 

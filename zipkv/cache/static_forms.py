@@ -5,6 +5,7 @@ for every layer before any moves, so a refusal leaves the cache as it was) and h
 its static form. A layer class found in no entry (MiniCache's merged layers) has none.
 
     eager layer                          static form
+    TokenQuantLayer, LosslessLayer       StaticFlashLayer (fp8 / int4 / full: flash-decoding)
     ZipCacheLayer (and VLM subclasses)   StaticZipLayer / static_form_of(its class)
     SlidingZipLayer                      StaticSlidingLayer (a packed ring)
     EvictingLayer                        StaticEvictingLayer / StaticTieredLayer (by method)
@@ -18,17 +19,19 @@ from typing import Callable
 
 from transformers.cache_utils import DynamicSlidingWindowLayer
 
+from .baseline_cache import LosslessLayer, TokenQuantLayer
 from .eviction_layer import EvictingLayer
 from .layer import ZipCacheLayer
 from .sliding_layer import SlidingZipLayer
 from .static_base import check_holds_prompt
+from .static_flash_layer import StaticFlashLayer, check_flash_form
 from .static_evicting_layer import StaticEvictingLayer, static_evicting_layer, static_slot_rule
 from .static_layer import StaticZipLayer, check_static_form
 from .static_sliding_layer import StaticSlidingLayer
 from .static_window_layer import StaticWindowLayer
 
 # classes whose instances already are static (a second to_static() leaves them as they are)
-STATIC_LAYERS = (StaticZipLayer, StaticSlidingLayer, StaticEvictingLayer, StaticWindowLayer)
+STATIC_LAYERS = (StaticZipLayer, StaticSlidingLayer, StaticEvictingLayer, StaticWindowLayer, StaticFlashLayer)
 
 
 @dataclass(frozen=True)
@@ -48,7 +51,12 @@ def check_window(layer, index: int) -> None:
                          "tokens (a cache that recorded its past?)")
 
 
+FLASH_FORM = StaticForm(check=lambda cache, i, layer: check_flash_form(layer, i),
+                        build=lambda cache, i, layer, extra, pads: StaticFlashLayer(layer, extra, pads))
+
 FORMS: list[tuple[type, StaticForm]] = [  # first match wins: static classes subclass eager ones
+    (TokenQuantLayer, FLASH_FORM),
+    (LosslessLayer, FLASH_FORM),  # before ZipCacheLayer, which it subclasses
     (ZipCacheLayer, StaticForm(
         check=lambda cache, i, layer: check_static_form(layer),
         build=lambda cache, i, layer, extra, pads: StaticZipLayer.from_layer(layer, extra, pads))),

@@ -77,7 +77,10 @@ class LayerReport:
 
 
 def held_shape(layer):
-    """[B, H, T, D] of the layer's fp16 keys once it holds states, else None."""
+    """[B, H, T, D] of the layer's fp16 keys once it holds states, else None; a layer whose
+    keys are not held as such (per token-head codes) says it (`state_shape()`)."""
+    if hasattr(layer, "state_shape"):
+        return layer.state_shape() if layer.is_initialized else None
     keys = getattr(layer, "keys", None) if layer.is_initialized else None
     return keys.shape if keys is not None and keys.dim() == 4 else None
 
