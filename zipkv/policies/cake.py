@@ -14,6 +14,8 @@ import torch
 
 from ..cache.eviction_store import Fp16Store
 from ..eviction import CakeCascade, cake_preference, select_tokens, window_attention
+from ..parallel.reduce import sum_over_heads
+from ..parallel.shard import head_shard_of
 from .base import NEG_INF, scorer_of
 from .select import SelectPolicy
 
@@ -41,7 +43,9 @@ class CakePolicy(SelectPolicy):
         position = layer.eviction_position
         att = window_attention(query[:, :, -min(self.window, keys.shape[2]):], keys, real, scaling=scaling)
         scores = self.scorer.score_attention(att)
-        preference = cake_preference(att, window=self.window, tau1=self.tau1, tau2=self.tau2)
+        shard = head_shard_of(layer)  # tensor parallel: entropy and variance over every rank's heads
+        preference = cake_preference(att, window=self.window, tau1=self.tau1, tau2=self.tau2,
+                                     head_sum=None if shard is None else lambda x: sum_over_heads(shard, x))
         lengths = real.sum(1).tolist()
         if position == 0:
             self._cascades = [CakeCascade(len(self.layers), int(c), int(n), window=self.window)

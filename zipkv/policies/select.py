@@ -20,6 +20,8 @@ from ..eviction import select_tokens
 from ..eviction.budgets.adakv import adakv_layer_counts
 from ..eviction.budgets.pyramid import pyramid_layer_counts
 from ..eviction.budgets.uniform import uniform_layer_counts
+from ..parallel.reduce import rule_counts
+from ..parallel.shard import head_shard_of
 from .base import Policy, scorer_of, taken_by
 
 BUDGET_RULES = {
@@ -59,8 +61,10 @@ class SelectPolicy(Policy):
         keys, values, real = layer.recent_keys, layer.recent_values, layer.recent_real
         budgets = self.row_budgets(real)
         scores = self.scorer.score(keys, query, real, scaling=scaling)
-        counts = BUDGET_RULES[self.rule](scores, budgets, real, layer=layer.eviction_position,
-                                         num_layers=len(self.layers), window=self.protected, **self.rule_params)
+        # under tensor parallelism a head-wise rule (adakv) sees every rank's heads (parallel/reduce.py)
+        counts = rule_counts(head_shard_of(layer), BUDGET_RULES[self.rule], scores, budgets, real,
+                             layer=layer.eviction_position, num_layers=len(self.layers), window=self.protected,
+                             **self.rule_params)
         keep = select_tokens(scores, counts.to(scores.device), drop_padding=True).to_mask()
         layer.replace_all([Fp16Store.select(keys, values, keep)])
 

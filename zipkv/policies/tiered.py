@@ -20,6 +20,8 @@ from ..cache.eviction_store import Fp16Store, make_store
 from ..eviction import HIGH, LOW, ZipCacheScorer, assign_tiers, window_attention, zipvl_important_count
 from ..eviction.validation import check_int, check_ratio, check_tau
 from ..registry import TIER_PARAMS, TIER_QUANT
+from ..parallel.reduce import gather_heads, sum_over_heads
+from ..parallel.shard import head_shard_of
 from .base import NEG_INF, Policy, scorer_of
 from .zipvl_probes import ZipVLSelection, important_set, probe_positions, recent_probe_positions
 
@@ -101,12 +103,14 @@ class TieredPolicy(Policy):
         positions = probe_positions(real, self.probe_recent, self.probe_random, self.seed)
         att = window_attention(query[:, :, positions], keys, real, query_positions=positions, scaling=scaling)
         scores = ZipCacheScorer().score_attention(att)
-        high = zipvl_important_count(att, self.tau).to(torch.int64)
+        shard = head_shard_of(layer)  # tensor parallel: the mass of every rank's query heads
+        high = zipvl_important_count(sum_over_heads(shard, att.probs.sum(dim=(1, 2, 3))), self.tau).to(torch.int64)
         if self.budget is not None or self.ratio is not None:
             high = torch.minimum(high, self.row_budgets(real).to(high.device))
         selection = ZipVLSelection(positions, scores, high)
         if important:
-            selection.important = important_set(scores, high, real, recent_probe_positions(real, self.probe_recent))
+            recent = recent_probe_positions(real, self.probe_recent)
+            selection.important = important_set(gather_heads(shard, scores), high, real, recent)
         return selection
 
     def sparse_prefill_plan(self, layer, query, scaling) -> torch.Tensor:
@@ -194,7 +198,7 @@ class TieredPolicy(Policy):
         totals, counts = layer.recent_score_sum, layer.recent_score_count
         scores = (totals / counts.clamp_min(1.0)).masked_fill(~real[:, None, :], NEG_INF)
         if self.rule == "zipvl":
-            high = zipvl_important_count(totals.sum(1) * real, self.tau).to(torch.int64)
+            high = zipvl_important_count(sum_over_heads(head_shard_of(layer), totals.sum(1)) * real, self.tau).to(torch.int64)
             if self.ratio is not None:  # a token budget is the prompt's; a ratio applies to every block
                 high = torch.minimum(high, torch.floor(self.ratio * lengths.to(torch.float64) + 0.5).to(torch.int64))
             low = lengths - high if self.layout == "zipvl_v1" else torch.zeros_like(high)

@@ -18,12 +18,15 @@ from ..scorers.cake import window_moments
 from ..validation import check_budget, check_int, check_positive
 
 
-def cake_preference(att: WindowAttention, *, window: int = 32, tau1: float = 1.0, tau2: float = 1.0) -> Tensor:
+def cake_preference(att: WindowAttention, *, window: int = 32, tau1: float = 1.0, tau2: float = 1.0,
+                    head_sum=None) -> Tensor:
     """float64 [B] layer preference P = H^(1/tau1) * V^(1/tau2) from the window rows of A
     over the earlier tokens: H = -sum A log(A + 1e-10) (entropy, all heads and rows),
     V = sum over heads and tokens of the unbiased variance over the window queries.
     tau1, tau2 are tuned per model in the paper (e.g. 1.6 / 0.4 for Llama-3.1-8B at a
-    1024 budget); 1.0 / 1.0 is the neutral default."""
+    1024 budget); 1.0 / 1.0 is the neutral default. head_sum: applied to H and V before the
+    powers when `att` holds only some of the layer's heads (tensor parallel: the sum over the
+    other ranks' heads, zipkv.parallel.sum_over_heads)."""
     check_int("window", window, 1)
     tau1, tau2 = check_positive("tau1", tau1), check_positive("tau2", tau2)
     prefix = max(att.seq_len - window, 0)
@@ -31,6 +34,8 @@ def cake_preference(att: WindowAttention, *, window: int = 32, tau1: float = 1.0
     entropy = -(probs * torch.log(probs + 1e-10)).sum(dim=(1, 2, 3, 4))
     _, var = window_moments(att, prefix)
     variance = var.to(torch.float64).sum(dim=(1, 2, 3))
+    if head_sum is not None:
+        entropy, variance = head_sum(entropy), head_sum(variance)
     return entropy.clamp(min=0) ** (1.0 / tau1) * variance.clamp(min=0) ** (1.0 / tau2)
 
 
