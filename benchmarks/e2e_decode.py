@@ -53,6 +53,7 @@ import types
 
 import torch
 
+import zipkv
 from zipkv.bench_cli import E2E_CACHES as CACHES
 from zipkv.bench_cli import E2E_SHAPES, add_e2e_arguments
 ZIPKV = ("zip_packed", "zip_dequant", "kivi", "zip_graph", "kivi_graph", "zipkv_graph")
@@ -230,8 +231,6 @@ def _quanto_python_unpack():
 def new_cache(kind: str, model, max_len: int = 0):
     from transformers import DynamicCache, QuantizedCache, StaticCache
 
-    import zipkv
-
     if kind in ("dynamic", "quanto2", "static_graph"):
         model.config._attn_implementation = "sdpa"  # a zipkv cache switched it to "zipkv"
     if kind == "dynamic":
@@ -340,7 +339,7 @@ def decode_steps(model, cache, batch, device, warmup, reps, cap_s, timer):
     t_begin = time.perf_counter()
     for step in range(warmup + reps):
         t0 = timer.start()
-        out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+        out = model(input_ids=tok, **zipkv.cache_kwargs(cache), use_cache=True)
         tok = out.logits[:, -1:].argmax(-1)
         del out
         ms = timer.stop(t0)
@@ -372,7 +371,7 @@ def graph_stepper(kind, model, cache, batch, context, device, steps: int):
     cpos = torch.tensor([context], device=device)
 
     def forward():
-        out = model(input_ids=ids, position_ids=pos, cache_position=cpos, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, position_ids=pos, cache_position=cpos, **zipkv.cache_kwargs(cache), use_cache=True)
         ids.copy_(out.logits[:, -1:].argmax(-1))
         pos.add_(1)
         cpos.add_(1)
@@ -434,7 +433,7 @@ def profile_steps(model, cache, batch, device, steps=2, top=15) -> dict:
     t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for _ in range(steps):
-            out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+            out = model(input_ids=tok, **zipkv.cache_kwargs(cache), use_cache=True)
             tok = out.logits[:, -1:].argmax(-1)
             del out
         sync(device)

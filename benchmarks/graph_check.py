@@ -56,7 +56,7 @@ def main(argv=None):
                                                ids, mask, max_new_tokens=args.new, cuda_graph=False, eos_token_id=False)
             cache = zipkv.make_cache(method, model.config, decode_path="packed", **kw)
             with torch.inference_mode():
-                generated = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, do_sample=False,
+                generated = model.generate(input_ids=ids, attention_mask=mask, **zipkv.cache_kwargs(cache), do_sample=False,
                                            max_new_tokens=args.new, min_new_tokens=args.new)[:, ids.shape[1]:]
             rec["graph_equals_static_eager"] = bool((graph == eager_static).all())
             same = (graph == generated).float()

@@ -63,7 +63,7 @@ def run_method(name, model, batch, context, steps_per_run, runs, device, timer, 
         sync(device)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out = model(input_ids=ids, **zipkv.cache_kwargs(cache), use_cache=True, logits_to_keep=1)
             first = out.logits[:, -1:].argmax(-1)
             del out
         sync(device)

@@ -28,6 +28,8 @@ import time
 
 import torch
 
+import zipkv
+
 SHAPES = {
     # language model of llava-hf/llava-1.5-7b-hf (Vicuna-7B, Llama architecture)
     "llava-1.5-7b": dict(family="llava", hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
@@ -120,13 +122,13 @@ def run_case(model, method, n_text, n_visual, reps, device):
         before = gpu.start_peak()
         start = time.perf_counter()
         with torch.no_grad():
-            lm(inputs_embeds=embeds, past_key_values=cache, use_cache=True)
+            lm(inputs_embeds=embeds, **zipkv.cache_kwargs(cache), use_cache=True)
         gpu.sync()
         elapsed = time.perf_counter() - start
         top = gpu.peak() - before
         start = time.perf_counter()
         with torch.no_grad():
-            lm(inputs_embeds=embeds[:, -1:], past_key_values=cache, use_cache=True)
+            lm(inputs_embeds=embeds[:, -1:], **zipkv.cache_kwargs(cache), use_cache=True)
         gpu.sync()
         step = time.perf_counter() - start
         if rep:

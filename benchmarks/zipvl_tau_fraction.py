@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+import zipkv
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -40,7 +42,7 @@ def main(argv=None) -> int:
         cache = make_eviction_cache("zipvl", model.config, tau=tau)
         start = time.perf_counter()
         with torch.inference_mode():
-            model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(input_ids=ids, **zipkv.cache_kwargs(cache), use_cache=True, logits_to_keep=1)
         per_layer = [float(layer.tier_stores["high"].lengths.float().mean()) / args.length
                      for layer in cache.evicting_layers()]
         mean = sum(per_layer) / len(per_layer)
