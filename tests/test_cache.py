@@ -217,11 +217,9 @@ def test_zipkv_preset_decodes_through_the_triton_kernel(monkeypatch):
     """The zipkv preset's tiers (4-bit keys, 2-bit values) read by the Triton kernel itself
     (CPU interpreter; head_dim 64 so the kernel takes the shapes): the same greedy tokens and
     close logits as SDPA over a dequantized copy."""
-    from zipkv.kernels._runtime import enable_interpreter, triton_installed
+    from triton_mode import use_interpreter_or_skip
 
-    if not triton_installed():
-        pytest.skip("triton not installed")
-    enable_interpreter()
+    use_interpreter_or_skip()  # not in a compiled GPU session: it would turn later launches interpreted
     import zipkv.cache.layer as layer_module
     from zipkv.kernels.decode_attention import decode_attention
 

@@ -3,6 +3,7 @@ import importlib.util
 
 import pytest
 import torch
+import transformers.cache_utils
 from transformers import DynamicCache, LlamaConfig, QuantizedCache
 
 from zipkv.eval.methods import MethodSpec, MethodUnavailable, resolve
@@ -11,6 +12,7 @@ from zipkv.eval.methods.hf_quantized import HFQuantizedMethod
 from zipkv.eval.methods.reference import DynamicCacheMethod
 from zipkv.eval.methods.zipkv_methods import ZipkvMethod
 
+FP8_BACKEND = hasattr(transformers.cache_utils, "Fp8QuantizedLayer")  # transformers >= 5.21
 CONFIG = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
                      intermediate_size=128, vocab_size=100)  # head dim 16
 
@@ -29,7 +31,8 @@ def test_spec_parsing_types_and_canonical_label():
 
 def test_resolve_routes_names():
     assert isinstance(resolve("hf-dynamic"), DynamicCacheMethod)
-    assert isinstance(resolve("hf-fp8"), HFQuantizedMethod)
+    if FP8_BACKEND:
+        assert isinstance(resolve("hf-fp8"), HFQuantizedMethod)
     assert isinstance(resolve("zipcache:high_bits=4"), ZipkvMethod)
     with pytest.raises(ValueError, match="no parameters"):
         resolve("hf-dynamic:x=1")
@@ -75,6 +78,16 @@ def test_tensor_bytes_recurses_into_tuples_and_dicts_once_each():
     assert tensor_bytes((t, {"scale": torch.zeros(3), "again": t})) == 20 + 12
 
 
+def test_hf_fp8_without_the_backend_is_unavailable_naming_the_version(monkeypatch):
+    """transformers < 5.21 has no fp8 QuantizedCache backend: resolving hf-fp8 says so."""
+    from transformers import cache_utils
+
+    monkeypatch.delattr(cache_utils, "Fp8QuantizedLayer", raising=False)
+    with pytest.raises(MethodUnavailable, match=r"hf-fp8 needs transformers >= 5\.21 .*installed: 5\."):
+        resolve("hf-fp8")
+
+
+@pytest.mark.skipif(not FP8_BACKEND, reason="transformers < 5.21: QuantizedCache has no fp8 backend")
 def test_hf_fp8_cache_holds_one_byte_per_element_plus_scales():
     cache = QuantizedCache("fp8", CONFIG)
     _fill(cache, 20)

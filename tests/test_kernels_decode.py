@@ -7,11 +7,9 @@ packed layout the kernel reads to the one the cache writes.
 import pytest
 import torch
 
-from zipkv.kernels._runtime import enable_interpreter, triton_installed
+from triton_mode import interpreter_module_mark
 
-pytestmark = pytest.mark.skipif(not triton_installed(), reason="triton not installed")
-if triton_installed():
-    enable_interpreter()
+pytestmark = interpreter_module_mark()  # Triton's interpreter; skipped in a compiled GPU session
 
 from zipkv.kernels.decode_attention import decode_attention, decode_attention_reference  # noqa: E402
 from zipkv.kernels.packed import PackedSegment, dequantize_segment  # noqa: E402

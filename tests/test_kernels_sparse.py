@@ -3,10 +3,9 @@
 import pytest
 import torch
 
-from zipkv.kernels._runtime import enable_interpreter, triton_installed
+from triton_mode import switch_to_interpreter
 
-if triton_installed():
-    enable_interpreter()
+NO_INTERPRETER = switch_to_interpreter()  # None: Triton's interpreter is on (skipped in a compiled GPU session)
 
 from zipkv.kernels.sparse_prefill import sparse_prefill_attention, sparse_prefill_reference  # noqa: E402
 
@@ -21,7 +20,7 @@ def _inputs(dtype):
     return q, k, v, keep
 
 
-@pytest.mark.parametrize("impl", ["gather", pytest.param("triton", marks=pytest.mark.skipif(not triton_installed(), reason="triton"))])
+@pytest.mark.parametrize("impl", ["gather", pytest.param("triton", marks=pytest.mark.skipif(NO_INTERPRETER is not None, reason=str(NO_INTERPRETER)))])
 def test_sparse_prefill_matches_reference(impl):
     q, k, v, keep = _inputs(torch.float16 if impl == "triton" else torch.float32)
     ref = sparse_prefill_reference(q, k, v, keep)

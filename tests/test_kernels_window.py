@@ -3,11 +3,9 @@
 import pytest
 import torch
 
-from zipkv.kernels._runtime import enable_interpreter, triton_installed
+from triton_mode import interpreter_module_mark
 
-pytestmark = pytest.mark.skipif(not triton_installed(), reason="triton not installed")
-if triton_installed():
-    enable_interpreter()
+pytestmark = interpreter_module_mark()  # Triton's interpreter; skipped in a compiled GPU session
 
 from zipkv.kernels.window_step import (  # noqa: E402
     window_append, window_append_reference, window_scores, window_scores_reference)

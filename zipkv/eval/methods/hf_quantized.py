@@ -17,6 +17,11 @@ BACKENDS = {
     "hf-hqq": ("hqq", "hqq", "pip install hqq"),
     "hf-fp8": ("fp8", None, None),
 }
+# Backends that transformers added after its oldest supported release (5.2): the layer class
+# QuantizedCache builds for it, and the first release that has it (before it, QuantizedCache
+# raises "Unknown quantization backend" at the first cache; here that is a MethodUnavailable
+# naming the version, when the method is resolved).
+LATER_BACKENDS = {"fp8": ("Fp8QuantizedLayer", "5.21")}
 
 
 def _importable(module: str) -> bool:
@@ -34,6 +39,14 @@ class HFQuantizedMethod(Method):
         self.backend, module, pip = BACKENDS[spec.name]
         if module and not _importable(module):
             raise MethodUnavailable(f"{spec.name} needs {module}: {pip}")
+        if self.backend in LATER_BACKENDS:
+            import transformers
+            from transformers import cache_utils
+
+            layer, since = LATER_BACKENDS[self.backend]
+            if not hasattr(cache_utils, layer):
+                raise MethodUnavailable(f"{spec.name} needs transformers >= {since} (its QuantizedCache has no "
+                                        f"{self.backend!r} backend before; installed: {transformers.__version__})")
 
     def new_cache(self, model):
         from transformers import QuantizedCache
