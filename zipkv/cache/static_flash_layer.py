@@ -23,6 +23,10 @@ from .static_base import StaticLayerBase, check_holds_prompt
 from .static_evicting_layer import check_static_kwargs
 from .token_head_tier import TokenHeadBuffers
 
+# impl of the decode kernel ("auto": Triton on CUDA, the reference elsewhere); tests set
+# "triton" to decode a tiny model through the kernel under Triton's interpreter
+FLASH_IMPL = "auto"
+
 
 def eager_segment(layer) -> FlashSegment:
     """What an eager baseline layer holds, as a FlashSegment [B, H, N, .]."""
@@ -79,7 +83,7 @@ class StaticFlashLayer(StaticLayerBase, ZipkvLayer):
     def attend(self, module, query, key, value, attention_mask, scaling, **kwargs):
         """The model's mask is not read: each row attends to its first lengths[b] tokens."""
         check_static_kwargs(kwargs)
-        output = flash_decode(query, self.store.segment(), self.store.lengths, scaling)
+        output = flash_decode(query, self.store.segment(), self.store.lengths, scaling, impl=FLASH_IMPL)
         self.awaiting_queries = False
         return output.transpose(1, 2).contiguous(), None
 
