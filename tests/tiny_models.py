@@ -64,3 +64,26 @@ def generate_new_tokens(model, cache, ids, mask, new_tokens: int):
         out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new_tokens,
                              do_sample=False)
     return out[:, ids.shape[1]:]
+
+
+def word_tokenizer(sentences):
+    """A word-level fast tokenizer trained on `sentences` ([UNK] 0, [PAD] 1, [EOS] 2), offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.decoder = decoders.WordPiece()
+    backend.train_from_iterator(sentences, trainers.WordLevelTrainer(special_tokens=["[UNK]", "[PAD]", "[EOS]"]))
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]", eos_token="[EOS]")
+
+
+def save_word_checkpoint(directory, sentences, arch: str = "llama", **overrides):
+    """A random tiny model and a word-level tokenizer of `sentences`, saved in `directory` like
+    any local checkpoint (config.json, safetensors, tokenizer files); returns the directory."""
+    tokenizer = word_tokenizer(sentences)
+    model = tiny_model(arch, vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id,
+                       eos_token_id=tokenizer.eos_token_id, bos_token_id=None, **overrides)
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory

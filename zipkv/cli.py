@@ -29,7 +29,7 @@ import time
 from . import model_zoo, registry  # light: no torch until a cache is built or a model loads
 
 # Subcommands owned by other rooms, imported only if present.
-SUBCOMMAND_MODULES = ("zipkv.eval.cli", "zipkv.bench_cli", "zipkv.models_cli")
+SUBCOMMAND_MODULES = ("zipkv.eval.cli", "zipkv.bench_cli", "zipkv.models_cli", "zipkv.integrations.lm_eval")
 
 BIT_WIDTHS = (2, 4, 8)
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
