@@ -297,7 +297,7 @@ def test_generate_static_gives_the_same_answer(tiny_model_dir, capsys, method):
 
 
 def test_generate_static_needs_a_quantizing_method(tiny_model_dir, capsys):
-    err = usage_error(["generate", PROMPT, "--model", str(tiny_model_dir), "--method", "full", "--static",
+    err = usage_error(["generate", PROMPT, "--model", str(tiny_model_dir), "--method", "minicache", "--static",
                        "--device", "cpu"], capsys)
     assert "--static needs a method with a static form" in err
 
