@@ -148,9 +148,11 @@ def parse_args(argv):
                          "skipped (0: none; default: %(default)s)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed runs (default: %(default)s)")
     ap.add_argument("--runs", type=int, default=5, help="timed runs per graph row; eager rows time 2 x runs steps")
+    ap.add_argument("--cap-s", type=float, default=12.0,
+                    help="a row stops timing after this long, with >= 2 runs (eager rows: 3 steps; default: %(default)s)")
     ap.add_argument("--steps", type=int, default=0,
                     help="steps per timed run (0: a zipkv cache's stream_interval, so each run quantizes one block; "
-                         "else 32)")
+                         "the fp8 / int4 rows 32; the HF StaticCache rows 8)")
     ap.add_argument("--fill", default="kv", choices=("kv", "prefill"),
                     help="how a row's cache gets its context: random K/V through the cache's own update path (kv), "
                          "or the model over random ids in chunks (prefill)")
@@ -162,7 +164,7 @@ def parse_args(argv):
     ap.add_argument("--capacity-rows", default=CAPACITY_ROWS, help="capacity stage rows (default: %(default)s)")
     ap.add_argument("--capacity-contexts", default=None, help="capacity stage contexts (default: 32K,128K; --tiny: 96)")
     ap.add_argument("--capacity-check", default="zipkv", help="the row allocated at its predicted batch ('': none)")
-    ap.add_argument("--prefill-lengths", default=None, help="prefill stage lengths (default: 8K,32K; --tiny: 64)")
+    ap.add_argument("--prefill-lengths", default=None, help="prefill stage lengths (default: 8K,32K; --tiny: 192)")
     ap.add_argument("--prefill-methods", default="dynamic,zipkv,zipcache,kivi,uniform,snapkv,h2o,zipvl")
     ap.add_argument("--prefill-reps", type=int, default=2, help="timed prefills per case, after one untimed")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
@@ -201,6 +203,8 @@ def check_args(ap, args, methods) -> dict:
                                ("--prefill-tokens", args.prefill_tokens, 1)):
         if value < low:
             ap.error(f"{option} must be >= {low} (got {value})")
+    if args.cap_s <= 0 or args.deadline_s < 0:
+        ap.error(f"--cap-s must be > 0 and --deadline-s >= 0 (got {args.cap_s}, {args.deadline_s})")
     if args.memory_cap_gib <= 0:
         ap.error(f"--memory-cap-gib must be > 0 (got {args.memory_cap_gib})")
     tokens = lambda t: [parse_tokens(x) for x in t.split(",") if x.strip()]  # noqa: E731
@@ -217,7 +221,7 @@ def check_args(ap, args, methods) -> dict:
         capacity_contexts=numbers("--capacity-contexts", args.capacity_contexts or ("96" if args.tiny else "32K,128K"),
                                   tokens),
         capacity_check=check[0] if check else None,
-        prefill_lengths=numbers("--prefill-lengths", args.prefill_lengths or ("64" if args.tiny else "8K,32K"), tokens),
+        prefill_lengths=numbers("--prefill-lengths", args.prefill_lengths or ("192" if args.tiny else "8K,32K"), tokens),
         prefill_methods=prefill)
 
 
@@ -263,7 +267,7 @@ def run(args, lists, argv) -> dict:
             json.dump(res, f, indent=1)
 
     s = Setting(model=model, device=device, dtype=getattr(torch, args.dtype), timer=e2e.Timer(device), warmup=args.warmup, runs=args.runs,
-                steps=args.steps, fill=args.fill, prefill_tokens=args.prefill_tokens,
+                steps=args.steps, cap_s=args.cap_s, fill=args.fill, prefill_tokens=args.prefill_tokens,
                 ceiling_gbps=bandwidth.get("gbps", float("nan")), weight_bytes=w_bytes,
                 profile=tuple(p for p in args.profile.split(",") if p),
                 hf_variants=tuple(v for v in args.hf_static_variants.split(",") if v))

@@ -77,7 +77,9 @@ def check_batch(row: str, s, batch: int, context: int, cap_gib: float) -> dict:
 def run_capacity(rows, contexts, s, cap_gib: float, check_row: str | None, deadline: float, log) -> dict:
     """The capacity section of the JSON."""
     small = dataclasses.replace(s, runs=1, steps=4, profile=())
-    res = dict(memory_cap_gib=cap_gib, contexts=list(contexts), methods={}, checks=[])
+    res = dict(memory_cap_gib=cap_gib, contexts=list(contexts), methods={}, checks=[],
+               decode_room_steps=small.warmup + (small.runs + 1) * small.steps + 8,  # static buffers' room per row
+               note="the static rows hold room for decode_room_steps more tokens; the eager rows none")
     for row in rows:
         for context in contexts:
             key = f"{row}@{context}"

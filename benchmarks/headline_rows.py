@@ -38,7 +38,8 @@ from benchmarks.registry_decode import method_params
 
 BASELINE_METHODS = {"bf16": "full", "fp8": "fp8", "int4": "int4"}  # row -> registry method
 PRESETS = ("zipkv", "zipcache", "kivi", "uniform")
-HF_ROWS = ("hf_static_graph", "hf_generate_static", "dynamic_eager", "quanto2")
+# hf_generate_static last: its torch.compile takes about a minute per shape
+HF_ROWS = ("hf_static_graph", "dynamic_eager", "quanto2", "hf_generate_static")
 GRAPH_WARMUP = 3
 # HF StaticCache + a captured graph, one per SDPA dispatch: (extra env, SDPA backends or None)
 HF_STATIC_VARIANTS = {
@@ -100,7 +101,7 @@ class Setting:
     steps: int = 0  # steps per timed run; 0: a zipkv cache's stream_interval (one block quantized per run), else 32
     fill: str = "kv"  # "kv" or "prefill"
     prefill_tokens: int = 65536  # batch x chunk tokens per prefill forward
-    eager_cap_s: float = 20.0  # an eager row stops timing after this long (>= 3 steps)
+    cap_s: float = 12.0  # a row (an SDPA variant) stops timing after this long: >= 2 runs (eager: 3 steps)
     ceiling_gbps: float = float("nan")
     weight_bytes: int = 0
     profile: tuple = ()  # rows profiled on CUDA (kernels per step)
@@ -174,14 +175,18 @@ def roofline(rec: dict, s: Setting) -> None:
         rec["x_roofline"] = rec["ms_per_step"] / rec["roofline_ms"]
 
 
-def timed_runs(step, runs: int, steps: int, timer) -> list[float]:
-    """ms/step of each of `runs` runs of `steps` calls of step()."""
+def timed_runs(step, runs: int, steps: int, timer, cap_s: float = float("inf")) -> list[float]:
+    """ms/step of each of `runs` runs of `steps` calls of step(); fewer runs (>= 2) once cap_s
+    seconds are spent."""
     times = []
+    begin = time.perf_counter()
     for _ in range(runs):
         t0 = timer.start()
         for _ in range(steps):
             step()
         times.append(timer.stop(t0) / steps)
+        if len(times) >= 2 and time.perf_counter() - begin > cap_s:
+            break
     return times
 
 
@@ -220,7 +225,7 @@ def zipkv_row(rec: dict, name: str, s: Setting, batch: int, context: int) -> Non
     e2e.reset_peak(s.device)
     for _ in range(s.warmup):
         decoder.step()
-    times = timed_runs(decoder.step, s.runs, steps, s.timer)
+    times = timed_runs(decoder.step, s.runs, steps, s.timer, s.cap_s)
     finish(rec, times, batch, s)
     rec.update(steps_per_run=steps, flushes=decoder.flushes, cuda_graph=decoder.use_graph)
     if s.cuda and rec["row"] in s.profile:
@@ -235,7 +240,7 @@ def eager_row(rec: dict, kind: str, s: Setting, batch: int, context: int) -> Non
     rec["kv_bytes"] = rec["bytes_held"] = e2e.cache_bytes(kind, cache)
     e2e.reset_peak(s.device)
     with torch.inference_mode():
-        times = e2e.decode_steps(s.model, cache, batch, s.device, s.warmup, 2 * s.runs, s.eager_cap_s, s.timer)
+        times = e2e.decode_steps(s.model, cache, batch, s.device, s.warmup, 2 * s.runs, s.cap_s, s.timer)
     finish(rec, times, batch, s)
     if s.cuda and rec["row"] in s.profile:
         rec["profile"] = e2e.profile_steps(s.model, cache, batch, s.device)
@@ -264,8 +269,9 @@ def sdpa_dispatch(env: dict, backend: str | None):
 
 def hf_static_row(rec: dict, s: Setting, batch: int, context: int) -> None:
     """One StaticCache, filled once; each SDPA variant captures its own graph over it and runs
-    on from where the previous one stopped. The row's figure is the fastest variant's."""
-    steps = s.steps or 32
+    on from where the previous one stopped. The row's figure is the fastest variant's. Runs of
+    8 replays (every replay is the same step: no block quantization to include)."""
+    steps = s.steps or 8
     per_variant = s.warmup + s.runs * steps + 2
     variants = [v for v in s.hf_variants if s.cuda or HF_STATIC_VARIANTS[v][1] is None]
     capacity = -(-(context + per_variant * len(variants) + 8) // 256) * 256
@@ -287,7 +293,7 @@ def hf_static_row(rec: dict, s: Setting, batch: int, context: int) -> None:
                 for _ in range(s.warmup):
                     step()
             with torch.inference_mode():
-                times = timed_runs(step, s.runs, steps, s.timer)
+                times = timed_runs(step, s.runs, steps, s.timer, s.cap_s)
             out.update(ms_per_step=statistics.median(times), ms_runs=times)
             peaks.append(e2e.peak(s.device))
         except Exception as error:  # a backend that cannot run this shape: say so, try the next
@@ -333,12 +339,12 @@ def hf_generate_row(rec: dict, s: Setting, batch: int, context: int) -> None:
     """transformers' generate() over a filled StaticCache: it runs the one uncached token as its
     prefill, then decode steps; on CUDA it compiles the forward (its auto-compile of static
     caches). ms/step: intervals between the steps' logits, after `warmup` steps (compilation,
-    CUDA-graph recording), in runs of `steps`."""
+    CUDA-graph recording), in runs of `steps` (8)."""
     from transformers import LogitsProcessorList
 
     import zipkv
 
-    steps = s.steps or 32
+    steps = s.steps or 8
     warmup = s.warmup + 3  # compile, cudagraph warm-up and recording happen in the first few steps
     new = warmup + s.runs * steps + 1
     capacity = -(-(context + new + 8) // 256) * 256
