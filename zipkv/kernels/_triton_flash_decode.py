@@ -43,8 +43,8 @@ def _flash_split_kernel(q_ptr, sqb, sqh, k_ptr, skb, skh, skn, v_ptr, svb, svh, 
                         BLOCK_N: tl.constexpr, IEEE: tl.constexpr):
     bh = tl.program_id(0)
     split = tl.program_id(1)
-    b = bh // HKV
-    h = bh % HKV
+    b = (bh // HKV).to(tl.int64)  # 64-bit offsets: a 16 x 128K cache passes 2^31 elements
+    h = (bh % HKV).to(tl.int64)
     length = tl.minimum(tl.load(len_ptr + b), N)
     start = split * split_len
     if start < length:  # else: past the row's tokens, nothing to read
@@ -54,8 +54,9 @@ def _flash_split_kernel(q_ptr, sqb, sqh, k_ptr, skb, skh, skn, v_ptr, svb, svh, 
         cols = tl.arange(0, W)
         q_rows = q_ptr + b * sqb + (h * R + rows)[:, None] * sqh
         q = tl.load(q_rows + cols[None, :], mask=row_ok[:, None], other=0.0)
-        dt = tl.float32 if IEEE else q.dtype  # the dots' input dtype
-        q = q.to(dt)
+        if IEEE:
+            q = q.to(tl.float32)
+        dt = q.dtype  # the dots' input dtype
         if FORM == 2:  # the query's halves meet the low / high nibbles
             q2 = tl.load(q_rows + W + cols[None, :], mask=row_ok[:, None], other=0.0).to(dt)
             q_sum = tl.sum(q.to(tl.float32), 1) + tl.sum(q2.to(tl.float32), 1)
