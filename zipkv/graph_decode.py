@@ -21,6 +21,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from .compiled import compiled_step
 from .decode_positions import decode_positions, forget_rope_deltas
 from .transformers_support import cache_kwargs
 
@@ -104,11 +105,14 @@ class StaticDecoder:
     (same buffers and kernels: how the CPU tests check the static path). device_flush (default:
     with graphs): blocks of the usual shape are quantized with device-side offsets, on CUDA by
     a second graph captured at the second such block.
+    compile (compiled.py): False (default), True (inductor), or a torch.compile backend (a name
+    such as "aot_eager", or a callable): the step is compiled with fullgraph=True (zipkv's
+    kernels are custom ops: kernels/ops.py), then captured as a CUDA graph as the eager step.
     """
 
     def __init__(self, model, cache, next_tokens: torch.Tensor, next_positions: torch.Tensor,
                  max_steps: int, prompt_padding=None, cuda_graph: bool | None = None,
-                 device_flush: bool | None = None):
+                 device_flush: bool | None = None, compile: bool | str | object = False):
         if not has_static_form(cache):
             raise ValueError(f"cache must be a zipkv cache with a static form, e.g. a ZipCache or an EvictionCache "
                              f"(got {type(cache).__name__})")
@@ -119,6 +123,8 @@ class StaticDecoder:
             raise ValueError("cuda_graph=True needs the model on a CUDA device")
         self.model, self.cache = model, cache
         self.use_graph = device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
+        # the step function: eager, or torch.compile(fullgraph=True) of it (compiled.py)
+        self.step_function = compiled_step(self._forward, compile)
         with torch.inference_mode():
             cache.to_static(max_steps, prompt_padding)
             odd = [type(layer).__name__ for layer in cache.layers if not isinstance(layer, StaticLayer)]
@@ -203,12 +209,12 @@ class StaticDecoder:
         with torch.inference_mode():
             if self.graph is None and self.use_graph:
                 # the first step is the warm-up run; later steps replay the graph
-                self.graph = capture(self._forward, after_warm_up=self._after_step)
+                self.graph = capture(self.step_function, after_warm_up=self._after_step)
             else:
                 if self.graph is not None:
                     self.graph.replay()
                 else:
-                    self._forward()
+                    self.step_function()
                 self._after_step()
         return self.ids
 
@@ -265,7 +271,8 @@ def has_static_form(cache) -> bool:
 
 
 def greedy_decode(model, cache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                  max_new_tokens: int = 32, cuda_graph: bool | None = None, eos_token_id=None) -> torch.Tensor:
+                  max_new_tokens: int = 32, cuda_graph: bool | None = None, eos_token_id=None,
+                  compile: bool | str | object = False) -> torch.Tensor:
     """Greedy new tokens [B, <= max_new_tokens] for a (left-)padded prompt batch, through a
     fresh zipkv cache (a ZipCache or an EvictionCache): the prompt in one eager forward, then
     static decode steps (CUDA graphs on CUDA). The same tokens as model.generate(...,
@@ -273,6 +280,7 @@ def greedy_decode(model, cache, input_ids: torch.Tensor, attention_mask: torch.T
     rows that emitted EOS (eos_token_id, default the
     model's generation config; False: never stop) continue with pad tokens, and decoding
     stops once every row has (checked every EOS_CHECK_EVERY steps; the output is cut there).
+    compile: see StaticDecoder (the decode step through torch.compile, same tokens).
     """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a non-empty [batch, length] tensor (got {tuple(input_ids.shape)})")
@@ -298,7 +306,8 @@ def greedy_decode(model, cache, input_ids: torch.Tensor, attention_mask: torch.T
         del out
     tokens = [first]
     if max_new_tokens > 1:
-        decoder = StaticDecoder(model, cache, first, positions[:, -1] + 1, max_new_tokens - 1, attention_mask, cuda_graph)
+        decoder = StaticDecoder(model, cache, first, positions[:, -1] + 1, max_new_tokens - 1, attention_mask, cuda_graph,
+                                compile=compile)
         for i in range(1, max_new_tokens):
             if i % EOS_CHECK_EVERY == 0:
                 decoder.check_finite()  # waits for the GPU anyway, like the EOS check

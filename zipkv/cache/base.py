@@ -21,6 +21,13 @@ class ZipkvCache(FixedLayers, Cache):
     switched to it here: True for the plain reason, or a phrase for the error message, as
     `enable_zipkv_attention(needs=...)` takes it)."""
 
+    # Set by to_static(): the logical length as a device counter (what the model's mask reads
+    # inside a compiled step: a host int that changes every step would recompile it), and the
+    # fixed key length the model's masks are built for (the static layers read their own
+    # masks; a fixed size keeps one graph for every step). None: not static.
+    device_length: torch.Tensor | None = None
+    static_mask_length: int | None = None
+
     def __init__(self, config, layers: list, *, needs_attention: bool | str = False):
         super().__init__(layers=layers)
         self.position_limit = PositionLimit(config)  # prompt + new tokens vs max_position_embeddings
@@ -74,11 +81,46 @@ class ZipkvCache(FixedLayers, Cache):
                 forms[i].check(self, i, layer)
         # one layer at a time, each eager layer released as its copy is made: the peak is the
         # cache plus one layer, not two caches
+        length = self.get_seq_length()
         for i, form in forms.items():
             layer = self.layers[i]
             self.layers[i] = form.build(self, i, layer, extra_tokens, prompt_padding)
             del layer
         self.adopt_layers()
+        self.mark_static(length, extra_tokens)
+
+    def mark_static(self, length: int, extra_tokens: int) -> None:
+        """The device counter and mask size of a static cache, and every held tensor marked as a
+        static address: a compiled step with CUDA graphs (transformers' generate, mode
+        "reduce-overhead") then reads the buffers in place instead of copying them in as inputs."""
+        if self.device_length is None:
+            self.device_length = torch.tensor(length, device=self.layers[0].held_tensors()[0].device)
+            self.static_mask_length = length + extra_tokens
+        for layer in self.layers:
+            # a step sets and clears this flag: an instance attribute from the start, so that a
+            # compiled step's guards see the same layer __dict__ at every step (no recompile)
+            layer.awaiting_queries = bool(getattr(layer, "awaiting_queries", False))
+            for tensor in [*layer.held_tensors(), layer.nonfinite]:
+                torch._dynamo.mark_static_address(tensor)
+        torch._dynamo.mark_static_address(self.device_length)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        if layer_idx == 0 and self.device_length is not None:
+            self.device_length += key_states.shape[-2]
+        return out
+
+    def get_query_offset(self, layer_idx: int = 0):
+        """transformers >= 5.2x asks this for the model's mask: inside a compiled step of a static
+        cache the device counter (as transformers' StaticLayer does), else the host length."""
+        if self.device_length is not None and torch.compiler.is_compiling():
+            return self.device_length
+        return super().get_query_offset(layer_idx)
+
+    def get_mask_sizes(self, *args, **kwargs):
+        if self.static_mask_length is not None:
+            return self.static_mask_length, 0
+        return super().get_mask_sizes(*args, **kwargs)
 
     @property
     def is_static(self) -> bool:

@@ -263,7 +263,9 @@ class AppendSlots(SlotRule):
         layer.lengths.fill_(self.filled)
 
     def write(self, keys, values) -> None:
-        if self.filled >= self.capacity:
+        # a host check, outside a compiled step (its changing count would recompile the step
+        # every time): StaticDecoder.step() checks has_room() before it instead
+        if not torch.compiler.is_compiling() and self.filled >= self.capacity:
             raise RuntimeError(f"layer {self.layer.layer_idx}: the static buffer of {self.capacity} tokens is full")
         layer = self.layer
         window_append(keys, values, layer.k_buf, layer.v_buf, layer.lengths, layer.nonfinite)

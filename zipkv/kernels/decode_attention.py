@@ -196,6 +196,15 @@ def decode_attention(query, tiers=(), k_fp=None, v_fp=None, mask=None, scale=Non
     segs, heads = _check_inputs(query, tiers, k_fp, v_fp)
     if lengths is not None:
         _check_lengths(lengths, segs, k_fp, causal, query.device)
+        if record is None and not tuning and impl == "auto" and cuda_kernel is None and mma_warps == 4 \
+                and mma_min_blocks == 3:
+            from . import ops
+
+            if ops.tracing():  # torch.compile: one custom op (kernels/ops.py) instead of a graph break
+                tensors, bits = ops.flatten_segments(segs)
+                scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
+                out, lse = ops.decode_attention_op(query, tensors, bits, k_fp, v_fp, mask, scale, lengths, return_lse)
+                return (out, lse) if return_lse else out
     reason = None
     if use_triton(query.device, impl):
         from ._triton_decode import supported

@@ -52,6 +52,11 @@ def window_append(keys, values, k_win, v_win, lengths, nonfinite, impl: str = "a
     if keys.shape != (b, h, 1, d) or values.shape != (b, h, 1, d):
         raise ValueError(f"keys and values must be [B, H, 1, D] = {(b, h, 1, d)} (got {tuple(keys.shape)}, "
                          f"{tuple(values.shape)})")
+    if impl == "auto":
+        from . import ops
+
+        if ops.tracing():  # torch.compile: one custom op (kernels/ops.py) instead of a graph break
+            return ops.window_append_op(keys, values, k_win, v_win, lengths, nonfinite)
     strides = (k_win.stride(-1), v_win.stride(-1), keys.stride(-1), values.stride(-1))
     same_dtype = keys.dtype == k_win.dtype and values.dtype == v_win.dtype  # the kernel copies, never casts
     if not use_triton(k_win.device, impl) or strides != (1, 1, 1, 1) or d not in (32, 64, 128, 256) or not same_dtype:
@@ -70,6 +75,11 @@ def window_scores(query, k_win, lengths, real_win, score_sum, score_count, scali
         raise ValueError(f"query must be [B, Hq, 1, D] with Hq a multiple of {hkv} (got {tuple(query.shape)})")
     if score_sum.shape != (b, hkv, w) or score_count.shape != (b, 1, w) or real_win.shape != (b, w):
         raise ValueError("score_sum [B, Hkv, W], score_count [B, 1, W] and real_win [B, W] must match the window")
+    if impl == "auto":
+        from . import ops
+
+        if ops.tracing():  # torch.compile: one custom op (kernels/ops.py) instead of a graph break
+            return ops.window_scores_op(query, k_win, lengths, real_win, score_sum, score_count, float(scaling))
     if (not use_triton(k_win.device, impl) or d not in (32, 64, 128, 256) or w > 1024
             or not (score_sum.is_contiguous() and score_count.is_contiguous())
             or query.stride(-1) != 1 or k_win.stride(-1) != 1 or real_win.stride(-1) != 1):

@@ -1,0 +1,152 @@
+"""The compiled static decode step (zipkv/compiled.py, kernels/ops.py): torch.compile with
+fullgraph=True over a whole model step of every static form gives the eager static step's
+tokens, with one graph for every step (no graph break, no recompile while blocks are
+quantized between steps).
+
+On the CPU the backend is aot_eager (dynamo + AOTAutograd: the whole tracing path, the custom
+ops' fake implementations and declared mutations included, without inductor's C++ build,
+which takes minutes on a busy 2-core box); the GPU check runs inductor
+(benchmarks/compiled_check.py).
+"""
+
+import pytest
+import torch
+from tiny_models import padded_batch, tiny_model
+
+import zipkv
+from zipkv.compiled import check_compile
+
+NEW = 14
+
+
+def counting_backend(graphs: list, backend: str = "aot_eager"):
+    """A torch.compile backend that records each graph dynamo hands it, then compiles it with
+    `backend`: one entry per compile (a graph break or a recompile adds one)."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    def compile_graph(gm, example_inputs):
+        graphs.append(gm)
+        return lookup_backend(backend)(gm, example_inputs)
+
+    return compile_graph
+
+
+# (arch, method, params): one of each static form. ZipCache layers (quantizing, with and
+# without window saliency), a sliding ZipCache layer beside a full one (Gemma 3), evicting
+# layers (SnapKV's kept prompt, H2O's running scores), tiered layers, AdaKV's per-head mask,
+# and transformers' window layers inside an evicting cache (Gemma 3's sliding layers).
+FORMS = [
+    ("llama", "zipkv", dict(stream_interval=5)),
+    ("llama", "zipcache", dict(stream_interval=6, residual_length=3, sink_tokens=2)),
+    ("gemma3", "kivi", dict(stream_interval=8, residual_length=0)),
+    ("llama", "snapkv", dict(ratio=0.5, window=8)),
+    ("llama", "h2o", dict(ratio=0.5)),
+    ("llama", "zipvl", dict(stream_interval=8)),
+    ("llama", "adakv", dict(ratio=0.5, window=8)),
+    ("gemma3", "snapkv", dict(ratio=0.5, window=8)),
+]
+FAST = {0, 1}  # the rest: slow (each compile takes a few seconds on 2 busy cores)
+
+
+def _cases():
+    for i, case in enumerate(FORMS):
+        marks = () if i in FAST else (pytest.mark.slow,)
+        yield pytest.param(*case, marks=marks, id=f"{case[0]}-{case[1]}")
+
+
+def _decode(model, method, params, ids, mask, compile):
+    cache = zipkv.make_cache(method, model.config, **params)
+    tokens = zipkv.greedy_decode(model, cache, ids, mask, max_new_tokens=NEW, cuda_graph=False, eos_token_id=False,
+                                 compile=compile)
+    return tokens, cache
+
+
+@pytest.mark.parametrize("arch,method,params", list(_cases()))
+def test_compiled_step_equals_the_eager_static_step(arch, method, params):
+    """Same tokens as the eager static step over enough steps for blocks to be quantized
+    between them (padding included), from one compiled graph: fullgraph=True raises at a graph
+    break, and a recompile would hand the backend a second graph."""
+    model = tiny_model(arch, num_hidden_layers=2)
+    ids, mask = padded_batch(length=40, pad=5)
+    expected, eager_cache = _decode(model, method, params, ids, mask, False)
+    graphs = []
+    torch._dynamo.reset()
+    tokens, cache = _decode(model, method, params, ids, mask, counting_backend(graphs))
+    assert torch.equal(tokens, expected)
+    assert len(graphs) == 1, f"{len(graphs)} graphs: a recompile or graph break"
+    # the custom ops are in the graph, one per kernel call (not inlined reference code)
+    ops = {str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"}
+    assert any("zipkv.decode_attention" in name for name in ops), sorted(ops)
+    assert cache.get_seq_length() == eager_cache.get_seq_length()
+    for layer, eager_layer in zip(cache.layers, eager_cache.layers):
+        assert torch.equal(layer.lengths, eager_layer.lengths)
+
+
+def test_explain_counts_no_graph_break():
+    """torch._dynamo.explain over one static step of a ZipCache with window saliency: one
+    graph, zero breaks (the reference path's .tolist() of the counts was the break)."""
+    from zipkv.graph_decode import StaticDecoder, prompt_positions
+    from zipkv.transformers_support import cache_kwargs
+
+    model = tiny_model("llama", num_hidden_layers=1)
+    ids, mask = padded_batch(length=24, pad=3)
+    cache = zipkv.make_cache("zipcache", model.config, stream_interval=8)
+    positions = prompt_positions(mask)
+    with torch.inference_mode():
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, **cache_kwargs(cache))
+    decoder = StaticDecoder(model, cache, out.logits[:, -1:].argmax(-1), positions[:, -1] + 1, 4, mask,
+                            cuda_graph=False)
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        explained = torch._dynamo.explain(decoder._forward)()
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
+def test_custom_ops_match_the_wrappers_on_random_inputs():
+    """The ops' real implementations are the wrappers' eager code, and opcheck validates
+    their schemas, fake implementations and declared mutations on fresh random inputs."""
+    from zipkv.kernels import ops
+    from zipkv.kernels.decode_attention import decode_attention
+    from zipkv.kernels.packed import PackedSegment, pack_planes
+
+    g = torch.Generator().manual_seed(7)
+    b, h, hq, n, w, d = 2, 2, 4, 12, 6, 32
+
+    def segment(bits):
+        codes = lambda: pack_planes(torch.randint(0, 2**bits, (b, h, n, d), generator=g), bits)  # noqa: E731
+        return PackedSegment(bits, codes(), torch.rand(b, h, 2, d, generator=g), torch.randn(b, h, 2, d, generator=g),
+                             (torch.arange(n) >= n // 2).int(), codes(), torch.rand(b, h, n, 1, generator=g),
+                             torch.randn(b, h, n, 1, generator=g))
+
+    segs = [segment(2), segment(4)]
+    query = torch.randn(b, hq, 1, d, generator=g)
+    k_fp, v_fp = torch.randn(b, h, w, d, generator=g), torch.randn(b, h, w, d, generator=g)
+    lengths = torch.tensor([9, 5, 4], dtype=torch.int32)
+    mask = torch.rand(b, 2 * n + w, generator=g) > 0.2
+    tensors, bits = ops.flatten_segments(segs)
+    out, lse = ops.decode_attention_op(query, tensors, bits, k_fp, v_fp, mask, 0.3, lengths, True)
+    ref, ref_lse = decode_attention(query, segs, k_fp, v_fp, mask=mask, scale=0.3, lengths=lengths, return_lse=True)
+    assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
+    torch.library.opcheck(ops.decode_attention_op, (query, tensors, bits, k_fp, v_fp, mask, 0.3, lengths, False))
+
+    keys, values = torch.randn(b, h, 1, d, generator=g), torch.randn(b, h, 1, d, generator=g)
+    nonfinite = torch.zeros((), dtype=torch.bool)
+    torch.library.opcheck(ops.window_append_op, (keys, values, k_fp.clone(), v_fp.clone(), lengths, nonfinite))
+    k_win = k_fp.clone()
+    ops.window_append_op(keys, values, k_win, v_fp.clone(), lengths, nonfinite)
+    assert torch.equal(k_win[:, :, 4:5], keys) and not bool(nonfinite)
+    real = torch.rand(b, w, generator=g) > 0.3
+    score_sum, score_count = torch.zeros(b, h, w), torch.zeros(b, 1, w)
+    torch.library.opcheck(ops.window_scores_op, (query, k_fp, lengths, real, score_sum.clone(), score_count.clone(),
+                                                 0.2))
+    ops.window_scores_op(query, k_fp, lengths, real, score_sum, score_count, 0.2)
+    assert torch.equal(score_count[:, 0], ((torch.arange(w) < 4) & real).float())
+
+
+def test_compile_argument_is_checked():
+    assert check_compile(False) is None and check_compile(True) == "inductor"
+    assert check_compile("aot_eager") == "aot_eager"
+    with pytest.raises(ValueError, match="compile must be"):
+        check_compile("fastest")
+    with pytest.raises(ValueError, match="compile must be"):
+        check_compile(3)

@@ -1,0 +1,106 @@
+"""zipkv's decode-step kernels as torch custom ops, so `torch.compile(fullgraph=True)` traces a
+whole static decode step (zipkv/compiled.py, graph_decode.StaticDecoder(compile=True)).
+
+Dynamo cannot look inside a Triton launch, an NVRTC launch (mma_decode.py) or the reference
+paths that read counts on the host (`valid_parts`: `.tolist()`): each would be a graph break.
+As a custom op each is one opaque node with a fake (meta) implementation that gives the
+output's shape and dtype, and the buffers it writes declared in `mutates_args`, so inductor
+orders it correctly and fuses the small ops around it (norms, rotary, casts).
+
+The wrappers in decode_attention.py and window_step.py call these ops only while dynamo traces
+(`tracing()`); eager calls (and CUDA-graph captures of an eager step) take the wrappers' own
+code, unchanged. The op's real implementation is that same code, so compiled and eager steps
+run the same kernels on the same buffers.
+
+A new kernel of a static layer plugs in the same way: a `torch.library.custom_op` here whose
+body calls the wrapper's eager path, a `register_fake`, and a `tracing()` branch at the top of
+the wrapper. Ops take flat tensors: a PackedSegment travels as SEGMENT_FIELDS tensors (None
+for the optional ones) plus its two bit widths.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .packed import PackedSegment
+
+SEGMENT_FIELDS = ("k_codes", "k_scale", "k_min", "token_group", "v_codes", "v_scale", "v_min", "v_channel",
+                  "token_chunk")
+
+
+def tracing() -> bool:
+    """Whether dynamo is tracing this call (the wrappers then emit the custom op)."""
+    return torch.compiler.is_compiling()
+
+
+def flatten_segments(segments) -> tuple[list, list[int]]:
+    """(tensors, bits): SEGMENT_FIELDS of each segment in order, [bits, value_bits] of each."""
+    tensors, bits = [], []
+    for seg in segments:
+        tensors.extend(getattr(seg, name) for name in SEGMENT_FIELDS)
+        bits.extend((int(seg.bits), int(seg.value_bits)))
+    return tensors, bits
+
+
+def unflatten_segments(tensors, bits) -> list[PackedSegment]:
+    n = len(SEGMENT_FIELDS)
+    return [PackedSegment(bits=bits[2 * i], value_bits=bits[2 * i + 1],
+                          **dict(zip(SEGMENT_FIELDS, tensors[n * i:n * (i + 1)])))
+            for i in range(len(bits) // 2)]
+
+
+# -- decode attention over capacity buffers (lengths on the device) -----------------------------
+@torch.library.custom_op("zipkv::decode_attention", mutates_args=())
+def decode_attention_op(query: torch.Tensor, segment_tensors: list[Optional[torch.Tensor]], segment_bits: list[int],
+                        k_fp: torch.Tensor, v_fp: torch.Tensor, mask: Optional[torch.Tensor], scale: float,
+                        lengths: torch.Tensor, return_lse: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """decode_attention(query, segments, k_fp, v_fp, mask, scale, lengths=lengths, return_lse=...);
+    without return_lse the second output is an empty float32 tensor (an op returns fixed types)."""
+    from .decode_attention import decode_attention
+
+    segments = unflatten_segments(segment_tensors, segment_bits)
+    out = decode_attention(query, segments, k_fp, v_fp, mask=mask, scale=scale, lengths=lengths,
+                           return_lse=return_lse)
+    if return_lse:
+        return out
+    return out, query.new_empty(0, dtype=torch.float32)
+
+
+@decode_attention_op.register_fake
+def _(query, segment_tensors, segment_bits, k_fp, v_fp, mask, scale, lengths, return_lse):
+    b, hq, tq, _ = query.shape
+    lse = query.new_empty((b, hq, tq) if return_lse else (0,), dtype=torch.float32)
+    return torch.empty_like(query, memory_format=torch.contiguous_format), lse
+
+
+# -- the window steps: the new token in, the window's saliency --------------------------------
+@torch.library.custom_op("zipkv::window_append", mutates_args=("k_win", "v_win", "nonfinite"))
+def window_append_op(keys: torch.Tensor, values: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor,
+                     lengths: torch.Tensor, nonfinite: torch.Tensor) -> None:
+    from .window_step import window_append
+
+    window_append(keys, values, k_win, v_win, lengths, nonfinite)
+
+
+@window_append_op.register_fake
+def _(keys, values, k_win, v_win, lengths, nonfinite):
+    return None
+
+
+@torch.library.custom_op("zipkv::window_scores", mutates_args=("score_sum", "score_count"))
+def window_scores_op(query: torch.Tensor, k_win: torch.Tensor, lengths: torch.Tensor, real_win: torch.Tensor,
+                     score_sum: torch.Tensor, score_count: torch.Tensor, scaling: float) -> None:
+    from .window_step import window_scores
+
+    window_scores(query, k_win, lengths, real_win, score_sum, score_count, scaling)
+
+
+@window_scores_op.register_fake
+def _(query, k_win, lengths, real_win, score_sum, score_count, scaling):
+    return None
+
+
+__all__ = ["SEGMENT_FIELDS", "decode_attention_op", "flatten_segments", "tracing", "unflatten_segments",
+           "window_append_op", "window_scores_op"]
