@@ -146,6 +146,9 @@ def parse_args(argv):
     ap.add_argument("--deadline-s", type=float, default=170.0,
                     help="per shape (and per capacity / prefill stage): rows left after this long are recorded as "
                          "skipped (0: none; default: %(default)s)")
+    ap.add_argument("--total-s", type=float, default=480.0,
+                    help="the whole run: nothing starts after this long, so one call stays under ~10 minutes "
+                         "(0: no limit; default: %(default)s)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps before the timed runs (default: %(default)s)")
     ap.add_argument("--runs", type=int, default=5, help="timed runs per graph row; eager rows time 2 x runs steps")
     ap.add_argument("--cap-s", type=float, default=12.0,
@@ -203,8 +206,9 @@ def check_args(ap, args, methods) -> dict:
                                ("--prefill-tokens", args.prefill_tokens, 1)):
         if value < low:
             ap.error(f"{option} must be >= {low} (got {value})")
-    if args.cap_s <= 0 or args.deadline_s < 0:
-        ap.error(f"--cap-s must be > 0 and --deadline-s >= 0 (got {args.cap_s}, {args.deadline_s})")
+    if args.cap_s <= 0 or args.deadline_s < 0 or args.total_s < 0:
+        ap.error(f"--cap-s must be > 0, --deadline-s and --total-s >= 0 (got {args.cap_s}, {args.deadline_s}, "
+                 f"{args.total_s})")
     if args.memory_cap_gib <= 0:
         ap.error(f"--memory-cap-gib must be > 0 (got {args.memory_cap_gib})")
     tokens = lambda t: [parse_tokens(x) for x in t.split(",") if x.strip()]  # noqa: E731
@@ -248,6 +252,11 @@ def run(args, lists, argv) -> dict:
         log("cpu: the tiny model (Llama-3-8B shapes need a GPU)")
         args.tiny = True
     torch.manual_seed(0)
+    stop_at = time.perf_counter() + (args.total_s or float("inf"))
+
+    def deadline_from_now() -> float:  # per shape / stage, never past the whole run's
+        return min(stop_at, time.perf_counter() + (args.deadline_s or float("inf")))
+
     model, config = e2e.build_model(types.SimpleNamespace(tiny=args.tiny, layers=args.layers, dtype=args.dtype), device)
     bandwidth = e2e.copy_bandwidth(device)
     w_bytes = e2e.weight_bytes_read(model)
@@ -283,7 +292,7 @@ def run(args, lists, argv) -> dict:
             else:
                 rows.append(row)
         for batch, context in lists["shapes"]:
-            deadline = time.perf_counter() + (args.deadline_s or float("inf"))
+            deadline = deadline_from_now()
             for row in rows:
                 if time.perf_counter() > deadline:
                     rec = {"row": row, "batch": batch, "context": context, "error": "skipped: deadline"}
@@ -294,10 +303,10 @@ def run(args, lists, argv) -> dict:
                 log(row_line(rec))
                 summarize(res)
                 save()
-    for stage, runner in (("capacity", run_capacity_stage), ("prefill", run_prefill_stage)):
+    # prefill before capacity: the capacity check ends with an allocation meant to fail
+    for stage, runner in (("prefill", run_prefill_stage), ("capacity", run_capacity_stage)):
         if stage in lists["stages"]:
-            deadline = time.perf_counter() + (args.deadline_s or float("inf"))
-            res[stage].append(dict(runner(args, lists, s, deadline), part=0))
+            res[stage].append(dict(runner(args, lists, s, deadline_from_now()), part=0))
             save()
     summarize(res)
     save()

@@ -335,6 +335,14 @@ class StepClock:
         return [(b - a) * 1e3 for a, b in zip(self.marks, self.marks[1:])]
 
 
+def forget_compiled(model) -> None:
+    """Drop what generate()'s compilation keeps (the compiled forward on the model, dynamo's
+    caches and CUDA-graph trees), which may hold the row's cache alive into the next rows."""
+    if hasattr(model, "_compiled_call"):
+        del model._compiled_call
+    torch._dynamo.reset()
+
+
 def hf_generate_row(rec: dict, s: Setting, batch: int, context: int) -> None:
     """transformers' generate() over a filled StaticCache: it runs the one uncached token as its
     prefill, then decode steps; on CUDA it compiles the forward (its auto-compile of static
@@ -357,19 +365,22 @@ def hf_generate_row(rec: dict, s: Setting, batch: int, context: int) -> None:
     clock = StepClock(s.device)
     e2e.reset_peak(s.device)
     t0 = time.perf_counter()
-    with torch.inference_mode():
-        out = s.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                               min_new_tokens=new, do_sample=False, pad_token_id=0,
-                               logits_processor=LogitsProcessorList([clock]), **zipkv.cache_kwargs(cache))
-    e2e.sync(s.device)
-    rec["generate_s"] = time.perf_counter() - t0
-    rec["new_tokens"] = int(out.shape[1] - ids.shape[1])
-    del out
+    try:
+        with torch.inference_mode():
+            out = s.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                                   min_new_tokens=new, do_sample=False, pad_token_id=0,
+                                   logits_processor=LogitsProcessorList([clock]), **zipkv.cache_kwargs(cache))
+        e2e.sync(s.device)
+        rec["generate_s"] = time.perf_counter() - t0
+        rec["new_tokens"] = int(out.shape[1] - ids.shape[1])
+        del out
+    finally:
+        rec["compiled"] = hasattr(s.model, "_compiled_call")  # set by transformers when generate() compiled the forward
+        forget_compiled(s.model)
     gaps = clock.intervals_ms()[warmup:]
     times = [statistics.fmean(gaps[i:i + steps]) for i in range(0, len(gaps) - steps + 1, steps)]
     if not times:
         raise RuntimeError(f"generate() ran {len(clock.marks)} steps, too few to time")
-    rec["compiled"] = hasattr(s.model, "_compiled_call")  # set by transformers when generate() compiled the forward
     finish(rec, times, batch, s)
 
 
