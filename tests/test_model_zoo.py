@@ -255,7 +255,7 @@ def test_qwen_05b_answers_a_passkey_with_the_zipkv_cache_and_the_full_cache():
         try:
             with torch.no_grad():
                 model(input_ids=ctx, past_key_values=cache)
-                out = model.generate(input_ids=full, attention_mask=torch.ones_like(full), past_key_values=cache,
+                out = model.generate(input_ids=full, attention_mask=torch.ones_like(full), **zipkv.cache_kwargs(cache),
                                      max_new_tokens=8, do_sample=False)
         finally:
             config._attn_implementation = attn
