@@ -150,3 +150,78 @@ def test_compile_argument_is_checked():
         check_compile("fastest")
     with pytest.raises(ValueError, match="compile must be"):
         check_compile(3)
+
+
+# -- model.generate() on the compiled path (static_for_generate) ---------------------------------
+def _compile_config(graphs: list):
+    """generate()'s compile settings for the CPU: transformers compiles only on accelerators
+    unless _compile_all_devices is set; aot_eager through the counting backend."""
+    from transformers import CompileConfig
+
+    config = CompileConfig(backend=counting_backend(graphs), mode=None, fullgraph=False, dynamic=False)
+    config._compile_all_devices = True
+    return config
+
+
+def _generate(model, cache, ids, mask, new_tokens, **kwargs):
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, **zipkv.cache_kwargs(cache),
+                             **kwargs)
+    return out[:, ids.shape[1]:]
+
+
+@pytest.mark.parametrize("arch,method,params", [
+    ("llama", "zipkv", dict(stream_interval=5)),
+    pytest.param("gemma3", "zipcache", dict(stream_interval=6, residual_length=3, sink_tokens=2),
+                 marks=pytest.mark.slow),
+])
+def test_generate_compiles_the_static_step_and_equals_the_eager_cache(arch, method, params):
+    """model.generate with a cache made by static_for_generate: transformers compiles the
+    decode step (the cache reports is_compileable), the prompt runs eagerly, the cache turns
+    static at the first decode step and quantizes its blocks between steps; the tokens equal
+    generate() with the eager cache (left padding included), from one compiled graph."""
+    model = tiny_model(arch)
+    ids, mask = padded_batch(length=40, pad=5)
+    expected = _generate(model, zipkv.make_cache(method, model.config, decode_path="packed", **params), ids, mask, NEW,
+                         do_sample=False)
+    cache = zipkv.make_cache(method, model.config, decode_path="packed", **params).static_for_generate(model, NEW)
+    assert cache.is_compileable
+    graphs = []
+    torch._dynamo.reset()
+    tokens = _generate(model, cache, ids, mask, NEW, do_sample=False, compile_config=_compile_config(graphs))
+    assert torch.equal(tokens, expected)
+    assert len(graphs) == 1, f"{len(graphs)} graphs: a recompile or graph break"
+    assert cache.is_static and cache.get_seq_length() == ids.shape[1] + NEW - 1
+    assert any(layer.low.num_tokens > 0 for layer in cache.layers if hasattr(layer, "low"))
+
+
+def test_generate_samples_like_dynamic_cache_on_a_lossless_setting():
+    """Sampling (temperature, top-k, a logits processor from transformers) with a fixed seed: a
+    cache that keeps every token (snapkv at ratio 1: the whole prompt, then every new token) on
+    the compiled path gives DynamicCache's tokens."""
+    from transformers import DynamicCache
+
+    model = tiny_model("llama")
+    ids, mask = padded_batch(length=24, pad=4)
+    sampling = dict(do_sample=True, temperature=0.8, top_k=20, repetition_penalty=1.1)
+    torch.manual_seed(3)
+    expected = _generate(model, DynamicCache(), ids, mask, NEW, **sampling)
+    cache = zipkv.make_cache("snapkv", model.config, ratio=1.0, window=8).static_for_generate(model, NEW)
+    torch._dynamo.reset()
+    torch.manual_seed(3)
+    tokens = _generate(model, cache, ids, mask, NEW, compile_config=_compile_config([]), **sampling)
+    assert torch.equal(tokens, expected)
+
+
+def test_static_for_generate_checks_its_arguments():
+    model = tiny_model("llama", num_hidden_layers=1)
+    cache = zipkv.make_cache("zipkv", model.config)
+    assert not cache.is_compileable
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        cache.static_for_generate(model, 0)
+    with pytest.raises(ValueError, match="model must be"):
+        cache.static_for_generate("llama", 4)
+    ids, mask = padded_batch(length=20, pad=0)
+    cache.static_for_generate(model, 2)
+    with pytest.raises(RuntimeError, match="made for 2 new tokens"):
+        _generate(model, cache, ids, mask, 6, do_sample=False, compile_config=_compile_config([]))

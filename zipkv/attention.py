@@ -64,6 +64,9 @@ def zipkv_attention_forward(module, query, key, value, attention_mask, dropout=0
     if layer is None:  # no compressing cache behind this call: plain SDPA
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     check_attention_kwargs(kwargs, module)
+    owner = getattr(layer, "owner", None)
+    if query.shape[2] > 1 and getattr(owner, "static_after_prompt", None) is not None:
+        owner.note_prompt_mask(attention_mask, query.shape[0])  # generate() on the compiled path
     return layer.attend(module, query, key, value, attention_mask, scaling, **kwargs)
 
 

@@ -155,23 +155,16 @@ class StaticDecoder:
     def _after_step(self) -> None:
         """The host's mirror of the step; a block is quantized when one is due (on the device,
         replaying a graph, when it has the usual shape; else by the host path)."""
-        due = []
-        for layer in self.cache.layers:
-            layer.advance()
-            if layer.flush_due():
-                due.append(layer)
+        due = mirror_step(self.cache.layers)
         if due:
             if self.ids.device.type == "cuda":
                 torch.cuda.synchronize()  # time the flush itself, not the replays queued before it
             start = time.perf_counter()
-            if bool(torch.stack([layer.nonfinite for layer in due]).any()):
-                for layer in due:
-                    layer.check_finite()
             if self.device_flush and all(layer.can_flush_on_device() for layer in due):
+                check_due_finite(due)
                 self._flush_on_device(due)
             else:
-                for layer in due:
-                    layer.flush(check_finite=False)
+                flush_due(due)
             self.flushes += 1
             self.flush_seconds += time.perf_counter() - start
         self.steps += 1
@@ -217,6 +210,27 @@ class StaticDecoder:
                     self.step_function()
                 self._after_step()
         return self.ids
+
+
+def mirror_step(layers) -> list:
+    """Each layer's host mirror of one decoded step; the layers with a block due now."""
+    for layer in layers:
+        layer.advance()
+    return [layer for layer in layers if layer.flush_due()]
+
+
+def check_due_finite(due) -> None:
+    """Raise if a due layer's steps wrote NaN/inf (one wait for all of them)."""
+    if due and bool(torch.stack([layer.nonfinite for layer in due]).any()):
+        for layer in due:
+            layer.check_finite()
+
+
+def flush_due(due) -> None:
+    """The due blocks quantized by the host path (after one NaN/inf check for all)."""
+    check_due_finite(due)
+    for layer in due:
+        layer.flush(check_finite=False)
 
 
 def _check_graph_kernel(model, cache) -> None:

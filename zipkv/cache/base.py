@@ -9,7 +9,7 @@ from transformers.cache_utils import Cache
 
 from ..attention import enable_zipkv_attention
 from .fixed_layers import FixedLayers
-from .layer_base import ZipkvLayer
+from .layer_base import ZipkvLayer, query_length_of
 from .limits import PositionLimit
 from .stats import CacheStats
 
@@ -21,12 +21,18 @@ class ZipkvCache(FixedLayers, Cache):
     switched to it here: True for the plain reason, or a phrase for the error message, as
     `enable_zipkv_attention(needs=...)` takes it)."""
 
-    # Set by to_static(): the logical length as a device counter (what the model's mask reads
-    # inside a compiled step: a host int that changes every step would recompile it), and the
-    # fixed key length the model's masks are built for (the static layers read their own
-    # masks; a fixed size keeps one graph for every step). None: not static.
-    device_length: torch.Tensor | None = None
+    # Set by to_static(): the fixed key length the model's masks are built for. The static
+    # layers read their own masks (pad_mask, lengths on the device), never the model's; a fixed
+    # size keeps one compiled graph for every step (a size that grows would recompile it).
     static_mask_length: int | None = None
+    static_extra_tokens: int = 0
+    # static_for_generate(): the new tokens the static form makes room for after the prompt,
+    # the prompt's padding counts (from its mask), whether a step ran that the host has not
+    # mirrored yet (compiled.between_steps)
+    static_after_prompt: int | None = None
+    prompt_padding: torch.Tensor | None = None
+    step_pending: bool = False
+    static_steps: int = 0
 
     def __init__(self, config, layers: list, *, needs_attention: bool | str = False):
         super().__init__(layers=layers)
@@ -51,6 +57,7 @@ class ZipkvCache(FixedLayers, Cache):
 
     def stats(self) -> CacheStats:
         """What the cache holds, per layer (stats.layer_report), counted from the tensors."""
+        self.sync_step()
         stats = self.empty_stats()
         for layer in self.layers:
             stats.add_layer(layer)
@@ -90,37 +97,82 @@ class ZipkvCache(FixedLayers, Cache):
         self.mark_static(length, extra_tokens)
 
     def mark_static(self, length: int, extra_tokens: int) -> None:
-        """The device counter and mask size of a static cache, and every held tensor marked as a
+        """The mask size of a static cache, and every held tensor marked as a
         static address: a compiled step with CUDA graphs (transformers' generate, mode
         "reduce-overhead") then reads the buffers in place instead of copying them in as inputs."""
-        if self.device_length is None:
-            self.device_length = torch.tensor(length, device=self.layers[0].held_tensors()[0].device)
-            self.static_mask_length = length + extra_tokens
+        if self.static_mask_length is None:
+            self.static_mask_length, self.static_extra_tokens = length + extra_tokens, extra_tokens
         for layer in self.layers:
             # a step sets and clears this flag: an instance attribute from the start, so that a
             # compiled step's guards see the same layer __dict__ at every step (no recompile)
             layer.awaiting_queries = bool(getattr(layer, "awaiting_queries", False))
             for tensor in [*layer.held_tensors(), layer.nonfinite]:
                 torch._dynamo.mark_static_address(tensor)
-        torch._dynamo.mark_static_address(self.device_length)
 
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
-        if layer_idx == 0 and self.device_length is not None:
-            self.device_length += key_states.shape[-2]
-        return out
+    # -- transformers' generate() on the compiled path (compiled.py) -----------------------------
+    def static_for_generate(self, model, max_new_tokens: int):
+        """Make this new cache compileable for `model.generate(..., max_new_tokens=N)`, N <=
+        max_new_tokens: the prompt runs eagerly, then the cache moves into its static form with
+        room for max_new_tokens (at the first decode step) and generate() compiles the decode
+        step (CUDA graphs on CUDA). `model` gets a forward pre-hook (compiled.between_steps_hook)
+        that does the host work before each decode step with this cache. Returns the cache."""
+        if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an integer >= 1 (got {max_new_tokens!r})")
+        if self.get_seq_length() != 0:
+            raise ValueError("static_for_generate() needs a new, empty cache (it converts after the prompt)")
+        if not isinstance(model, torch.nn.Module):
+            raise ValueError(f"model must be the torch.nn.Module that generate() runs (got {type(model).__name__})")
+        from ..compiled import between_steps_hook
+
+        self.check_static()
+        self.static_after_prompt = max_new_tokens
+        self.step_hook = model.register_forward_pre_hook(between_steps_hook(self), with_kwargs=True)
+        return self
+
+    @property
+    def is_compileable(self) -> bool:
+        """transformers compiles generate()'s decode step for a cache that says so: a cache made
+        by static_for_generate (a static cache that greedy_decode drives does its own steps)."""
+        return self.static_after_prompt is not None
+
+    def note_prompt_mask(self, attention_mask, batch: int) -> None:
+        """zipkv attention hands a compressing layer's prompt mask here (the first one counts):
+        to_static() needs each row's padding."""
+        if self.static_after_prompt is not None and self.prompt_padding is None and not self.is_static:
+            from ..compiled import prompt_padding_counts
+
+            counts = prompt_padding_counts(attention_mask, batch)
+            self.prompt_padding = torch.zeros(batch, dtype=torch.long) if counts is None else counts.cpu()
+
+    def sync_step(self) -> None:
+        """Mirror on the host a decode step that generate() ran (compiled.between_steps)."""
+        if self.step_pending:
+            from ..graph_decode import mirror_step
+
+            self.step_pending = False
+            mirror_step(self.layers)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        if self.step_pending and not torch.compiler.is_compiling():
+            self.sync_step()
+        return super().get_seq_length(layer_idx)
 
     def get_query_offset(self, layer_idx: int = 0):
-        """transformers >= 5.2x asks this for the model's mask: inside a compiled step of a static
-        cache the device counter (as transformers' StaticLayer does), else the host length."""
-        if self.device_length is not None and torch.compiler.is_compiling():
-            return self.device_length
+        """transformers >= 5.2x asks this for the model's mask. Inside a compiled step of a static
+        cache a host length that changes every step would recompile the step: there a constant
+        (the first decode step's offset) in a tensor, as transformers' StaticLayer returns one;
+        the static layers never read the mask it shapes (static_mask_length)."""
+        if self.static_mask_length is not None and torch.compiler.is_compiling():
+            return torch.tensor(self.static_mask_length - self.static_extra_tokens)
         return super().get_query_offset(layer_idx)
 
-    def get_mask_sizes(self, *args, **kwargs):
+    def get_mask_sizes(self, query_length, *args, **kwargs):
         if self.static_mask_length is not None:
             return self.static_mask_length, 0
-        return super().get_mask_sizes(*args, **kwargs)
+        if self.static_after_prompt is not None and query_length_of(query_length) == 1 and self.get_seq_length():
+            # generate()'s first decode step, before between_steps converts: the static size already
+            return self.get_seq_length() + self.static_after_prompt, 0
+        return super().get_mask_sizes(query_length, *args, **kwargs)
 
     @property
     def is_static(self) -> bool:
