@@ -139,7 +139,8 @@ def check_method(name: str, params: Mapping[str, Any] | None = None) -> MethodSp
     if unknown:
         hint = "" if spec.takes_budget or not set(unknown) & set(BUDGET_PARAMS) else " (it has no budget / ratio)"
         raise MethodError(f"{name} does not take {unknown}{hint}; it accepts {spec.accepts}", unknown[0])
-    _check_budget(params)
+    if spec.takes_budget:  # (auto's ratio= is a target compression, checked by its own check)
+        _check_budget(params)
     if spec.check is not None:
         try:
             spec.check(params)
@@ -335,6 +336,45 @@ _register(MethodSpec(
     "uniform", "quantize", "one bit width for every token (ZipCache's channelwise keys, CS tokenwise values)", "",
     params=ONE_WIDTH, takes_budget=False, footprint="~2.3 bits/value (bits=2)", static=True,
     **_quantizing("uniform", dict(high_bits=2, low_bits=2, saliency="none")),
+))
+# Rotated recipes (issue 17): keys (post-RoPE) and values quantized as x R, R a seeded randomized
+# Hadamard matrix per (layer, KV head); attention rotates q and un-rotates o around the packed
+# kernel. On the embedded model's own K/V (experiments/rotation_attention_error.py) the rotation
+# cuts the attention-output error of 2-bit channel-separable values by ~10% and leaves
+# channelwise keys as good as or better than tokenwise ones, rotated or not.
+_register(MethodSpec(
+    "rotated", "quantize", "zipkv's recipe on Hadamard-rotated K/V: keys 4-bit channelwise, values 2-bit CS", "",
+    params=UNSPLIT_SETTINGS, takes_budget=False, footprint="~3.3 bits/value", static=True,
+    **_quantizing("rotated", dict(high_bits=4, low_bits=4, high_value_bits=2, low_value_bits=2, saliency="none",
+                                  rotation="hadamard")),
+))
+_register(MethodSpec(
+    "rotated_2bit", "quantize", "rotated K/V at 2 bits: keys channelwise in groups of 32, newest 32 tokens fp16",
+    "", params=UNSPLIT_SETTINGS, takes_budget=False, footprint="~2.8 bits/value + 32 fp16 tokens", static=True,
+    **_quantizing("rotated_2bit", dict(high_bits=2, low_bits=2, saliency="none", key_group_size=32,
+                                       residual_length=32, stream_interval=32, rotation="hadamard")),
+))
+
+
+def _auto() -> dict:
+    def build(config, **params):
+        from .cache.auto_recipe import AutoCache
+
+        return AutoCache(config, **params)
+
+    def check(params: dict) -> None:
+        from .cache.auto_recipe import check_auto_params
+
+        check_auto_params(params)
+
+    return dict(defaults={}, build=build, check=check)
+
+
+_register(MethodSpec(
+    "auto", "quantize", "per-layer key / value bits and rotation chosen from the prompt to meet ratio= (5) or bits=",
+    "", params=("ratio", "bits", "window", "residual_length", "stream_interval", "key_group_size", "value_group_size",
+                "channel_separable", "seed", "decode_path"), takes_budget=False,
+    footprint="16 / ratio bits/value (ratio=5: 3.2)", static=True, **_auto(),
 ))
 
 # what serving engines offer: fp8 (vLLM's --kv-cache-dtype fp8, per-token-head scales) and int4

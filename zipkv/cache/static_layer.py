@@ -43,7 +43,9 @@ def static_form_of(layer_class: type) -> type:
     if layer_class is ZipCacheLayer or issubclass(layer_class, StaticZipLayer):
         return StaticZipLayer if layer_class is ZipCacheLayer else layer_class
     if layer_class not in _STATIC_FORMS:
-        _STATIC_FORMS[layer_class] = type(f"Static{layer_class.__name__}", (StaticZipLayer, layer_class), {})
+        # (__module__ named: through ABCMeta, type() would call the class's module 'abc')
+        _STATIC_FORMS[layer_class] = type(f"Static{layer_class.__name__}", (StaticZipLayer, layer_class),
+                                          {"__module__": layer_class.__module__})
     return _STATIC_FORMS[layer_class]
 
 
