@@ -31,8 +31,9 @@ from __future__ import annotations
 import torch
 
 from ..attention import UNSUPPORTED_KWARGS as ATTENTION_UNSUPPORTED, hand_queries_to
+from ..kernels.attention_mass import attention_mass_and_lowest_slot
 from ..kernels.decode_attention import decode_attention
-from ..kernels.window_step import window_append, window_scores
+from ..kernels.window_step import window_append
 from .backref import BackReference
 from .eviction_layer import EvictingLayer
 from ..policies import ContinuousPolicy, KeepPolicy, SelectPolicy, TieredPolicy
@@ -178,8 +179,12 @@ class StaticEvictingLayer(StaticLayerBase, ZipkvLayer):
         mask = None
         if self.padded:  # per head [B, H, N] -> the kernel's [B, Hkv, Tq, N]
             mask = self.pad_mask if self.pad_mask.dim() == 2 else self.pad_mask[:, :, None, :]
-        output = decode_attention(query, [], self.k_buf, self.v_buf, mask=mask, scale=scaling, lengths=self.lengths)
-        self.slots.after_attention(query.detach(), scaling)
+        lse = None
+        output = decode_attention(query, [], self.k_buf, self.v_buf, mask=mask, scale=scaling, lengths=self.lengths,
+                                  return_lse=self.slots.needs_lse)
+        if self.slots.needs_lse:
+            output, lse = output
+        self.slots.after_attention(query.detach(), scaling, lse)
         self.awaiting_queries = False
         return output.transpose(1, 2).contiguous(), None
 
@@ -230,9 +235,11 @@ class StaticEvictingLayer(StaticLayerBase, ZipkvLayer):
 class SlotRule:
     """Where a step writes its token (`write`, captured), what it does after attention (captured)
     and the host's mirror (`advance`); `held_slots()` says which slots hold kept tokens. The
-    defaults: nothing after attention, nothing on the host, never full, no tensors of its own."""
+    defaults: nothing after attention, nothing on the host, never full, no tensors of its own.
+    needs_lse: after_attention reads the attention's log-sum-exp per query head ([B, Hq, 1])."""
 
     layer = BackReference()  # the layer holding this rule (it holds the rule: no reference cycle)
+    needs_lse = False
 
     def write(self, keys, values) -> None:
         raise NotImplementedError
@@ -240,7 +247,7 @@ class SlotRule:
     def held_slots(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def after_attention(self, query, scaling) -> None:
+    def after_attention(self, query, scaling, lse) -> None:
         pass
 
     def advance(self) -> None:
@@ -334,10 +341,14 @@ class RingSlots(SlotRule):
 
 class HeavyHitterSlots(SlotRule):
     """h2o: each (row, head) holds its budget plus one free slot. Per slot, the attention it
-    accumulated (`totals`, float32) and an arrival stamp (its rank in logical order: the held
-    prompt tokens their place in the rectangle, the t-th new token w + t). After a step's
-    attention the free slot of each (row, head) becomes the held token the eager policy evicts:
-    the lowest total outside the budget // 2 most recent, the oldest among equals."""
+    accumulated (`totals`, float32) and an arrival stamp (int32, its rank in logical order: the
+    held prompt tokens their place in the rectangle, the t-th new token w + t; `newest` the
+    stamp of the latest). After a step's attention the free slot of each (row, head) becomes
+    the held token the eager policy evicts: the lowest total outside the budget // 2 most
+    recent, the oldest among equals. Both after one attention: kernels/attention_mass.py (on
+    CUDA one pass over the slots with the attention's log-sum-exp, and a small merge launch)."""
+
+    needs_lse = True
 
     def __init__(self, layer: StaticEvictingLayer, eager, keys, values, real, extras, extra_tokens: int):
         self.layer = layer
@@ -346,37 +357,27 @@ class HeavyHitterSlots(SlotRule):
         budgets = row_mask(real, layer.method).sum(dim=1).to(torch.int64)
         layer.allocate(keys, values, real, w + 1)
         layer.lengths.fill_(w + 1)
-        self.base = w
         self.recent = (budgets // 2).to(dev)  # H2O's even split of the budget
         self.totals = torch.zeros(b, h, w + 1, dtype=torch.float32, device=dev)
         self.totals[:, :, :w] = extras["totals"].nan_to_num(neginf=0.0)
-        self.seen = torch.zeros(b, 1, w + 1, dtype=torch.float32, device=dev)  # window_scores' counts (unused)
-        self.stamp = torch.arange(w + 1, device=dev).expand(b, h, -1).contiguous()
+        self.stamp = torch.arange(w + 1, dtype=torch.int32, device=dev).expand(b, h, -1).contiguous()
         self.free = torch.full((b, h), w, dtype=torch.int64, device=dev)
-        self.step = torch.zeros(1, dtype=torch.int64, device=dev)
+        self.newest = torch.full((1,), w - 1, dtype=torch.int32, device=dev)
 
     def write(self, keys, values) -> None:
         layer = self.layer
         write_slots(keys, values, layer.k_buf, layer.v_buf, self.free, layer.nonfinite)
+        self.newest += 1
         at = self.free[:, :, None]
-        self.stamp.scatter_(2, at, (self.base + self.step).expand_as(at).contiguous())
+        self.stamp.scatter_(2, at, self.newest.expand_as(at).contiguous())
         self.totals.scatter_(2, at, torch.zeros_like(at, dtype=torch.float32))
-        self.step += 1
 
-    def after_attention(self, query, scaling) -> None:
+    def after_attention(self, query, scaling, lse) -> None:
+        # the eager policy's scores: this query's attention over the held tokens (the query
+        # heads of a KV head averaged) added to the running totals, then the next free slot
         layer = self.layer
-        real = layer.pad_mask
-        # the eager policy's scores: this query's attention over the held tokens (float32
-        # softmax, the query heads of a KV head averaged) added to the running totals; on CUDA
-        # one fused launch
-        window_scores(query, layer.k_buf, layer.lengths, real, self.totals, self.seen, scaling)
-        newest = self.base + self.step - 1
-        old = self.stamp <= (newest - self.recent)[:, None, None]
-        eligible = old & real[:, None, :]
-        masked = self.totals.masked_fill(~eligible, float("inf"))
-        lowest = masked == masked.amin(dim=-1, keepdim=True)
-        oldest = self.stamp.masked_fill(~(lowest & eligible), torch.iinfo(torch.int64).max)
-        self.free.copy_(oldest.argmin(dim=-1))
+        attention_mass_and_lowest_slot(query, layer.k_buf, layer.lengths, layer.pad_mask, lse, self.totals,
+                                       self.stamp, self.newest, self.recent, self.free, scaling)
 
     def held_slots(self) -> torch.Tensor:
         layer = self.layer
@@ -384,7 +385,7 @@ class HeavyHitterSlots(SlotRule):
         return layer.pad_mask[:, None, :] & (slots[None, None, :] != self.free[:, :, None])
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.recent, self.totals, self.seen, self.stamp, self.free, self.step]
+        return [self.recent, self.totals, self.stamp, self.free, self.newest]
 
 
 __all__ = ["StaticEvictingLayer", "static_evicting_layer", "static_slot_rule", "write_slots"]

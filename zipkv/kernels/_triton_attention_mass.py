@@ -1,0 +1,140 @@
+"""Triton kernels of attention_mass.py: a decode step's attention probabilities added to
+per-slot totals, and the lowest eligible slot, for any number of slots.
+
+`_mass_kernel`, program (block, b * Hkv + h): one block of BLOCK slots of one (row, KV head).
+MASS: reads the block's keys once, and for each of the R query heads of that KV head
+p_j = exp2(s_j - lse2) with s_j = q . k_j * scale * log2(e) and lse2 the head's log-sum-exp
+(natural log, from the decode attention, times log2(e)); totals += the mean over the R heads.
+CHOOSE: the block's lowest (total, stamp) among its eligible slots (visible and
+stamp <= newest - recent[b]), written as one partial (total, stamp, slot) per block.
+`_choice_merge_kernel`, program b * Hkv + h: the lowest of its blocks' partials -> free[b, h].
+
+All counts (lengths, newest, recent) are read on the device: a CUDA graph replays the
+launches unchanged. Row and head offsets are 64-bit (B * H * N * D passes 2**31 at 128K).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_NEG_INF = tl.constexpr(float("-inf"))
+_INF = tl.constexpr(float("inf"))
+_NO_STAMP = tl.constexpr(2147483647)  # int32 max: no eligible slot in this block
+_LOG2E = 1.4426950408889634
+MERGE_CHUNK = 1024  # partials a merge program reads per iteration
+
+
+@triton.jit(do_not_specialize=["n_last"])
+def _mass_kernel(q_ptr, sqb, sqh, lse_ptr, slb, slh, k_ptr, skb, skh, skn,
+                 len_ptr, n_last, real_ptr, srb, srh, tot_ptr, stb, sth,
+                 stamp_ptr, ssb, ssh, newest_ptr, recent_ptr, pt_ptr, ps_ptr, pn_ptr,
+                 HKV, N, NB, qk_scale,
+                 R: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, MASS: tl.constexpr, CHOOSE: tl.constexpr):
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // HKV).to(tl.int64)
+    h = (bh % HKV).to(tl.int64)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    inside = offs < N
+    n = tl.load(len_ptr + n_last)
+    real = tl.load(real_ptr + b * srb + h * srh + offs, mask=inside, other=0) != 0
+    visible = inside & (offs < n) & real
+    tot_at = tot_ptr + b * stb + h * sth + offs
+    tot = tl.load(tot_at, mask=inside, other=0.0)
+    if MASS:
+        offs_d = tl.arange(0, D)
+        # keys of invisible slots are never read (holes, slots past the count)
+        k = tl.load(k_ptr + b * skb + h * skh + offs[:, None] * skn + offs_d[None, :],
+                    mask=visible[:, None], other=0.0).to(tl.float32)
+        acc = tl.zeros([BLOCK], tl.float32)
+        for r in tl.static_range(R):
+            head = h * R + r
+            q = tl.load(q_ptr + b * sqb + head * sqh + offs_d).to(tl.float32)
+            lse2 = tl.load(lse_ptr + b * slb + head * slh) * 1.4426950408889634
+            s = tl.sum(k * q[None, :], 1) * qk_scale
+            # a head that attends nothing (lse -inf) adds nothing, as the reference's zeros
+            attends = lse2 > _NEG_INF
+            lse2 = tl.where(attends, lse2, 0.0)
+            p = tl.where(visible, tl.exp2(tl.where(visible, s - lse2, 0.0)), 0.0)
+            acc += tl.where(attends, p, 0.0)
+        tot = tot + acc / R
+        tl.store(tot_at, tot, mask=inside)
+    if CHOOSE:
+        stamp = tl.load(stamp_ptr + b * ssb + h * ssh + offs, mask=inside, other=0)
+        limit = tl.load(newest_ptr) - tl.load(recent_ptr + b)
+        eligible = visible & (stamp <= limit)
+        t = tl.where(eligible, tot, _INF)
+        t_min = tl.min(t, 0)
+        tied = eligible & (t == t_min)
+        s_min = tl.min(tl.where(tied, stamp, _NO_STAMP), 0)
+        slot = tl.min(tl.where(tied & (stamp == s_min), offs, _NO_STAMP), 0)
+        at = bh.to(tl.int64) * NB + blk
+        tl.store(pt_ptr + at, t_min)
+        tl.store(ps_ptr + at, s_min)
+        tl.store(pn_ptr + at, slot)
+
+
+@triton.jit
+def _choice_merge_kernel(pt_ptr, ps_ptr, pn_ptr, free_ptr, NB, CHUNK: tl.constexpr):
+    bh = tl.program_id(0)
+    base = bh.to(tl.int64) * NB
+    best_t = float("inf")
+    best_s = 2147483647
+    best_n = 0  # no eligible slot anywhere: slot 0, as the reference's argmin of all-max stamps
+    for start in range(0, NB, CHUNK):
+        offs = start + tl.arange(0, CHUNK)
+        inside = offs < NB
+        s = tl.load(ps_ptr + base + offs, mask=inside, other=_NO_STAMP)
+        t = tl.load(pt_ptr + base + offs, mask=inside, other=float("inf"))
+        has = s != _NO_STAMP
+        t = tl.where(has, t, _INF)
+        t_min = tl.min(t, 0)
+        tied = has & (t == t_min)
+        s_min = tl.min(tl.where(tied, s, _NO_STAMP), 0)
+        n_min = tl.min(tl.where(tied & (s == s_min), tl.load(pn_ptr + base + offs, mask=inside, other=0),
+                                _NO_STAMP), 0)
+        # lexicographic (total, stamp): a chunk wins on a lower total, or an equal one and an older stamp
+        better = (s_min != _NO_STAMP) & ((t_min < best_t) | ((t_min == best_t) & (s_min < best_s)))
+        best_t = tl.where(better, t_min, best_t)
+        best_s = tl.where(better, s_min, best_s)
+        best_n = tl.where(better, n_min, best_n)
+    tl.store(free_ptr + bh, best_n.to(tl.int64))
+
+
+def block_size(d: int) -> int:
+    """Slots per program: BLOCK x D float32 keys in registers stays at 8K elements."""
+    return max(16, 8192 // d)
+
+
+def mass_and_choice_triton(query, keys, lengths, real, lse, totals, scaling, choice=None) -> None:
+    """MASS always when query is not None; CHOOSE when choice = (stamp, newest, recent, free)."""
+    b, hkv, n, d = totals.shape[0], totals.shape[1], totals.shape[2], (keys.shape[-1] if keys is not None else 16)
+    blk = block_size(d)
+    nb = triton.cdiv(n, blk)
+    mass = query is not None
+    real_u8 = real.view(torch.uint8)  # a reinterpretation: no copy, no launch
+    srh = real_u8.stride(1) if real_u8.dim() == 3 else 0
+    dummy = totals
+    if mass:
+        r = query.shape[1] // hkv
+        q_args = (query, query.stride(0), query.stride(1), lse, lse.stride(0), lse.stride(1),
+                  keys, keys.stride(0), keys.stride(1), keys.stride(2))
+    else:
+        r = 1
+        q_args = (dummy, 0, 0, dummy, 0, 0, dummy, 0, 0, 0)
+    if choice is not None:
+        stamp, newest, recent, free = choice
+        partial_t = torch.empty(b * hkv * nb, dtype=torch.float32, device=totals.device)
+        partial_s = torch.empty(b * hkv * nb, dtype=torch.int32, device=totals.device)
+        partial_n = torch.empty(b * hkv * nb, dtype=torch.int32, device=totals.device)
+        c_args = (stamp, stamp.stride(0), stamp.stride(1), newest, recent, partial_t, partial_s, partial_n)
+    else:
+        c_args = (dummy, 0, 0, lengths, lengths, dummy, dummy, dummy)
+    _mass_kernel[(nb, b * hkv)](
+        *q_args, lengths, lengths.numel() - 1, real_u8, real_u8.stride(0), srh,
+        totals, totals.stride(0), totals.stride(1), *c_args, hkv, n, nb, scaling * _LOG2E,
+        R=r, D=d, BLOCK=blk, MASS=mass, CHOOSE=choice is not None, num_warps=4)
+    if choice is not None:
+        _choice_merge_kernel[(b * hkv,)](partial_t, partial_s, partial_n, free, nb, CHUNK=MERGE_CHUNK, num_warps=4)
