@@ -17,6 +17,15 @@ written, the stamps read, the real mask; nothing else of size slots x head_dim. 
 the keys is what this costs beyond the decode attention: the probabilities need the final
 normalizer, which exists only after the attention's pass over every key.
 
+H2O's static step per layer at Llama-3-8B shapes, 8 x 32K, ratio 0.2 (6554 slots per row and
+KV head, 8 KV heads, d 128, bf16): the decode attention reads keys and values (214.8 MB), this
+pass the keys again (107.4 MB), totals read and written (2 x 1.7 MB), stamps (1.7 MB, int32),
+real (52 KB): 327.4 MB a layer, 10.48 GB for 32 layers; with the weights (15.0 GB) over the
+copy bandwidth (4.14 TB/s) 6.15 ms a step, 1.16x the roofline of weights + bytes held (5.31 ms).
+A floor below that needs the decode attention to hand over its scores (R x 4 bytes per slot
+and KV head written and read again, instead of 2 x D bytes of keys read), which the split-K
+kernel does not do today.
+
 Tests: tests/test_kernels_attention_mass.py (Triton interpreter), tests/test_gpu_attention_mass.py.
 """
 
