@@ -23,8 +23,8 @@ from .static_base import StaticLayerBase, check_holds_prompt
 from .static_evicting_layer import check_static_kwargs
 from .token_head_tier import TokenHeadBuffers
 
-# impl of the decode kernel ("auto": Triton on CUDA, the reference elsewhere); tests set
-# "triton" to decode a tiny model through the kernel under Triton's interpreter
+# impl of the decode and append kernels ("auto": Triton on CUDA, the reference elsewhere); tests
+# set "triton" to decode a tiny model through the kernels under Triton's interpreter
 FLASH_IMPL = "auto"
 
 
@@ -72,10 +72,8 @@ class StaticFlashLayer(StaticLayerBase, ZipkvLayer):
     # -- one decode step (captured) ---------------------------------------------------------------
     def update(self, key_states, value_states, *args, **kwargs):
         self.begin_step(key_states)
-        keys, values = key_states.detach(), value_states.detach()
-        # NaN/inf are recorded on the device (check_finite raises between steps)
-        self.nonfinite |= ~(torch.isfinite(keys).all() & torch.isfinite(values).all())
-        self.store.append(keys, values)
+        # NaN/inf are recorded on the device (check_finite raises between steps), in the append's launch
+        self.store.append(key_states.detach(), value_states.detach(), self.nonfinite, impl=FLASH_IMPL)
         self.awaiting_queries = True
         hand_queries_to(self)
         return key_states, value_states

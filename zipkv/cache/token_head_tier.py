@@ -5,7 +5,8 @@
 - `TokenHeadBuffers` (a `StaticStore`): capacity buffers for the static (CUDA-graph) form, in
   any of flash_decode's three forms ("dense" too: the lossless `full` cache), each batch row
   with its own valid count `lengths` (int32 [B] on the device): a step writes row b's token at
-  lengths[b] (quantized on the device when the form is lossy) and advances the count there.
+  lengths[b] (quantized on the device when the form is lossy) and advances the count there,
+  one launch on CUDA (kernels/token_append.py).
   Rows come in compacted (their left padding dropped), so the counts are exact lengths and
   flash_decode needs no mask.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..kernels.flash_decode import FlashSegment
+from ..kernels.token_append import raw, token_append
 from ..quant.token_head import TokenCodes, check_form, dequantize_token_head, quantize_token_head
 
 BITS = {"dense": 16, "fp8": 8, "int4": 4}
@@ -66,11 +68,6 @@ class TokenHeadTier:
         self.k, self.v = pick(self.k), pick(self.v)
 
 
-def raw(t: torch.Tensor) -> torch.Tensor:
-    """fp8 codes as uint8 (the same bytes): gather / scatter have no float8 kernels on the CPU."""
-    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
-
-
 def compacted(t: torch.Tensor, pads: torch.Tensor, capacity: int) -> torch.Tensor:
     """t [B, H, N, ...] -> [B, H, capacity, ...] zeros with row b's tokens pads[b]: at its front."""
     b, h, n = t.shape[:3]
@@ -101,25 +98,16 @@ class TokenHeadBuffers:
     def num_tokens(self) -> int:
         return self.filled
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def append(self, keys: torch.Tensor, values: torch.Tensor, nonfinite: torch.Tensor | None = None,
+               impl: str = "auto") -> None:
         """One token per row [B, H, 1, D] at slot lengths[b] of its row, then lengths += 1 (on
-        the device; `advance()` mirrors it on the host)."""
+        the device, one launch on CUDA: kernels/token_append.py; `advance()` mirrors it on the
+        host); nonfinite (bool scalar on the device) |= any NaN/inf among them."""
         if self.filled >= self.capacity:
             raise RuntimeError(f"the static buffers of {self.capacity} tokens are full")
-        seg = self.buffers
-        slot = self.lengths.long()[:, None, None]  # [B, 1, 1]
-        if self.form == "dense":
-            parts = [(seg.k, keys.to(seg.k.dtype)), (seg.v, values.to(seg.v.dtype))]
-        else:
-            k, v = quantize_token_head(keys, self.form), quantize_token_head(values, self.form)
-            parts = [(seg.k, k.codes), (seg.v, v.codes), (seg.k_scale, k.scale), (seg.v_scale, v.scale),
-                     (seg.k_zero, k.zero), (seg.v_zero, v.zero)]
-        for buffer, new in parts:
-            if buffer is None:
-                continue
-            index = slot.view(-1, 1, 1, *([1] * (buffer.dim() - 3))).expand(*new.shape)
-            raw(buffer).scatter_(2, index, raw(new))
-        self.lengths += 1
+        if nonfinite is None:  # a flag nobody reads
+            nonfinite = torch.zeros((), dtype=torch.bool, device=self.lengths.device)
+        token_append(keys, values, self.buffers, self.lengths, nonfinite, impl=impl)
 
     def advance(self) -> None:
         self.filled += 1

@@ -7,7 +7,7 @@ As a custom op each is one opaque node with a fake (meta) implementation that gi
 output's shape and dtype, and the buffers it writes declared in `mutates_args`, so inductor
 orders it correctly and fuses the small ops around it (norms, rotary, casts).
 
-The wrappers in decode_attention.py and window_step.py call these ops only while dynamo traces
+The wrappers in decode_attention.py, window_step.py and token_append.py call these ops only while dynamo traces
 (`tracing()`); eager calls (and CUDA-graph captures of an eager step) take the wrappers' own
 code, unchanged. The op's real implementation is that same code, so compiled and eager steps
 run the same kernels on the same buffers.
@@ -102,5 +102,23 @@ def _(query, k_win, lengths, real_win, score_sum, score_count, scaling):
     return None
 
 
-__all__ = ["SEGMENT_FIELDS", "decode_attention_op", "flatten_segments", "tracing", "unflatten_segments",
-           "window_append_op", "window_scores_op"]
+# -- a static baseline layer's append (token_append.py): the token at lengths[b], lengths += 1 ---
+@torch.library.custom_op("zipkv::token_append",
+                         mutates_args=("k", "v", "k_scale", "v_scale", "k_zero", "v_zero", "lengths", "nonfinite"))
+def token_append_op(keys: torch.Tensor, values: torch.Tensor, form: str, k: torch.Tensor, v: torch.Tensor,
+                    k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor], k_zero: Optional[torch.Tensor],
+                    v_zero: Optional[torch.Tensor], lengths: torch.Tensor, nonfinite: torch.Tensor) -> None:
+    """token_append(keys, values, FlashSegment(form, k, v, ...), lengths, nonfinite)."""
+    from .flash_decode import FlashSegment
+    from .token_append import token_append
+
+    token_append(keys, values, FlashSegment(form, k, v, k_scale, v_scale, k_zero, v_zero), lengths, nonfinite)
+
+
+@token_append_op.register_fake
+def _(keys, values, form, k, v, k_scale, v_scale, k_zero, v_zero, lengths, nonfinite):
+    return None
+
+
+__all__ = ["SEGMENT_FIELDS", "decode_attention_op", "flatten_segments", "token_append_op", "tracing",
+           "unflatten_segments", "window_append_op", "window_scores_op"]

@@ -1,0 +1,141 @@
+"""The fused token append of the static baselines (kernels/token_append.py; Triton interpreter)
+vs its PyTorch reference: the same bytes in every buffer, the same counts, NaN/inf flagged."""
+
+import pytest
+import torch
+
+from triton_mode import interpreter_module_mark
+
+pytestmark = interpreter_module_mark()  # Triton's interpreter; skipped in a compiled GPU session
+
+from gpu_check import fresh_generator, randint  # noqa: E402
+from token_append_cases import (  # noqa: E402
+    check_same, clone_segment, differences, fp8_tie_states, int4_tie_states, random_buffers, random_states,
+    run_both)
+
+from zipkv.kernels.flash_decode import FlashSegment  # noqa: E402
+from zipkv.kernels.token_append import token_append  # noqa: E402
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("form", ["dense", "fp8", "int4"])
+def test_kernel_writes_the_references_bytes(form, dtype, d):
+    seed, gen = fresh_generator()
+    b, h, n = randint(gen, 1, 5), randint(gen, 1, 9), randint(gen, 2, 20)
+    context = f"seed {seed}: {form} {dtype} B {b} H {h} D {d} N {n}"
+    seg = random_buffers(form, b, h, n, d, dtype, gen)
+    lengths = torch.randint(0, n, (b,), generator=gen, dtype=torch.int32)  # ragged, one slot free at least
+    keys = random_states(b, h, d, dtype, gen, transposed=True)
+    values = random_states(b, h, d, dtype, gen)
+    want, got = run_both(keys, values, seg, lengths)
+    check_same(want, got, context)
+    assert torch.equal(got[1], lengths + 1) and not bool(got[2]), context
+    slots = torch.arange(n)[None, :] != lengths.long()[:, None]  # every other slot keeps its bytes
+    assert torch.equal(got[0].k[slots[:, None].expand(b, h, n)].view(torch.uint8),
+                       seg.k[slots[:, None].expand(b, h, n)].view(torch.uint8)), context
+
+
+def test_fp8_codes_round_every_tie_and_neighbour_as_torch():
+    """Scale exactly 1 (amax 448), the elements at every rounding case of e4m3 (ties, one
+    float32 step off them, subnormals, -0.0): the kernel's bit-level encoding rounds each as
+    torch's cast (ties to even)."""
+    keys = fp8_tie_states()
+    rows = keys.shape[1]
+    seg = random_buffers("fp8", 1, rows, 2, keys.shape[-1], torch.float32, torch.Generator().manual_seed(0))
+    want, got = run_both(keys, keys.clone(), seg, torch.zeros(1, dtype=torch.int32))
+    assert torch.equal(want[0].k_scale[:, :, 0], torch.ones(1, rows))
+    check_same(want, got, "fp8 ties")
+
+
+def test_int4_codes_round_ties_to_even():
+    x = int4_tie_states()
+    for dtype in DTYPES:
+        seg = random_buffers("int4", 1, 1, 1, x.shape[-1], dtype, torch.Generator().manual_seed(1))
+        want, got = run_both(x.to(dtype), x.to(dtype), seg, torch.zeros(1, dtype=torch.int32))
+        assert want[0].k_scale.float().item() == 1.0 and want[0].k_zero.float().item() == 0.0
+        check_same(want, got, f"int4 ties {dtype}")
+
+
+@pytest.mark.parametrize("form", ["dense", "fp8", "int4"])
+def test_nan_and_inf_are_flagged(form):
+    seed, gen = fresh_generator()
+    b, h, d = 2, 3, 64
+    seg = random_buffers(form, b, h, 4, d, torch.bfloat16, gen)
+    lengths = torch.tensor([1, 3], dtype=torch.int32)
+    keys, values = (random_states(b, h, d, torch.bfloat16, gen) for _ in range(2))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        for side in ("keys", "values"):
+            k, v = keys.clone(), values.clone()
+            (k if side == "keys" else v)[randint(gen, 0, b), randint(gen, 0, h), 0, randint(gen, 0, d)] = bad
+            want, got = run_both(k, v, seg, lengths)
+            assert bool(got[2]) and bool(want[2]), f"seed {seed}: {bad} in {form} {side} not flagged"
+            assert torch.equal(got[1], lengths + 1)
+    # finite states leave a raised flag raised (nonfinite |= ...)
+    _, got = run_both(keys, values, seg, lengths, flag=True)
+    assert bool(got[2])
+
+
+def test_a_full_row_is_left_alone():
+    """The host refuses a step past the capacity; were one run, the kernel writes nothing into
+    a full row and leaves its count (the reference's scatter would fail)."""
+    gen = torch.Generator().manual_seed(3)
+    seg = random_buffers("int4", 2, 2, 4, 64, torch.float16, gen)
+    lengths = torch.tensor([4, 2], dtype=torch.int32)
+    keys = random_states(2, 2, 64, torch.float16, gen)
+    s, n, f = clone_segment(seg), lengths.clone(), torch.tensor(False)
+    token_append(keys, keys, s, n, f, impl="triton")
+    assert n.tolist() == [4, 3]
+    assert differences(FlashSegment("int4", *(t[:1] for t in s.tensors())),
+                       FlashSegment("int4", *(t[:1] for t in seg.tensors()))) == {}
+
+
+def test_routing_and_bad_inputs():
+    gen = torch.Generator().manual_seed(4)
+    seg = random_buffers("fp8", 2, 2, 4, 48, torch.float16, gen)
+    keys = random_states(2, 2, 48, torch.float16, gen)
+    lengths, flag = torch.zeros(2, dtype=torch.int32), torch.tensor(False)
+    with pytest.raises(ValueError, match="head_dim 48"):
+        token_append(keys, keys, seg, lengths, flag, impl="triton")
+    token_append(keys, keys, seg, lengths, flag)  # auto on the CPU: the reference
+    assert lengths.tolist() == [1, 1]
+    fp32_params = FlashSegment("int4", *random_buffers("int4", 2, 2, 4, 64, torch.float32, gen).tensors()[:2],
+                               *(torch.zeros(2, 2, 4) for _ in range(4)))
+    with pytest.raises(ValueError, match="never casts"):  # int4 of fp32 states keeps fp16 parameters
+        token_append(*(random_states(2, 2, 64, torch.float32, gen) for _ in range(2)), fp32_params, lengths, flag,
+                     impl="triton")
+    with pytest.raises(ValueError, match="keys and values"):
+        token_append(keys[:, :1], keys, seg, lengths, flag)
+    with pytest.raises(ValueError, match="lengths"):
+        token_append(keys, keys, seg, lengths.long(), flag)
+    with pytest.raises(ValueError, match="nonfinite"):
+        token_append(keys, keys, seg, lengths, torch.zeros(1, dtype=torch.bool))
+    with pytest.raises(ValueError, match="impl"):
+        token_append(keys, keys, seg, lengths, flag, impl="cuda")
+
+
+def test_custom_op_and_a_compiled_call():
+    """The torch.compile op (kernels/ops.py) passes opcheck and is what a fullgraph compile of
+    an append traces (no graph break); its result is the eager one."""
+    from zipkv.kernels import ops
+
+    gen = torch.Generator().manual_seed(5)
+    seg = random_buffers("int4", 2, 2, 4, 64, torch.bfloat16, gen)
+    keys, values = (random_states(2, 2, 64, torch.bfloat16, gen) for _ in range(2))
+    lengths = torch.tensor([0, 2], dtype=torch.int32)
+    fields = [seg.k, seg.v, seg.k_scale, seg.v_scale, seg.k_zero, seg.v_zero]
+    torch.library.opcheck(ops.token_append_op, (keys, values, "int4", *(t.clone() for t in fields),
+                                                lengths.clone(), torch.tensor(False)))
+
+    def step(keys, values, s, n, f):
+        token_append(keys, values, s, n, f)
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    want, got = (clone_segment(seg), lengths.clone(), torch.tensor(False)), (clone_segment(seg), lengths.clone(),
+                                                                           torch.tensor(False))
+    step(keys, values, *want)
+    compiled(keys, values, *got)
+    check_same(want, got, "compiled")
