@@ -6,7 +6,10 @@ its PyTorch reference:
   mean over the query heads of each KV head (as the eager H2O policy sums them). The softmax
   normalizer is the log-sum-exp the decode attention already computed
   (decode_attention(..., return_lse=True): [B, Hq, 1], natural log), so the kernel needs one
-  pass over the keys, parallel over (row, KV head, block of slots).
+  pass over the keys, parallel over (row, KV head, block of slots). The scores are float32,
+  as the eager policy computes them; the normalizer is the decode kernel's, which on CUDA
+  rounds q * scale to the key dtype first: a head's probabilities then sum to 1 within a few
+  1e-3 (bf16), a factor shared by all its slots, so one step's ranking is unchanged by it.
 - lowest_slot: per (row, KV head) the eligible slot (visible, stamp <= newest - recent[b])
   of the lowest total, the oldest (lowest stamp) among equals: the token H2O evicts.
 - attention_mass_and_lowest_slot: both in one pass (the kernel chooses per block while the
