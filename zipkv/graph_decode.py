@@ -123,8 +123,10 @@ class StaticDecoder:
             raise ValueError("cuda_graph=True needs the model on a CUDA device")
         self.model, self.cache = model, cache
         self.use_graph = device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
-        # the step function: eager, or torch.compile(fullgraph=True) of it (compiled.py)
-        self.step_function = compiled_step(self._forward, compile)
+        # the step function: eager, or torch.compile(fullgraph=True) of it (compiled.py); the
+        # unbound function, called with self: a bound method kept on self would be a reference
+        # cycle that holds the decoder (and its cache) until the cyclic collector runs
+        self.step_function = compiled_step(StaticDecoder._forward, compile)
         with torch.inference_mode():
             cache.to_static(max_steps, prompt_padding)
             odd = [type(layer).__name__ for layer in cache.layers if not isinstance(layer, StaticLayer)]
@@ -202,12 +204,12 @@ class StaticDecoder:
         with torch.inference_mode():
             if self.graph is None and self.use_graph:
                 # the first step is the warm-up run; later steps replay the graph
-                self.graph = capture(self.step_function, after_warm_up=self._after_step)
+                self.graph = capture(lambda: self.step_function(self), after_warm_up=self._after_step)
             else:
                 if self.graph is not None:
                     self.graph.replay()
                 else:
-                    self.step_function()
+                    self.step_function(self)
                 self._after_step()
         return self.ids
 
