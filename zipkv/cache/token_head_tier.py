@@ -103,7 +103,9 @@ class TokenHeadBuffers:
         """One token per row [B, H, 1, D] at slot lengths[b] of its row, then lengths += 1 (on
         the device, one launch on CUDA: kernels/token_append.py; `advance()` mirrors it on the
         host); nonfinite (bool scalar on the device) |= any NaN/inf among them."""
-        if self.filled >= self.capacity:
+        # a host check, outside a compiled step (its changing count would recompile the step
+        # every time): StaticDecoder.step() checks has_room() before it instead
+        if not torch.compiler.is_compiling() and self.filled >= self.capacity:
             raise RuntimeError(f"the static buffers of {self.capacity} tokens are full")
         if nonfinite is None:  # a flag nobody reads
             nonfinite = torch.zeros((), dtype=torch.bool, device=self.lengths.device)
