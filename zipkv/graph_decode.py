@@ -23,7 +23,7 @@ import torch
 
 from .compiled import compiled_step
 from .decode_positions import decode_positions, forget_rope_deltas
-from .transformers_support import cache_kwargs
+from .transformers_support import cache_argument_name
 
 
 @runtime_checkable
@@ -146,10 +146,13 @@ class StaticDecoder:
         self.flush_graph, self.flush_graph_layers, self.device_flushes = None, None, 0
         self.steps, self.max_steps = 0, max_steps
         self.flushes, self.flush_seconds = 0, 0.0  # blocks quantized between replays, host time spent
+        # the forward's cache keyword, looked up once here: inside a compiled step dynamo cannot
+        # trace the version lookup (it imports transformers' lazy module)
+        self.cache_keyword = cache_argument_name()
 
     def _forward(self) -> None:
         out = self.model(input_ids=self.ids, position_ids=self.positions, cache_position=self.cache_position,
-                         use_cache=True, **cache_kwargs(self.cache))
+                         use_cache=True, **{self.cache_keyword: self.cache})
         self.ids.copy_(out.logits[:, -1:].argmax(-1))
         self.positions += 1
         self.cache_position += 1
@@ -317,7 +320,7 @@ def greedy_decode(model, cache, input_ids: torch.Tensor, attention_mask: torch.T
     forget_rope_deltas(model)  # text position_ids given: an M-RoPE model's deltas are zero
     with torch.inference_mode():
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                    use_cache=True, **cache_kwargs(cache))
+                    use_cache=True, **{cache_argument_name(): cache})
         first = out.logits[:, -1:].argmax(-1)
         del out
     tokens = [first]
