@@ -8,10 +8,11 @@ compression ratio, then the issue's criteria, written as DIR/acceptance.json and
 DIR/acceptance.md (with --print-only: printed, nothing written).
 
 How the numbers are made (why, in short):
-- Paired with full: a method's score and full's score are taken over the same cases (those
-  both finished), as the mean over tasks of each task's mean (zipkv.eval.summary.overall's
-  weighting), so a run cut short compares like with like. `complete` says whether the method
-  ran every case full ran; only complete methods enter the verdicts.
+- Common cases: every method that finished most of full's cases is scored on the same cases
+  (those it, full and every other such method finished), as the mean over tasks of each task's
+  mean (zipkv.eval.summary.overall's weighting), so a run cut short compares like with like.
+  A method with fewer cases is shown `partial`, paired with full on its own cases, and left out
+  of the verdicts.
 - Ratio: fp16 bytes of the same tokens / bytes really held at the end of the case (the rows'
   `ratio`), averaged the same way.
 - zipkv recipes: the registry's quantizing methods but KIVI (zipkv, zipcache, uniform,
@@ -34,6 +35,7 @@ from zipkv.registry import names
 
 DEFAULT_DIRS = ("results/eval-qwen2.5-coder-0.5b", "results/eval-qwen2.5-coder-1.5b")
 BYTES_TOLERANCE = 0.02
+MIN_COVERAGE = 0.5  # a method with fewer of full's cases is shown (partial) but not in the verdicts
 FP8_FEWER_BYTES = 2.5  # the recipe holds >= 2.5x fewer bytes than fp8 ...
 FP8_WITHIN = 0.97  # ... and keeps >= 97% of fp8's score ("within 3%")
 # (ratio, share of full's score) per model: the issue's targets; the embedded model has its own
@@ -73,15 +75,21 @@ def task_weighted(rows: list[dict], field: str) -> float:
 
 
 def method_table(rows: list[dict]) -> tuple[list[dict], set]:
+    """The per-method rows, and the common cases: those finished by full and by every method
+    that finished at least MIN_COVERAGE of full's cases (a run cut short mid-case leaves its
+    last case to some methods only; that case drops out instead of those methods)."""
     by_method: dict[str, dict[tuple, dict]] = defaultdict(dict)
     for r in ok_rows(rows):
         by_method[r["method_label"]][case_key(r)] = r
     if "full" not in by_method:
         raise SystemExit("no finished `full` rows: the table is relative to the full cache")
     full = by_method["full"]
+    covering = [set(c) & set(full) for c in by_method.values() if len(set(c) & set(full)) >= MIN_COVERAGE * len(full)]
+    common = set.intersection(*covering)
     table = []
     for label, cases in sorted(by_method.items()):
-        shared = sorted(set(cases) & set(full))
+        complete = common <= set(cases)
+        shared = sorted(common if complete else set(cases) & set(full))
         if not shared:
             continue
         mine = [cases[k] for k in shared]
@@ -89,11 +97,11 @@ def method_table(rows: list[dict]) -> tuple[list[dict], set]:
         score, full_score = task_weighted(mine, "score"), task_weighted(ref, "score")
         table.append({
             "method": label, "role": role(mine[0]), "cases": len(shared), "tasks": len({r["task"] for r in mine}),
-            "complete": len(shared) == len(full), "score": score, "full_score": full_score,
+            "complete": complete, "score": score, "full_score": full_score,
             "pct_of_full": score / full_score if full_score else float("nan"),
             "ratio": task_weighted(mine, "ratio"), "bytes_held": task_weighted(mine, "bytes_held"),
         })
-    return table, set(full)
+    return table, common
 
 
 def fewer_or_equal_bytes(recipe: dict, other: dict, factor: float = 1.0) -> bool:
@@ -157,13 +165,13 @@ def acceptance(results_dir: Path) -> dict:
     rows = ResultStore(results_dir).latest()
     if not rows:
         raise SystemExit(f"{results_dir}: no results.jsonl rows")
-    table, full_cases = method_table(rows)
+    table, common = method_table(rows)
     model = rows[0]["model"]
     env = {k: sorted({str(r.get(k)) for r in rows}) for k in ("device", "dtype", "transformers_version", "zipkv_version")}
     return {
         "source": str(results_dir / "results.jsonl"), "model": model, "environment": env,
-        "cases": len(full_cases), "tasks": sorted({k[0] for k in full_cases}),
-        "lengths": sorted({k[1] for k in full_cases}), "methods": table,
+        "cases": len(common), "tasks": sorted({k[0] for k in common}),
+        "lengths": sorted({k[1] for k in common}), "methods": table,
         "criteria": target_criteria(table, TARGETS.get(model, QWEN_TARGETS)) + [competitor_criterion(table), fp8_criterion(table)],
     }
 
@@ -176,10 +184,11 @@ def to_markdown(acc: dict) -> str:
     lines = [
         f"# Acceptance table (issue 17): {acc['model']}",
         "",
-        f"From `{acc['source']}` by `experiments/acceptance_table.py`: {acc['cases']} cases of full "
+        f"From `{acc['source']}` by `experiments/acceptance_table.py`: {acc['cases']} common cases "
         f"({', '.join(acc['tasks'])}; lengths {', '.join(map(str, acc['lengths']))}); "
         + ", ".join(f"{k} {'/'.join(v)}" for k, v in acc["environment"].items()) + ".",
-        "Score: mean over tasks, paired with full on the same cases; ratio: fp16 bytes / bytes held.",
+        "Score: mean over tasks of each task's mean on the common cases (partial: on the method's own "
+        "cases, paired with full); ratio: fp16 bytes of the same tokens / bytes held.",
         "",
         "| method | role | cases | score | % of full | real ratio |",
         "|---|---|---|---|---|---|",

@@ -7,7 +7,7 @@ from experiments.acceptance_table import acceptance, main
 TASKS = ("passkey", "lm_paul_graham")
 
 
-def _rows(label, scores, ratio, method=None, cases=(0, 1)):
+def _rows(label, scores, ratio, method=None, cases=(0, 1, 2)):
     out = []
     for task, score in zip(TASKS, scores):
         for c in cases:
@@ -34,7 +34,8 @@ def test_targets_competitors_and_fp8(tmp_path):
     acc = acceptance(_write(tmp_path, rows))
     by = {m["method"]: m for m in acc["methods"]}
     assert abs(by["auto:ratio=6.4"]["pct_of_full"] - 0.89 / 0.9) < 1e-12
-    assert not by["zipkv"]["complete"] and by["zipkv"]["cases"] == 2
+    assert not by["zipkv"]["complete"] and by["zipkv"]["cases"] == 2  # 2 of 6: too few to shape the common cases
+    assert acc["cases"] == 6
     five, six = acc["criteria"][0], acc["criteria"][1]
     assert five["met"] and five["best"]["method"] == "auto:ratio=6.4"  # 98.9% at 5.5x
     assert not six["met"] and six["best"] is None  # nothing at 6.4x
@@ -50,5 +51,12 @@ def test_writes_json_and_markdown(tmp_path):
     out = _write(tmp_path, _rows("full", (1.0, 0.8), 1.0) + _rows("rotated", (1.0, 0.6), 4.6))
     assert main([str(out)]) == 0
     md = (out / "acceptance.md").read_text()
-    assert "| rotated | zipkv | 4 | 0.800 | 88.9% | 4.60x |" in md
-    assert json.loads((out / "acceptance.json").read_text())["cases"] == 4
+    assert "| rotated | zipkv | 6 | 0.800 | 88.9% | 4.60x |" in md
+    assert json.loads((out / "acceptance.json").read_text())["cases"] == 6
+
+
+def test_a_case_cut_short_drops_out_for_every_method(tmp_path):
+    rows = _rows("full", (1.0, 0.8), 1.0) + _rows("fp8", (1.0, 0.8), 1.9)
+    rows += [r for r in _rows("int4", (0.0, 0.5), 3.6) if r["case_id"] != "passkey-2"]  # the run stopped here
+    acc = acceptance(_write(tmp_path, rows))
+    assert acc["cases"] == 5 and all(m["complete"] and m["cases"] == 5 for m in acc["methods"])
