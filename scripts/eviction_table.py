@@ -30,6 +30,8 @@ from pathlib import Path
 
 import torch
 
+from zipkv import cache_kwargs
+
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
          "I will quiz you about the important information there.\n")
 NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again.\n"
@@ -93,7 +95,7 @@ def decode(model, cache, question_ids, steps):
     with torch.no_grad():
         tokens = question_ids
         for _ in range(steps):
-            tokens = model(input_ids=tokens, past_key_values=cache).logits[:, -1:].argmax(-1)
+            tokens = model(input_ids=tokens, **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
             out.append(int(tokens))
     return out
 
@@ -152,7 +154,7 @@ def main(argv=None):
                 elif params.get("sparse_prefill"):
                     cache = make_eviction_cache(method, model.config, **params)
                     with torch.no_grad():
-                        model(input_ids=ids, past_key_values=cache, logits_to_keep=1)
+                        model(input_ids=ids, **cache_kwargs(cache), logits_to_keep=1)
                 else:
                     cache = make_eviction_cache(method, model.config, **params).prefill_from_states(records)
                 build_s = time.time() - t1
@@ -188,7 +190,7 @@ def main(argv=None):
                     if params.get("sparse_prefill"):  # the first answer token comes from the sparse prefill
                         cache = make_eviction_cache(method, model.config, **params)
                         with torch.no_grad():
-                            first = model(input_ids=prompt, past_key_values=cache, logits_to_keep=1).logits.argmax(-1)
+                            first = model(input_ids=prompt, **cache_kwargs(cache), logits_to_keep=1).logits.argmax(-1)
                     else:
                         cache = make_eviction_cache(method, model.config, **params).prefill_from_states(records)
                     stats = cache.stats()

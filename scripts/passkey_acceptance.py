@@ -26,6 +26,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 import zipkv
+from zipkv import cache_kwargs
 from zipkv.eval.tasks.passkey import passkey
 from zipkv.registry import check_method, parse_method_spec
 
@@ -70,7 +71,7 @@ def record_prefill(model, ids):
     _RECORDED.clear()
     try:
         with torch.no_grad():
-            model(input_ids=ids, past_key_values=DynamicCache(config=model.config), logits_to_keep=1)
+            model(input_ids=ids, **cache_kwargs(DynamicCache(config=model.config)), logits_to_keep=1)
     finally:
         model.config._attn_implementation = previous
     return dict(_RECORDED)
@@ -135,7 +136,7 @@ def main(argv=None):
                 context_stats = cache.stats()
                 with torch.no_grad():
                     out = model.generate(
-                        input_ids=full, attention_mask=torch.ones_like(full), past_key_values=cache,
+                        input_ids=full, attention_mask=torch.ones_like(full), **cache_kwargs(cache),
                         max_new_tokens=case.max_new_tokens, do_sample=False, pad_token_id=tok.eos_token_id,
                     )
                 model.config._attn_implementation = attn  # the cache switched it to zipkv

@@ -8,6 +8,7 @@ from tiny_models import padded_batch, tiny_model
 from transformers import DynamicCache
 
 import zipkv
+from zipkv import cache_kwargs
 from zipkv.cache import static_flash_layer
 from zipkv.cache.baseline_cache import TokenQuantCache
 from zipkv.cache.protocol import StaticStore, TierStore
@@ -21,7 +22,7 @@ PAD = 6
 
 def eager_tokens(model, cache, ids, mask):
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=NEW,
+        out = model.generate(input_ids=ids, attention_mask=mask, **cache_kwargs(cache), max_new_tokens=NEW,
                              do_sample=False)
     return out[:, ids.shape[1]:]
 
@@ -29,7 +30,7 @@ def eager_tokens(model, cache, ids, mask):
 def prefilled(method, model, ids, mask):
     cache = zipkv.make_cache(method, model.config)
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, position_ids=prompt_positions(mask), past_key_values=cache)
+        model(input_ids=ids, attention_mask=mask, position_ids=prompt_positions(mask), **cache_kwargs(cache))
     return cache
 
 

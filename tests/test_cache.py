@@ -5,6 +5,7 @@ import torch
 from transformers import DynamicCache
 
 import zipkv
+from zipkv import cache_kwargs
 from zipkv.cache.layer import ZipCacheLayer
 from tiny_models import ARCHS, tiny_model, padded_batch
 from held_tensors import held_bytes, reachable_tensors
@@ -18,7 +19,7 @@ def _padded_batch(length=48, pad=9, seed=1, batch=2):
 def _generate(model, cache, ids, mask, n=12):
     with torch.no_grad():
         return model.generate(
-            input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=n, do_sample=False, pad_token_id=0
+            input_ids=ids, attention_mask=mask, **cache_kwargs(cache), max_new_tokens=n, do_sample=False, pad_token_id=0
         )
 
 
@@ -52,8 +53,8 @@ def test_several_tokens_on_top_of_a_cache_use_the_right_mask():
     with torch.no_grad():
         whole = model(input_ids=ids).logits
         cache = DynamicCache(config=model.config)
-        model(input_ids=ids[:, :50], past_key_values=cache)
-        tail = model(input_ids=ids[:, 50:], past_key_values=cache).logits
+        model(input_ids=ids[:, :50], **cache_kwargs(cache))
+        tail = model(input_ids=ids[:, 50:], **cache_kwargs(cache)).logits
     assert torch.allclose(tail, whole[:, 50:], atol=1e-4)
 
 
@@ -103,13 +104,13 @@ def test_streaming_quantizes_blocks_without_requantizing():
     ids = torch.randint(3, 250, (1, 30), generator=torch.Generator().manual_seed(5))
     cache = zipkv.make_cache("zipcache", model.config, stream_interval=10, residual_length=4, sink_tokens=2)
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache)
+        model(input_ids=ids, **cache_kwargs(cache))
         layer = cache.layers[0]
         first_codes = layer.low.k_codes.clone()
         assert layer.keys.shape[2] == 6  # 2 sinks + 4 recent in fp16
         token = ids[:, -1:]
         for step in range(25):
-            token = model(input_ids=token, past_key_values=cache).logits[:, -1:].argmax(-1)
+            token = model(input_ids=token, **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
             assert layer.keys.shape[2] <= 2 + 4 + 10
     assert layer.low.num_tokens + layer.high.num_tokens == 24 + 20
     assert torch.equal(layer.low.k_codes[:, :, : first_codes.shape[2]], first_codes)
@@ -161,18 +162,18 @@ def test_missing_zipkv_attention_is_a_clear_error():
     model.config._attn_implementation = "sdpa"  # someone switched it back
     ids = torch.randint(3, 250, (1, 20))
     with torch.no_grad(), pytest.raises(RuntimeError, match="zipkv attention"):
-        model(input_ids=ids, past_key_values=cache)
+        model(input_ids=ids, **cache_kwargs(cache))
 
 
 def _greedy_steps(model, cache, ids, mask, steps):
     """Prefill, then `steps` greedy decode steps: (logits of each step, the chosen tokens)."""
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        out = model(input_ids=ids, attention_mask=mask, **cache_kwargs(cache))
         logits, token, step_mask = [], out.logits[:, -1:].argmax(-1), mask
         chosen = [token]
         for _ in range(steps):
             step_mask = torch.cat([step_mask, torch.ones_like(step_mask[:, :1])], dim=1)
-            out = model(input_ids=token, attention_mask=step_mask, past_key_values=cache)
+            out = model(input_ids=token, attention_mask=step_mask, **cache_kwargs(cache))
             logits.append(out.logits[:, -1])
             token = out.logits[:, -1:].argmax(-1)
             chosen.append(token)

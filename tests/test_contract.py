@@ -20,6 +20,7 @@ from tiny_models import padded_batch, tiny_model
 from transformers import DynamicCache
 
 import zipkv
+from zipkv import cache_kwargs
 
 TEXT_ARCHS = ("llama", "qwen2", "gemma3")
 VLM_ARCHS = ("llava", "qwen2_vl")
@@ -44,7 +45,7 @@ def build(method: str, config):
 def generate(model, cache, ids, mask, **kwargs):
     """NEW_TOKENS greedy tokens per row (EOS suppressed, so a row alone runs as long as in a batch)."""
     kwargs = {"min_new_tokens": NEW_TOKENS, **kwargs}
-    out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=NEW_TOKENS,
+    out = model.generate(input_ids=ids, attention_mask=mask, **cache_kwargs(cache), max_new_tokens=NEW_TOKENS,
                          do_sample=False, **kwargs)
     return out[:, ids.shape[1]:]
 
@@ -84,7 +85,7 @@ def test_text_model_contract(text_model, method):
     assert tokens.shape == (2, NEW_TOKENS)
     # generate() runs under no_grad: one more step with grad enabled, as a user's own loop would
     step_mask = torch.cat([mask, torch.ones(2, NEW_TOKENS, dtype=mask.dtype)], dim=1)  # prompt + generated
-    model(tokens[:, -1:], attention_mask=step_mask, past_key_values=cache)
+    model(tokens[:, -1:], attention_mask=step_mask, **cache_kwargs(cache))
     stats = cache.stats()
     assert stats.bytes_held == held_bytes(cache)
     full_layers = sum(kind == "full_attention" for kind in getattr(model.config, "layer_types", None) or ["full_attention"] * 2)
@@ -183,13 +184,13 @@ def test_vlm_static_form_equals_eager_form(vlm, method):
     if "decode_path" in spec.params:
         params["decode_path"] = "packed"
     with torch.no_grad():
-        out = model.generate(**inputs, past_key_values=spec.build(model.config, **params), max_new_tokens=NEW_TOKENS,
+        out = model.generate(**inputs, **cache_kwargs(spec.build(model.config, **params)), max_new_tokens=NEW_TOKENS,
                              do_sample=False)
     expected = out[:, inputs["input_ids"].shape[1]:]
     cache = spec.build(model.config, **params)
     positions = None if uses_mrope(model) else prompt_positions(inputs["attention_mask"])
     with torch.inference_mode():
-        first = model(**inputs, position_ids=positions, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+        first = model(**inputs, position_ids=positions, **cache_kwargs(cache), use_cache=True).logits[:, -1:].argmax(-1)
     held = cache.get_seq_length()
     decoder = StaticDecoder(model, cache, first, prompt_positions(inputs["attention_mask"])[:, -1] + 1, NEW_TOKENS - 1,
                             inputs["attention_mask"], cuda_graph=False)

@@ -17,7 +17,7 @@ import torch
 from transformers import Gemma2Config, Gemma2ForCausalLM
 
 import zipkv
-from zipkv import METHODS, make_cache
+from zipkv import METHODS, cache_kwargs, make_cache
 from zipkv.registry import MethodError
 
 from tiny_models import COMMON, padded_batch, tiny_model
@@ -40,7 +40,7 @@ def prefill(cache, net=None, length=24):
     net = net or model()
     ids, mask = padded_batch(length, 4)
     with torch.no_grad():
-        net(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        net(ids, attention_mask=mask, **cache_kwargs(cache), use_cache=True)
     return cache
 
 
@@ -60,7 +60,7 @@ def reuse(other: Callable):
         net = other()
         zipkv.enable_zipkv_attention(net)  # the other model runs zipkv attention too: only the cache is wrong
         with torch.no_grad():
-            net(torch.randint(3, 250, (2, 3)), past_key_values=cache, use_cache=True)
+            net(torch.randint(3, 250, (2, 3)), **cache_kwargs(cache), use_cache=True)
     return each_family(run)
 
 
@@ -211,7 +211,7 @@ def test_a_cache_reused_after_reset_works_like_a_fresh_one(method):
 
     def generate(cache, batch):
         with torch.no_grad():
-            return net.generate(batch[0], attention_mask=batch[1], past_key_values=cache, max_new_tokens=4,
+            return net.generate(batch[0], attention_mask=batch[1], **cache_kwargs(cache), max_new_tokens=4,
                                 do_sample=False)
 
     fresh = make_cache(method, net.config, **params)
@@ -234,10 +234,10 @@ def test_an_all_padding_row_leaves_the_other_rows_alone(method):
     ids, mask = padded_batch(40, 0)
     mask[1] = 0
     with torch.no_grad():
-        both = net.generate(ids, attention_mask=mask, past_key_values=make_cache(method, net.config, **params),
+        both = net.generate(ids, attention_mask=mask, **cache_kwargs(make_cache(method, net.config, **params)),
                             max_new_tokens=4, do_sample=False)
         alone = net.generate(ids[:1], attention_mask=mask[:1],
-                             past_key_values=make_cache(method, net.config, **params), max_new_tokens=4,
+                             **cache_kwargs(make_cache(method, net.config, **params)), max_new_tokens=4,
                              do_sample=False)
     assert both[:1].equal(alone)
 
@@ -252,7 +252,7 @@ def test_saliency_takes_its_salient_count_from_the_row_with_fewest_real_tokens(m
     mask[1] = 0
     cache = make_cache(method, net.config)
     with torch.no_grad():
-        net(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        net(ids, attention_mask=mask, **cache_kwargs(cache), use_cache=True)
     layer = cache.layers[0]
     assert layer.high.num_tokens == 0 and layer.low.num_tokens == 40
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from zipkv import cache_kwargs
 from zipkv.cache.eviction_cache import record_prefill
 from zipkv.cache.eviction_store import Fp16Store, PackedStore
 from zipkv.eviction import adakv_head_budgets, pyramid_budgets, zipvl_important_count
@@ -23,7 +24,7 @@ def _batch(length=48, pad=6, seed=1, batch=2):
 
 def _prefill(model, cache, ids, mask=None):
     with torch.no_grad():
-        return model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits
+        return model(input_ids=ids, attention_mask=mask, **cache_kwargs(cache)).logits
 
 
 SNAP = dict(window=6, kernel_size=3)
@@ -89,7 +90,7 @@ def test_stats_count_every_tensor_held(method, params):
     ids, mask = _batch()
     cache = make_eviction_cache(method, model.config, **params)
     with torch.no_grad():
-        model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=7, do_sample=False,
+        model.generate(input_ids=ids, attention_mask=mask, **cache_kwargs(cache), max_new_tokens=7, do_sample=False,
                        pad_token_id=0)
     for i, layer in enumerate(cache.evicting_layers()):
         reachable = reachable_tensors(layer)
@@ -107,7 +108,7 @@ def test_budget_respected_at_every_decoding_step(method):
     tokens = ids
     with torch.no_grad():
         for step in range(8):
-            logits = model(input_ids=tokens, attention_mask=mask, past_key_values=cache).logits
+            logits = model(input_ids=tokens, attention_mask=mask, **cache_kwargs(cache)).logits
             for layer in cache.evicting_layers():
                 (store,) = layer.parts
                 assert torch.equal(store.lengths, budgets[:, None].expand(-1, HKV)), step
@@ -235,7 +236,7 @@ def test_zipvl_important_tokens_high_bit_rest_low_or_evicted():
         tokens = ids[:, -1:]
         with torch.no_grad():
             for step in range(5):
-                tokens = model(input_ids=tokens, past_key_values=cache).logits[:, -1:].argmax(-1)
+                tokens = model(input_ids=tokens, **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
         for layer in cache.evicting_layers():
             held = sum(int(p.lengths[0, 0]) for p in layer.parts)
             assert layer.recent_keys.shape[2] == 0 and held <= 45
@@ -270,8 +271,8 @@ def test_cache_built_from_a_recorded_prefill_equals_a_live_one(method, params):
     step = torch.tensor([[5], [7]])
     mask = torch.cat([mask, torch.ones_like(step)], 1)
     with torch.no_grad():
-        a = model(input_ids=step, attention_mask=mask, past_key_values=live).logits
-        b = model(input_ids=step, attention_mask=mask, past_key_values=built).logits
+        a = model(input_ids=step, attention_mask=mask, **cache_kwargs(live)).logits
+        b = model(input_ids=step, attention_mask=mask, **cache_kwargs(built)).logits
     assert torch.allclose(a, b, atol=1e-5)
 
 

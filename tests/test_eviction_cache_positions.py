@@ -7,6 +7,7 @@ import torch
 from transformers import AttentionInterface, DynamicCache
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from zipkv import cache_kwargs
 from zipkv.cache.eviction_layer import EvictingLayer
 from zipkv.eviction_cache import make_eviction_cache
 from tiny_models import tiny_model
@@ -99,9 +100,9 @@ def test_decode_after_eviction_matches_masked_reference(arch, method):
                 for layer in cache.evicting_layers():
                     _KEEP[layer.layer_idx] = held_positions(layer, reference.layers[layer.layer_idx].keys)
             model.config._attn_implementation = "zipkv"
-            ours = model(input_ids=tokens, attention_mask=full_mask, past_key_values=cache).logits
+            ours = model(input_ids=tokens, attention_mask=full_mask, **cache_kwargs(cache)).logits
             model.config._attn_implementation = REFERENCE
-            theirs = model(input_ids=tokens, attention_mask=full_mask, past_key_values=reference).logits
+            theirs = model(input_ids=tokens, attention_mask=full_mask, **cache_kwargs(reference)).logits
             real = full_mask[:, -tokens.shape[1]:].bool()
             assert torch.allclose(ours[real], theirs[real], atol=1e-4), (step, (ours[real] - theirs[real]).abs().max())
             next_tokens = ours[:, -1:].argmax(-1)
@@ -124,7 +125,7 @@ def test_generate_padded_row_matches_its_unpadded_run(method):
     def run(i, m):
         cache = make_eviction_cache(method, model.config, **params)
         with torch.no_grad():
-            return model.generate(input_ids=i, attention_mask=m, past_key_values=cache, max_new_tokens=10,
+            return model.generate(input_ids=i, attention_mask=m, **cache_kwargs(cache), max_new_tokens=10,
                                   do_sample=False, pad_token_id=0)
 
     both = run(ids, mask)
@@ -140,12 +141,12 @@ def test_generate_needs_no_position_ids():
     ids = torch.randint(3, 250, (1, 40), generator=torch.Generator().manual_seed(4))
     params = dict(budget=12)
     with torch.no_grad():
-        out = model.generate(input_ids=ids, past_key_values=make_eviction_cache("h2o", model.config, **params),
+        out = model.generate(input_ids=ids, **cache_kwargs(make_eviction_cache("h2o", model.config, **params)),
                              max_new_tokens=8, do_sample=False, pad_token_id=0)
         cache = make_eviction_cache("h2o", model.config, **params)
         tokens, generated = ids, []
         for _ in range(8):
-            tokens = model(input_ids=tokens, past_key_values=cache).logits[:, -1:].argmax(-1)
+            tokens = model(input_ids=tokens, **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
             generated.append(tokens)
     assert torch.equal(out[:, 40:], torch.cat(generated, 1))
     assert cache.get_seq_length() == 47  # logical: prompt + 7 fed tokens
@@ -159,7 +160,7 @@ def test_hybrid_sliding_model_and_batch_expansion():
     ids = torch.randint(3, 250, (1, 30), generator=torch.Generator().manual_seed(5))
     cache = make_eviction_cache("snapkv", model.config, ratio=0.3, window=6, kernel_size=3)
     with torch.no_grad():
-        out = model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        out = model.generate(input_ids=ids, **cache_kwargs(cache), max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert out.shape == (1, 35)
     stats = cache.stats()
     assert stats.tokens_per_layer[1] == 9 + 4 and stats.logical_tokens_per_layer[0] == 0  # layer 0 slides
@@ -167,7 +168,7 @@ def test_hybrid_sliding_model_and_batch_expansion():
     for method, params in (("h2o", dict(ratio=0.3)), ("zipvl", dict(stream_interval=3)), ("adakv", dict(ratio=0.3, window=6, kernel_size=3))):
         cache = make_eviction_cache(method, model.config, **params)
         with torch.no_grad():
-            out = model.generate(input_ids=ids, past_key_values=cache, max_new_tokens=6, do_sample=True, top_k=5,
+            out = model.generate(input_ids=ids, **cache_kwargs(cache), max_new_tokens=6, do_sample=True, top_k=5,
                                  num_return_sequences=3, pad_token_id=0)
         assert out.shape == (3, 36) and cache.evicting_layers()[0].batch_size == 3
 
@@ -178,9 +179,9 @@ def test_model_not_running_eviction_attention_is_a_clear_error():
     model.config._attn_implementation = "sdpa"  # someone switched it back
     with pytest.raises(RuntimeError, match="zipkv attention never ran for layer 0"):
         with torch.no_grad():
-            model(input_ids=torch.randint(3, 250, (1, 12)), past_key_values=cache)
+            model(input_ids=torch.randint(3, 250, (1, 12)), **cache_kwargs(cache))
     # the abandoned note does not break another cache once the model runs zipkv attention again
     fresh = make_eviction_cache("h2o", model.config, ratio=0.5)
     with torch.no_grad():
-        model(input_ids=torch.randint(3, 250, (1, 12)), past_key_values=fresh)
+        model(input_ids=torch.randint(3, 250, (1, 12)), **cache_kwargs(fresh))
     assert fresh.stats().tokens_per_layer == [6, 6]

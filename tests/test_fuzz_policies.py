@@ -11,7 +11,7 @@ import math
 import torch
 from hypothesis import given, settings, strategies as st
 
-from zipkv import make_cache
+from zipkv import cache_kwargs, make_cache
 from zipkv.eviction import assign_tiers, select_tokens
 from zipkv.eviction.budgets import (
     CakeCascade,
@@ -198,10 +198,10 @@ def test_eviction_cache_keeps_exactly_the_budget_per_row(length, pad, ratio, met
         params.update(window=4, kernel_size=3)
     cache = make_cache(method, MODEL.config, **params)
     with torch.no_grad():
-        out = MODEL(ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        out = MODEL(ids, attention_mask=mask, **cache_kwargs(cache), use_cache=True)
         for step in range(steps):
             mask = torch.cat([mask, mask.new_ones(2, 1)], dim=1)
-            out = MODEL(out.logits[:, -1:].argmax(-1), attention_mask=mask, past_key_values=cache, use_cache=True)
+            out = MODEL(out.logits[:, -1:].argmax(-1), attention_mask=mask, **cache_kwargs(cache), use_cache=True)
     # a continuous policy (H2O) evicts back to the budget after every forward; the prefill-only
     # ones keep every decoded token
     expected = budgets if method == "h2o" else budgets + steps

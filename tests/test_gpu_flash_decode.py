@@ -8,6 +8,8 @@ Run on the GPU machine (compiled Triton, no TRITON_INTERPRET):
 import pytest
 import torch
 
+from zipkv import cache_kwargs
+
 pytestmark = pytest.mark.gpu
 
 LENGTHS = {1: [[1], [4097], [32768]], 8: [[1, 17, 1000, 4095, 4096, 8191, 20000, 32768]]}
@@ -54,7 +56,7 @@ def test_cuda_graph_decoding_equals_eager_steps_and_generate(method):
     model = tiny_model("llama", hidden_size=512, num_attention_heads=4, num_key_value_heads=2).cuda()
     ids, mask = (t.cuda() for t in padded_batch(length=300, pad=37))
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=zipkv.make_cache(method, model.config),
+        out = model.generate(input_ids=ids, attention_mask=mask, **cache_kwargs(zipkv.make_cache(method, model.config)),
                              max_new_tokens=24, do_sample=False)
     expected = out[:, ids.shape[1]:]
     graphed = zipkv.greedy_decode(model, zipkv.make_cache(method, model.config), ids, mask, max_new_tokens=24,

@@ -16,6 +16,7 @@ import torch
 from tiny_models import padded_batch, tiny_model
 
 import zipkv
+from zipkv import cache_kwargs
 from zipkv.eviction_cache import record_prefill
 from zipkv.graph_decode import StaticDecoder, StaticLayer, prompt_positions
 
@@ -85,11 +86,11 @@ def assert_nothing_requires_grad(cache) -> None:
 def greedy_with_grad(model, cache, ids, mask, new_tokens=NEW_TOKENS):
     """Prefill and greedy decode steps as direct forwards, grad enabled (no torch.no_grad)."""
     assert torch.is_grad_enabled()
-    out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+    out = model(input_ids=ids, attention_mask=mask, **cache_kwargs(cache), use_cache=True)
     for _ in range(new_tokens - 1):
         ids = out.logits[:, -1:].argmax(-1)
         mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-        out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, attention_mask=mask, **cache_kwargs(cache), use_cache=True)
     assert out.logits.requires_grad  # the forwards did build an autograd graph
     return out
 
@@ -174,7 +175,7 @@ def test_cache_used_by_generate_is_freed_at_once(method):
 
     def build_and_run():
         cache = zipkv.make_cache(method, model.config, **PARAMS.get(method, {}))
-        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=NEW_TOKENS,
+        out = model.generate(input_ids=ids, attention_mask=mask, **cache_kwargs(cache), max_new_tokens=NEW_TOKENS,
                              do_sample=False, return_dict_in_generate=True)
         assert out.sequences.shape[1] == ids.shape[1] + NEW_TOKENS
         del out
@@ -191,7 +192,7 @@ def test_cache_of_a_model_with_sliding_window_layers_is_freed_at_once(method):
 
     def build_and_run():
         cache = zipkv.make_cache(method, model.config, **PARAMS.get(method, {}))
-        del model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True).logits
+        del model(input_ids=ids, attention_mask=mask, **cache_kwargs(cache), use_cache=True).logits
         return cache
 
     assert_freed_without_gc(build_and_run)
@@ -210,7 +211,7 @@ def test_static_cache_is_freed_at_once_and_holds_nothing_that_requires_grad(meth
     def build_and_run():
         cache = zipkv.make_cache(method, model.config, **PARAMS.get(method, {}))
         positions = prompt_positions(mask)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_kwargs(cache))
         first = out.logits[:, -1:].argmax(-1)
         del out
         assert_nothing_requires_grad(cache)  # the eager prefill, before the copy into buffers
@@ -235,10 +236,10 @@ def test_static_cache_stepped_by_hand_with_grad_holds_nothing_that_requires_grad
     def build_and_run():
         cache = zipkv.make_cache("zipcache", model.config, decode_path="packed", **QUANT)
         positions = prompt_positions(mask)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_kwargs(cache))
         cache.to_static(4, mask)
         step = dict(position_ids=positions[:, -1:] + 1, cache_position=torch.tensor([cache.get_seq_length()]))
-        out = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache, **step)
+        out = model(input_ids=out.logits[:, -1:].argmax(-1), **cache_kwargs(cache), **step)
         assert out.logits.requires_grad
         del out
         assert_nothing_requires_grad(cache)
@@ -270,7 +271,7 @@ def test_vlm_cache_is_freed_at_once_and_holds_nothing_that_requires_grad(arch, m
     def build_and_run():
         cache = make_vlm_cache(method, model.config, inputs["input_ids"], attention_mask=inputs["attention_mask"],
                                **VLM_PARAMS.get(method, {}))
-        out = model(**inputs, past_key_values=cache, use_cache=True)
+        out = model(**inputs, **cache_kwargs(cache), use_cache=True)
         assert out.logits.requires_grad
         del out
         if method != "full":
@@ -320,7 +321,7 @@ def test_sequential_prefills_with_grad_do_not_accumulate_tensors(method):
         for prompt in range(10):
             ids, mask = padded_batch(length=48, pad=6, seed=prompt)
             cache = zipkv.make_cache(method, model.config, **PARAMS[method])
-            out = model(input_ids=ids, attention_mask=mask, past_key_values=cache, use_cache=True)
+            out = model(input_ids=ids, attention_mask=mask, **cache_kwargs(cache), use_cache=True)
             del out, cache
             counts.append(live_tensors())
     finally:

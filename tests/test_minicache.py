@@ -7,6 +7,7 @@ import torch
 from transformers import DynamicCache
 
 import zipkv
+from zipkv import cache_kwargs
 from zipkv.cache.minicache import MiniCache, merged_pairs
 from zipkv.cache.minicache_layer import MiniCacheLayer
 from zipkv.merge import angular_distance, merge_states, restore_states, retained_count, slerp
@@ -113,7 +114,7 @@ def _padded_batch(length=48, pad=9, seed=1, batch=2):
 
 def _generate(model, cache, ids, mask, n=12, **kwargs):
     with torch.no_grad():
-        return model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=n,
+        return model.generate(input_ids=ids, attention_mask=mask, **cache_kwargs(cache), max_new_tokens=n,
                               do_sample=False, pad_token_id=0, **kwargs)
 
 
@@ -143,7 +144,7 @@ def test_merging_generate_with_padding_and_gqa():
         expected = model(input_ids=ids, attention_mask=mask).logits[:, -1]
         cache = zipkv.make_cache("minicache", model.config, start_layer=0, t=0.6, retain_ratio=0.05)
         # the prefill attends exactly: merging happens behind it
-        assert torch.equal(model(input_ids=ids, attention_mask=mask, past_key_values=cache).logits[:, -1], expected)
+        assert torch.equal(model(input_ids=ids, attention_mask=mask, **cache_kwargs(cache)).logits[:, -1], expected)
     cache = zipkv.make_cache("minicache", model.config, start_layer=0)
     out = _generate(model, cache, ids, mask, n=16)
     assert out.shape == (2, 80)
@@ -162,12 +163,12 @@ def test_question_on_top_of_a_merged_context_reads_the_restored_states_in_place(
     full_mask = torch.cat([mask, torch.ones_like(question)], 1)
     cache = zipkv.make_cache("minicache", model.config, start_layer=2, retain_ratio=0.25)
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        model(input_ids=ids, attention_mask=mask, **cache_kwargs(cache))
         oracle = DynamicCache(config=model.config)
         for i, layer in enumerate(cache.layers):
             oracle.update(*layer.attention_inputs(), i)
-        expected = model(input_ids=question, attention_mask=full_mask, past_key_values=oracle).logits
-        got = model(input_ids=question, attention_mask=full_mask, past_key_values=cache).logits
+        expected = model(input_ids=question, attention_mask=full_mask, **cache_kwargs(oracle)).logits
+        got = model(input_ids=question, attention_mask=full_mask, **cache_kwargs(cache)).logits
     # the question's own states are stored in fp16 by the cache: rounding only (a merged
     # context differs from the full one by about 0.2 here)
     assert (got - expected).abs().max() < 2e-3
@@ -222,8 +223,8 @@ def test_quantized_directions_hold_fewer_bytes_and_stay_close():
     for bits in (16, 4):
         cache = MiniCache(model.config, start_layer=0, direction_bits=bits)
         with torch.no_grad():
-            model(input_ids=ids, attention_mask=mask, past_key_values=cache)
-            logits[bits] = model(input_ids=ids[:, -1:], past_key_values=cache,
+            model(input_ids=ids, attention_mask=mask, **cache_kwargs(cache))
+            logits[bits] = model(input_ids=ids[:, -1:], **cache_kwargs(cache),
                                  attention_mask=torch.cat([mask, mask[:, -1:]], 1)).logits
         held[bits] = cache.stats().bytes_held
     assert held[4] < 0.75 * held[16]
@@ -235,7 +236,7 @@ def test_batch_selection_moves_the_shared_pair_once():
     ids, mask = _padded_batch(length=30)
     cache = zipkv.make_cache("minicache", model.config, start_layer=0)
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        model(input_ids=ids, attention_mask=mask, **cache_kwargs(cache))
     before = [layer.attention_inputs() for layer in cache.layers]
     cache.batch_select_indices(torch.tensor([1]))
     for layer, (keys, values) in zip(cache.layers, before):
@@ -255,7 +256,7 @@ def test_prefill_from_recorded_states_matches_a_live_prefill():
     replayed = zipkv.make_cache("minicache", model.config).prefill_from_states(records)
     live = zipkv.make_cache("minicache", model.config)
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, past_key_values=live)
+        model(input_ids=ids, attention_mask=mask, **cache_kwargs(live))
     for a, b in zip(replayed.layers, live.layers):
         assert all(torch.equal(x, y) for x, y in zip(a.attention_inputs(), b.attention_inputs()))
 

@@ -12,7 +12,7 @@ import torch
 
 from embedded import embedded_gguf
 from tiny_models import tiny_model
-from zipkv import models
+from zipkv import cache_kwargs, models
 
 # ---- a tiny model standing in for a GGUF conversion ---------------------------------------
 
@@ -300,7 +300,7 @@ def test_embedded_model_lossless_cache_equals_dynamic_cache(converted_and_cached
     runs = []
     for cache in (DynamicCache(config=model.config), zipkv.make_cache("full", model.config)):
         with torch.no_grad():
-            runs.append(model.generate(**inputs, past_key_values=cache, max_new_tokens=12, do_sample=False))
+            runs.append(model.generate(**inputs, **cache_kwargs(cache), max_new_tokens=12, do_sample=False))
     assert torch.equal(runs[0], runs[1])
 
 
@@ -317,9 +317,9 @@ def test_embedded_model_zipkv_preset_keeps_the_pass_key_compressed(converted_and
     cache = zipkv.make_cache("zipkv", model.config)
     try:
         with torch.no_grad():
-            model(input_ids=ctx, past_key_values=cache)
+            model(input_ids=ctx, **cache_kwargs(cache))
             ratio = cache.stats().ratio
-            out = model.generate(input_ids=full, attention_mask=torch.ones_like(full), past_key_values=cache,
+            out = model.generate(input_ids=full, attention_mask=torch.ones_like(full), **cache_kwargs(cache),
                                  max_new_tokens=6, do_sample=False)
     finally:
         model.config._attn_implementation = attn

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import zipkv.policies.select as select
+from zipkv import cache_kwargs
 from zipkv.cache.eviction_cache import EvictionCache
 from zipkv.eviction import adakv_head_budgets, make_scorer, pyramid_budgets
 from zipkv.policies import BUDGET_RULES, CakePolicy, Policy, SelectPolicy
@@ -79,7 +80,7 @@ def test_a_new_rule_is_one_table_line(monkeypatch):
     assert policy.rule_params == {"step": 2}
     cache = EvictionCache(model.config, policy, method="shrinking")
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        model(input_ids=ids, attention_mask=mask, **cache_kwargs(cache))
     for position, layer in enumerate(cache.evicting_layers()):
         (store,) = layer.parts
         assert store.lengths.tolist() == [[10 - 2 * position] * 2] * 2

@@ -12,7 +12,7 @@ import torch
 
 import zipkv
 from tiny_models import tiny_model
-from zipkv import cli, registry
+from zipkv import cache_kwargs, cli, registry
 from zipkv.cache import TokenQuantCache, ZipCache
 from zipkv.cache.eviction_cache import EvictionCache
 from zipkv.cache.minicache import MiniCache
@@ -41,8 +41,8 @@ def test_every_method_builds_and_runs_a_prefill_and_a_step(model, name):
     assert isinstance(cache, CLASS_OF_FAMILY[spec.family])
     ids = torch.randint(0, model.config.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        out = model(input_ids=ids, past_key_values=cache)
-        step = model(input_ids=out.logits[:, -1:].argmax(-1), past_key_values=cache)
+        out = model(input_ids=ids, **cache_kwargs(cache))
+        step = model(input_ids=out.logits[:, -1:].argmax(-1), **cache_kwargs(cache))
     assert torch.isfinite(step.logits).all()
     stats = cache.stats()
     assert stats.bytes_held > 0 and len(stats.tokens_per_layer) == model.config.num_hidden_layers
@@ -57,7 +57,7 @@ def test_static_flag_says_whether_to_static_accepts_the_cache(name):
     cache = zipkv.make_cache(name, model.config)
     ids = torch.randint(0, model.config.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        model(input_ids=ids, past_key_values=cache)
+        model(input_ids=ids, **cache_kwargs(cache))
     if METHODS[name].static:
         cache.to_static(4)
         assert cache.is_static

@@ -5,6 +5,7 @@ import torch
 from transformers import DynamicCache
 
 import zipkv
+from zipkv import cache_kwargs
 from zipkv.cache.sliding_layer import SlidingZipLayer, window_block
 from zipkv.cache.tier import PackedTier
 from zipkv.kernels.decode_attention import decode_attention
@@ -28,7 +29,7 @@ def prompt(length, seed=0, batch=1):
 def generate(model, cache, ids, mask=None, n=4):
     mask = torch.ones_like(ids) if mask is None else mask
     with torch.no_grad():
-        return model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=n,
+        return model.generate(input_ids=ids, attention_mask=mask, **cache_kwargs(cache), max_new_tokens=n,
                               do_sample=False, pad_token_id=0)
 
 
@@ -130,7 +131,7 @@ def test_several_tokens_on_top_of_a_window_cache(decode_path):
     ids = prompt(4 * WINDOW + 60)
     with torch.no_grad():
         for a, b in [(0, 4 * WINDOW), (4 * WINDOW, 4 * WINDOW + 40), (4 * WINDOW + 40, 4 * WINDOW + 45)]:
-            model(input_ids=ids[:, a:b], past_key_values=cache)
+            model(input_ids=ids[:, a:b], **cache_kwargs(cache))
     assert [r["q_len"] for r in records] == [4 * WINDOW, 40, 5]
     assert max(r["error"] for r in records) < 1e-4
     assert all(r["without_mask"] > 1e-2 for r in records)

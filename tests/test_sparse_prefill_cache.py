@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import zipkv
+from zipkv import cache_kwargs
 import zipkv.policies.tiered as policies
 from zipkv.cache.eviction_cache import record_prefill
 from zipkv.policies.zipvl_probes import probe_positions
@@ -33,7 +34,7 @@ def test_tau_one_keeps_everything_and_equals_the_dense_prefill(method):
     caches = {sp: make_eviction_cache(method, model.config, tau=1.0, stream_interval=4, sparse_prefill=sp, **PROBES)
               for sp in (False, True)}
     with torch.no_grad():
-        logits = {sp: model(input_ids=ids, attention_mask=mask, past_key_values=c).logits for sp, c in caches.items()}
+        logits = {sp: model(input_ids=ids, attention_mask=mask, **cache_kwargs(c)).logits for sp, c in caches.items()}
     report = caches[True].sparse_prefill_report()
     assert caches[False].sparse_prefill_report() is None and caches[False].stats().sparse_prefill is None
     assert report.kept_fraction == 1.0 and report.flop_saving == 0.0
@@ -45,7 +46,7 @@ def test_tau_one_keeps_everything_and_equals_the_dense_prefill(method):
     for sp in (False, True):
         cache = make_eviction_cache(method, model.config, tau=1.0, stream_interval=4, sparse_prefill=sp, **PROBES)
         with torch.no_grad():
-            outs.append(model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache,
+            outs.append(model.generate(input_ids=ids, attention_mask=mask, **cache_kwargs(cache),
                                        max_new_tokens=10, do_sample=False, pad_token_id=0))
     assert torch.equal(outs[0], outs[1])
 
@@ -132,7 +133,7 @@ def test_selection_is_computed_once_per_layer(monkeypatch):
         calls.clear()
         cache = make_eviction_cache("zipvl", model.config, tau=0.9, sparse_prefill=sparse, **PROBES)
         with torch.no_grad():
-            model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+            model(input_ids=ids, attention_mask=mask, **cache_kwargs(cache))
         assert len(calls) == 3  # one probe attention per layer, before attention when sparse
         assert all(layer.prefill_selection is None for layer in cache.evicting_layers())  # consumed
 
@@ -142,7 +143,7 @@ def test_flop_report_matches_a_hand_count():
     ids, mask = _batch(length=10, pad=3)
     cache = make_eviction_cache("zipvl", model.config, tau=1.0, sparse_prefill=True, probe_recent=2, probe_random=2)
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        model(input_ids=ids, attention_mask=mask, **cache_kwargs(cache))
     report = cache.sparse_prefill_report()
     # causal attention over n tokens: n(n+1)/2 (query, key) pairs, Q K^T and P V at 2 * D FLOPs
     # each, 4 query heads; rows of 10 and 7 real tokens
@@ -155,7 +156,7 @@ def test_flop_report_matches_a_hand_count():
 
     cache = make_eviction_cache("zipvl", model.config, tau=0.5, sparse_prefill=True, probe_recent=2, probe_random=2)
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        model(input_ids=ids, attention_mask=mask, **cache_kwargs(cache))
     report = cache.sparse_prefill_report()
     kept = [r.kept for r in report.layers]
     sparse = sum(4 * (4 * D) * (n * (n + 1) // 2) for layer in kept for n in layer)

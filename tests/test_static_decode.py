@@ -11,6 +11,7 @@ from held_tensors import held_bytes
 from tiny_models import padded_batch, tiny_model
 
 import zipkv
+from zipkv import cache_kwargs
 from zipkv.cache.static_layer import StaticZipLayer
 from zipkv.graph_decode import StaticDecoder, finish_at_eos, prompt_positions
 
@@ -25,7 +26,7 @@ CASES = [
 def _generate(model, method, kw, ids, mask, n):
     cache = zipkv.make_cache(method, model.config, decode_path="packed", **kw)
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=n,
+        out = model.generate(input_ids=ids, attention_mask=mask, **cache_kwargs(cache), max_new_tokens=n,
                              do_sample=False)
     return out[:, ids.shape[1]:], cache
 
@@ -87,7 +88,7 @@ def test_static_buffers_do_not_move_and_counts_advance_on_the_device():
     cache = zipkv.make_cache("kivi", model.config, stream_interval=4, residual_length=2, decode_path="packed")
     positions = prompt_positions(mask)
     with torch.inference_mode():
-        first = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache).logits[:, -1:].argmax(-1)
+        first = model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
     decoder = StaticDecoder(model, cache, first, positions[:, -1] + 1, 12, mask, cuda_graph=False)
     layer = cache.layers[0]
     names = ("k_win", "v_win", "lengths", "pad_mask")
@@ -174,7 +175,7 @@ def _decode_with(model, method, kw, ids, mask, steps, device_flush):
     cache = zipkv.make_cache(method, model.config, decode_path="packed", **kw)
     positions = prompt_positions(mask)
     with torch.inference_mode():
-        first = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache).logits[:, -1:].argmax(-1)
+        first = model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
     decoder = StaticDecoder(model, cache, first, positions[:, -1] + 1, steps, mask, cuda_graph=False,
                             device_flush=device_flush)
     tokens = torch.cat([decoder.step().clone() for _ in range(steps)], dim=1)
@@ -213,7 +214,7 @@ def test_decoding_past_the_room_asked_for_is_a_clear_error(device_flush):
     cache = zipkv.make_cache("kivi", model.config, stream_interval=4, residual_length=2)
     positions = prompt_positions(mask)
     with torch.inference_mode():
-        first = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache).logits[:, -1:].argmax(-1)
+        first = model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
     decoder = StaticDecoder(model, cache, first, positions[:, -1] + 1, 4, mask, cuda_graph=False,
                             device_flush=device_flush)
     with pytest.raises(RuntimeError, match="static tier full"):

@@ -10,6 +10,7 @@ from held_tensors import held_bytes
 from tiny_models import generate_new_tokens, padded_batch, tiny_model
 
 import zipkv
+from zipkv import cache_kwargs
 from zipkv.cache.static_evicting_layer import StaticEvictingLayer
 from zipkv.eviction_cache import make_eviction_cache
 from zipkv.graph_decode import StaticDecoder, StaticLayer, prompt_positions
@@ -110,12 +111,12 @@ def test_methods_without_a_static_form_say_so_and_keep_the_cache(method):
     params = {"three_tier": dict(high_bits=16, low_bits=16, window=8)}[method]
     cache = zipkv.make_cache(method, model.config, **params)
     with torch.no_grad():
-        model(input_ids=ids, attention_mask=mask, past_key_values=cache)
+        model(input_ids=ids, attention_mask=mask, **cache_kwargs(cache))
     with pytest.raises(ValueError, match=f"{method!r}.*{UNSUPPORTED[method]}"):
         cache.to_static(4)
     assert not cache.is_static
     with torch.no_grad():  # still decodes eagerly
-        model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=2, do_sample=False)
+        model.generate(input_ids=ids, attention_mask=mask, **cache_kwargs(cache), max_new_tokens=2, do_sample=False)
 
 
 def _streaming_decoder(pad: int, steps: int):
@@ -127,7 +128,7 @@ def _streaming_decoder(pad: int, steps: int):
     positions = prompt_positions(mask)
     with torch.inference_mode():
         first = model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                      past_key_values=cache).logits[:, -1:].argmax(-1)
+                      **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
     return cache, StaticDecoder(model, cache, first, positions[:, -1] + 1, steps, mask, cuda_graph=False)
 
 
@@ -152,7 +153,7 @@ def test_stepping_past_the_buffer_is_a_clear_error():
     cache = zipkv.make_cache("key_norm", model.config, budget=10)
     positions = prompt_positions(torch.ones_like(ids))
     with torch.inference_mode():
-        first = model(input_ids=ids, position_ids=positions, past_key_values=cache).logits[:, -1:].argmax(-1)
+        first = model(input_ids=ids, position_ids=positions, **cache_kwargs(cache)).logits[:, -1:].argmax(-1)
     decoder = StaticDecoder(model, cache, first, positions[:, -1] + 1, 3, cuda_graph=False)
     for _ in range(3):
         decoder.step()

@@ -11,6 +11,7 @@ from tiny_models import padded_batch, tiny_model
 from transformers.masking_utils import chunked_overlay, sliding_window_overlay
 
 import zipkv
+from zipkv import cache_kwargs
 from zipkv.cache.static_sliding_layer import EMPTY, StaticSlidingLayer, ring_slots, window_visible
 from zipkv.cache.static_window_layer import StaticWindowLayer
 from zipkv.graph_decode import StaticDecoder, prompt_positions
@@ -36,7 +37,7 @@ def eager_tokens(model, method, ids, mask, n):
     """What model.generate() gives with the eager cache (reading the packed ring, as the static form does)."""
     cache = zipkv.METHODS[method].build(model.config, **method_params(method))
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=n,
+        out = model.generate(input_ids=ids, attention_mask=mask, **cache_kwargs(cache), max_new_tokens=n,
                              do_sample=False, min_new_tokens=0)
     return out[:, ids.shape[1]:]
 
@@ -74,7 +75,7 @@ def test_ring_reuses_its_slots_and_holds_the_same_bytes():
     ids, mask = padded_batch(length=40, pad=6)
     cache = zipkv.make_cache("zipkv", model.config, **SMALL)
     with torch.no_grad():
-        first = model(input_ids=ids, attention_mask=mask, position_ids=prompt_positions(mask), past_key_values=cache,
+        first = model(input_ids=ids, attention_mask=mask, position_ids=prompt_positions(mask), **cache_kwargs(cache),
                       use_cache=True).logits[:, -1:].argmax(-1)
     steps = 48
     decoder = StaticDecoder(model, cache, first, prompt_positions(mask)[:, -1] + 1, steps, mask, cuda_graph=False)
@@ -145,7 +146,7 @@ def test_evicting_caches_keep_window_layers_exact_in_static_form(method, length)
     spec = zipkv.METHODS[method]
     params = {"ratio": 0.8, **({"window": 4, "kernel_size": 3} if "window" in spec.params else {})}
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=spec.build(model.config, **params),
+        out = model.generate(input_ids=ids, attention_mask=mask, **cache_kwargs(spec.build(model.config, **params)),
                              max_new_tokens=20, do_sample=False, min_new_tokens=0)
     cache = spec.build(model.config, **params)
     tokens = zipkv.greedy_decode(model, cache, ids, mask, max_new_tokens=20, cuda_graph=False)
@@ -161,13 +162,13 @@ def stepped_logits(model, cache, ids, mask, steps, static):
     positions = prompt_positions(mask)
     logits = []
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, **cache_kwargs(cache), use_cache=True)
         token, position = out.logits[:, -1:].argmax(-1), positions[:, -1:] + 1
         if static:
             cache.to_static(steps, mask)
         for _ in range(steps):
             if static:
-                out = model(input_ids=token, position_ids=position, past_key_values=cache, use_cache=True,
+                out = model(input_ids=token, position_ids=position, **cache_kwargs(cache), use_cache=True,
                             cache_position=torch.tensor([cache.get_seq_length()]))
                 for layer in cache.layers:
                     layer.advance()
@@ -175,7 +176,7 @@ def stepped_logits(model, cache, ids, mask, steps, static):
                         layer.flush()
             else:
                 mask = torch.cat([mask, torch.ones_like(token)], dim=1)
-                out = model(input_ids=token, attention_mask=mask, position_ids=position, past_key_values=cache,
+                out = model(input_ids=token, attention_mask=mask, position_ids=position, **cache_kwargs(cache),
                             use_cache=True)
             logits.append(out.logits[:, -1])
             token, position = out.logits[:, -1:].argmax(-1), position + 1

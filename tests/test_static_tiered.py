@@ -13,6 +13,7 @@ from held_tensors import held_bytes
 from tiny_models import generate_new_tokens, padded_batch, tiny_model
 
 import zipkv
+from zipkv import cache_kwargs
 
 NEW = 16
 METHODS = ["adakv", "zipvl", "zipvl_v2", "three_tier", "mikv"]
@@ -115,7 +116,7 @@ def test_tiers_hold_what_the_eager_tiers_hold(method, settings):
     params = dict(stream_interval=8, **settings)
     eager = zipkv.make_cache(method, model.config, **params)
     with torch.no_grad():  # generate() attends max_new_tokens - 1 new tokens, like greedy_decode
-        expected = model.generate(input_ids=ids, attention_mask=mask, past_key_values=eager, max_new_tokens=21,
+        expected = model.generate(input_ids=ids, attention_mask=mask, **cache_kwargs(eager), max_new_tokens=21,
                                   do_sample=False, eos_token_id=None)[:, ids.shape[1]:]
     cache = zipkv.make_cache(method, model.config, **params)
     tokens = zipkv.greedy_decode(model, cache, ids, mask, max_new_tokens=21, cuda_graph=False, eos_token_id=False)

@@ -6,6 +6,7 @@ import torch
 from held_tensors import held_bytes
 from transformers import DynamicCache
 
+from zipkv import cache_kwargs
 from zipkv.vlm import IMAGE, TEXT, VIDEO, VisualCompressionConfig, make_vlm_cache, token_modality, visual_spans
 from zipkv.vlm.layer import ModalityTags, VisualZipCacheLayer
 from zipkv.vlm.tiny import SPECIAL, greedy, image_prompts, tiny_vlm
@@ -64,13 +65,13 @@ def test_visual_tokens_get_their_own_tiers_and_bits():
     inputs = image_prompts("llava")
     reference = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(**inputs, past_key_values=reference)
+        model(**inputs, **cache_kwargs(reference))
     cache = make_vlm_cache(
         "zipcache", model.config, inputs["input_ids"], attention_mask=inputs["attention_mask"],
         visual_high_bits=16, visual_low_bits=16,
     )
     with torch.no_grad():
-        model(**inputs, past_key_values=cache)
+        model(**inputs, **cache_kwargs(cache))
     visual = token_modality(inputs["input_ids"], model.config) != TEXT
     for index, (layer, ref) in enumerate(zip(cache.layers, reference.layers)):
         assert layer.vis_high.num_tokens == 0 and layer.keys.shape[2] == 0
@@ -148,9 +149,9 @@ def test_chunked_prefill_tags_each_chunk_by_its_positions():
                            visual_high_bits=8, visual_low_bits=8)
     with torch.no_grad():
         model(input_ids=inputs["input_ids"][:, :split], attention_mask=inputs["attention_mask"][:, :split],
-              pixel_values=inputs["pixel_values"], past_key_values=cache)
+              pixel_values=inputs["pixel_values"], **cache_kwargs(cache))
         assert all(layer.vis_low.num_tokens + layer.vis_high.num_tokens == 16 for layer in cache.layers)
-        model(input_ids=inputs["input_ids"][:, split:], attention_mask=inputs["attention_mask"], past_key_values=cache)
+        model(input_ids=inputs["input_ids"][:, split:], attention_mask=inputs["attention_mask"], **cache_kwargs(cache))
     stats = cache.modality_stats()
     assert stats.tokens["visual"] == [32, 32]
     assert stats.tokens["padding"] == [int((inputs["attention_mask"] == 0).sum())] * 2

@@ -11,6 +11,7 @@ import pytest
 import torch
 from held_tensors import held_bytes
 
+from zipkv import cache_kwargs
 from zipkv.decode_positions import decode_positions, uses_mrope
 from zipkv.graph_decode import StaticDecoder, greedy_decode, prompt_positions
 from zipkv.methods import make_cache
@@ -58,7 +59,7 @@ def _prefill(model, inputs, cache):
     makes its own 3-D ones from the mask and the image grid, and keeps their rope_deltas)."""
     positions = None if uses_mrope(model) else prompt_positions(inputs["attention_mask"])
     with torch.inference_mode():
-        out = model(**inputs, position_ids=positions, past_key_values=cache, use_cache=True)
+        out = model(**inputs, position_ids=positions, **cache_kwargs(cache), use_cache=True)
     return out.logits[:, -1:].argmax(-1)
 
 
@@ -83,7 +84,7 @@ def test_static_decode_equals_generate_with_the_eager_cache(arch, method, kw):
     model, inputs = _model_and_inputs(arch)
     eager = _cache(model, inputs, method, kw)
     with torch.no_grad():
-        out = model.generate(**inputs, past_key_values=eager, max_new_tokens=NEW_TOKENS, do_sample=False)
+        out = model.generate(**inputs, **cache_kwargs(eager), max_new_tokens=NEW_TOKENS, do_sample=False)
     expected = out[:, inputs["input_ids"].shape[1]:]
 
     cache = _cache(model, inputs, method, kw)
@@ -156,7 +157,7 @@ def test_greedy_decode_on_a_text_prompt_ignores_an_earlier_image_prompts_deltas(
     kw = dict(stream_interval=4, residual_length=2, decode_path="packed")
     eager = make_cache("zipcache", model.config, **kw)
     with torch.no_grad():
-        expected = model.generate(input_ids=ids, attention_mask=mask, past_key_values=eager, max_new_tokens=10,
+        expected = model.generate(input_ids=ids, attention_mask=mask, **cache_kwargs(eager), max_new_tokens=10,
                                   do_sample=False)[:, ids.shape[1]:]
     _prefill(model, inputs, _cache(model, inputs, "kivi", {}))  # generate() reset them: leave them again
     cache = make_cache("zipcache", model.config, **kw)

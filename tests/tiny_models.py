@@ -14,6 +14,8 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from zipkv import cache_kwargs
+
 COMMON = dict(
     vocab_size=256,
     hidden_size=64,
@@ -61,7 +63,7 @@ def padded_batch(length: int = 48, pad: int = 6, seed: int = 1, batch: int = 2):
 def generate_new_tokens(model, cache, ids, mask, new_tokens: int):
     """model.generate's greedy new tokens [B, new_tokens] with `cache` (no grad)."""
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=mask, past_key_values=cache, max_new_tokens=new_tokens,
+        out = model.generate(input_ids=ids, attention_mask=mask, **cache_kwargs(cache), max_new_tokens=new_tokens,
                              do_sample=False)
     return out[:, ids.shape[1]:]
 
