@@ -219,3 +219,13 @@ def test_bad_model_args_fail_before_lm_eval_starts(model_dir, capsys):
             assert run(argv + ["--tasks", "zipkv_tiny_choice"]) == 2
             err = capsys.readouterr().err
             assert err.startswith("zipkv lm-eval: error: ") and message in err and "Traceback" not in err
+
+
+def test_without_lm_eval_the_command_says_what_to_install(monkeypatch, capsys):
+    from zipkv.integrations.lm_eval import main
+
+    for name in [m for m in sys.modules if m == "lm_eval" or m.startswith("lm_eval.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval -> ModuleNotFoundError
+    assert main(["--model", "zipkv", "--tasks", "x"]) == 2
+    assert "pip install 'zipkv[lm_eval]'" in capsys.readouterr().err
