@@ -43,11 +43,18 @@ def clone_segment(seg: FlashSegment) -> FlashSegment:
 
 
 def random_states(b, h, d, dtype, gen, device="cpu", transposed=False) -> torch.Tensor:
-    """[B, H, 1, D] states, each token-head with its own magnitude (2^-12 .. 2^12) and offset
-    (the int4 zero), one token-head all zeros and one constant (the scale floors). transposed:
-    laid out [B, 1, H, D] in memory, as a model's projections are."""
+    """[B, H, 1, D] finite states of `dtype`, each token-head with its own magnitude (2^-12 ..
+    2^12) and offset (the int4 zero), one token-head all zeros and one constant (the scale
+    floors). A token-head past a quarter of the dtype's largest value is halved until it is not
+    (exact powers of two): at 2^12 x randn x (1 + offset) fp16 overflowed to inf (seed 2607220460,
+    fp16 D 256 on the H200: both sides rightly flagged it, the test expected finite states), and
+    a quarter leaves max - min and the rounding to the dtype finite. transposed: laid out
+    [B, 1, H, D] in memory, as a model's projections are."""
     x = torch.randn(b, h, 1, d, generator=gen) * torch.exp2(torch.randint(-12, 13, (b, h, 1, 1), generator=gen).float())
     x = x + torch.randn(b, h, 1, 1, generator=gen) * x.abs().amax(dim=-1, keepdim=True)
+    limit = torch.finfo(dtype).max / 4
+    halvings = torch.log2(x.abs().amax(dim=-1, keepdim=True) / limit).ceil().clamp_min(0)
+    x = x * torch.exp2(-halvings)
     x[0, 0] = 0.0
     if b * h > 1:
         x.view(b * h, 1, d)[-1] = torch.randn(()).item()
