@@ -30,6 +30,7 @@ import os
 import statistics
 import time
 import traceback
+from unittest import mock
 
 import torch
 
@@ -249,9 +250,7 @@ def eager_row(rec: dict, kind: str, s: Setting, batch: int, context: int) -> Non
 @contextlib.contextmanager
 def sdpa_dispatch(env: dict, backend: str | None):
     """SDPA restricted to one backend and / or transformers' SDPA env switches, for a capture."""
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
+    with mock.patch.dict(os.environ, env):
         if backend is None:
             yield
         else:
@@ -259,12 +258,6 @@ def sdpa_dispatch(env: dict, backend: str | None):
 
             with sdpa_kernel([getattr(SDPBackend, backend)]):
                 yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def hf_static_row(rec: dict, s: Setting, batch: int, context: int) -> None:
