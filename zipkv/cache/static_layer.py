@@ -105,7 +105,9 @@ class StaticZipLayer(StaticLayerBase, ZipCacheLayer):
         blocks = _future_blocks(s, n_fp, extra_tokens)
         block_tokens = blocks * s.stream_interval
         groups = blocks * (1 if s.key_group_size is None else -(-s.stream_interval // s.key_group_size))
-        template = layer.keys.new_zeros(b, h, 1, d)
+        # (in the tiers' basis: a rotating layer quantizes float32 rotated states, so an empty
+        # tier's parameters get the dtype the eager tier picks for them, not the window's)
+        template = self.to_tier_basis(*[layer.keys.new_zeros(b, h, 1, d)] * 2)[0]
         # Decoded blocks go to low, and to high when salient tokens are split off (mixed
         # precision); other tiers (visual) can only receive what the window holds now.
         window_groups = 1 if s.key_group_size is None else -(-n_fp // s.key_group_size)

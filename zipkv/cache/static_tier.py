@@ -20,8 +20,9 @@ class StaticTier:
     def __init__(self, tier: PackedTier, template: torch.Tensor, extra_tokens: int, extra_groups: int,
                  extra_chunks: int):
         """A copy of `tier` with room for `extra_tokens` more tokens, `extra_groups` more key
-        groups and `extra_chunks` more value chunks. `template` [B, H, 1, D] (any values, the
-        storage dtype) gives the buffers' shapes and dtypes when the tier holds nothing yet."""
+        groups and `extra_chunks` more value chunks. `template` [B, H, 1, D] (any values, in the
+        dtype of the states the tier quantizes) gives the buffers' shapes and dtypes when the
+        tier holds nothing yet."""
         self.bits, self.value_bits = tier.bits, tier.value_bits
         self.key_group_size, self.value_group_size = tier.key_group_size, tier.value_group_size
         self.channel_separable = tier.channel_separable
@@ -34,6 +35,12 @@ class StaticTier:
             like = self._new_block()
             like.append(template, template)
         self._allocate(like, self.num_groups + extra_groups, self.num_chunks + extra_chunks)
+        # Every later block is quantized with the parameter dtypes the buffers hold, fixed here:
+        # its codes are chosen against exactly the parameters stored, and no block reads its
+        # range on the host to pick them (param_dtype of float32 states, e.g. a rotated
+        # layer's, is a sync, which the device flush's CUDA graph cannot hold). The eager tier
+        # picks per block: the same dtype unless a block's range crosses fp16's (param_dtype).
+        self.param_dtypes = (self.k_scale.dtype, self.v_scale.dtype)
         if tier.num_tokens:
             self.write_block(tier, 0, 0, 0)
         # Device copies of the counts, for appends inside a CUDA graph (append_on_device). The
@@ -98,7 +105,7 @@ class StaticTier:
         if keys.shape[2] == 0:
             return
         block = self._new_block()
-        block.append(keys, values)
+        block.append(keys, values, self.param_dtypes)
         self.write_block(block, self.num_tokens, self.num_groups, self.num_chunks)
         self.num_tokens += block.num_tokens
         self.num_groups += block.k_scale.shape[2]
@@ -123,11 +130,14 @@ class StaticTier:
         g = self.key_group_size or n
         front = n % g  # PackedTier's layout: the partial key group first
         parts = [keys[:, :, :front], keys[:, :, front:]] if front else [keys]
-        quantized = [quantize_keys_channelwise(part, self.bits, self.key_group_size, check_finite=False) for part in parts]
+        k_dtype, v_dtype = self.param_dtypes
+        quantized = [quantize_keys_channelwise(part, self.bits, self.key_group_size, check_finite=False,
+                                               out_dtype=k_dtype) for part in parts]
         k_codes, k_scale, k_min = (torch.cat([q[i] for q in quantized], 2) for i in range(3))
         groups = sum(q[3] for q in quantized)
         v_codes, v_scale, v_min, v_channel = quantize_values_tokenwise(
-            values, self.value_bits, self.value_group_size, self.channel_separable, check_finite=False)
+            values, self.value_bits, self.value_group_size, self.channel_separable, check_finite=False,
+            out_dtype=v_dtype)
         steps = torch.arange(n, device=keys.device)
         at = self.device_tokens.long() + steps
         for buffer, new in ((self.k_codes, k_codes), (self.v_codes, v_codes), (self.v_scale, v_scale),

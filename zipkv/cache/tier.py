@@ -41,18 +41,20 @@ class PackedTier:
     def num_tokens(self) -> int:
         return 0 if self.k_codes is None else self.k_codes.shape[2]
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor) -> None:
-        """Quantize and append tokens [B, H, n, D] (n may be 0)."""
+    def append(self, keys: torch.Tensor, values: torch.Tensor, param_dtypes=(None, None)) -> None:
+        """Quantize and append tokens [B, H, n, D] (n may be 0). param_dtypes: the (keys',
+        values') parameter dtypes; None: chosen from the states (`param_dtype`)."""
         n = keys.shape[2]
         if n == 0:
             return
         group = self.key_group_size or n
         front = n % group if self.front_partial_group else 0
         parts = [(0, front), (front, n)] if front else [(0, n)]
-        keys_q = [quantize_keys_channelwise(keys[:, :, a:b], self.bits, self.key_group_size) for a, b in parts]
+        keys_q = [quantize_keys_channelwise(keys[:, :, a:b], self.bits, self.key_group_size, out_dtype=param_dtypes[0])
+                  for a, b in parts]
         k_codes, k_scale, k_min = (torch.cat([q[i] for q in keys_q], 2) if front else keys_q[0][i] for i in range(3))
         v_codes, v_scale, v_min, v_channel = quantize_values_tokenwise(
-            values, self.value_bits, self.value_group_size, self.channel_separable
+            values, self.value_bits, self.value_group_size, self.channel_separable, out_dtype=param_dtypes[1]
         )
         start = self.num_tokens
         ends = [start + a + min((i + 1) * group, b - a) for (a, b), q in zip(parts, keys_q) for i in range(q[3])]

@@ -27,8 +27,11 @@ def _check_group(name: str, group: int | None, size: int) -> int:
     return group
 
 
-def quantize_keys_channelwise(keys: torch.Tensor, bits: int, group: int | None, check_finite: bool = True):
-    """Returns (packed codes [B,H,N,D*bits/8], scale [B,H,G,D], min [B,H,G,D], G)."""
+def quantize_keys_channelwise(keys: torch.Tensor, bits: int, group: int | None, check_finite: bool = True,
+                              out_dtype: torch.dtype | None = None):
+    """Returns (packed codes [B,H,N,D*bits/8], scale [B,H,G,D], min [B,H,G,D], G). out_dtype:
+    the parameters' dtype (None: `param_dtype(keys)`, which for float32 keys reads their range
+    on the host: a sync that a CUDA graph cannot hold)."""
     b, h, n, d = keys.shape
     g = _check_group("key_group_size", group, n)
     n_groups = -(-n // g)
@@ -38,7 +41,7 @@ def quantize_keys_channelwise(keys: torch.Tensor, bits: int, group: int | None, 
         fill = keys[:, :, (n_groups - 1) * g : (n_groups - 1) * g + 1].expand(b, h, n_groups * g - n, d)
         padded = torch.cat([keys, fill], dim=2)
     grouped = padded.reshape(b, h, n_groups, g, d)
-    codes, scale, minimum = quantize(grouped, bits, dims=3, check_finite=check_finite, name="keys")
+    codes, scale, minimum = quantize(grouped, bits, dims=3, out_dtype=out_dtype, check_finite=check_finite, name="keys")
     codes = codes.reshape(b, h, n_groups * g, d)[:, :, :n]
     return pack(codes, bits), scale.squeeze(3), minimum.squeeze(3), n_groups
 
@@ -56,9 +59,9 @@ def channel_factors(values: torch.Tensor) -> torch.Tensor:
 
 
 def quantize_values_tokenwise(values: torch.Tensor, bits: int, group: int | None, channel_separable: bool,
-                              check_finite: bool = True):
+                              check_finite: bool = True, out_dtype: torch.dtype | None = None):
     """Returns (packed codes [B,H,N,D*bits/8], scale [B,H,N,D/g], min [B,H,N,D/g],
-    channel factors [B,H,1,D] or None)."""
+    channel factors [B,H,1,D] or None). out_dtype: as quantize_keys_channelwise's."""
     b, h, n, d = values.shape
     g = _check_group("value_group_size", group, d)
     if d % g:
@@ -68,7 +71,7 @@ def quantize_values_tokenwise(values: torch.Tensor, bits: int, group: int | None
     if channel_separable:
         factors = channel_factors(values)
         x = values.float() / factors
-    codes, scale, minimum = quantize(x.reshape(b, h, n, d // g, g), bits, dims=4, out_dtype=param_dtype(values),
+    codes, scale, minimum = quantize(x.reshape(b, h, n, d // g, g), bits, dims=4, out_dtype=out_dtype or param_dtype(values),
                                      check_finite=check_finite, name="values")
     if factors is not None:
         factors = factors.to(scale.dtype)
