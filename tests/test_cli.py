@@ -369,8 +369,11 @@ def test_residual_length_help_lists_each_preset(capsys):
     with pytest.raises(SystemExit):
         cli.main(["generate", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    kivi = zipkv.METHODS["kivi"].defaults["residual_length"]
-    assert f"newest tokens always kept in fp16 (preset 0; kivi {kivi})" in help_text
+    # every method whose default window is not 0 is named with its default, in registry order
+    windows = [f"{name} {spec.defaults['residual_length']}" for name, spec in zipkv.METHODS.items()
+               if spec.defaults.get("residual_length")]
+    assert "kivi 128" in windows
+    assert f"newest tokens always kept in fp16 (preset 0; {', '.join(windows)})" in help_text
 
 
 def _report(method, params=None, dtype="float32", tokens=49):
