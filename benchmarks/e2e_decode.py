@@ -55,7 +55,7 @@ import torch
 
 import zipkv
 from zipkv.bench_cli import E2E_CACHES as CACHES
-from zipkv.bench_cli import E2E_SHAPES, add_e2e_arguments
+from zipkv.bench_cli import E2E_SHAPES, E2E_TIMING, add_e2e_arguments
 ZIPKV = ("zip_packed", "zip_dequant", "kivi", "zip_graph", "kivi_graph", "zipkv_graph")
 GRAPH = ("zip_graph", "kivi_graph", "zipkv_graph", "static_graph")
 GiB = 2**30
@@ -773,8 +773,12 @@ def resolve_defaults(args) -> None:
     if torch.device(args.device).type == "cpu" and not args.tiny:
         print("cpu: the tiny model (Llama-3-8B shapes need a GPU)", flush=True)
         args.tiny = True
+    kind = "cuda" if torch.device(args.device).type == "cuda" else "cpu"
     if args.shapes is None:
-        args.shapes = E2E_SHAPES["cuda" if torch.device(args.device).type == "cuda" else "cpu"]
+        args.shapes = E2E_SHAPES[kind]
+    for name, value in E2E_TIMING[kind].items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
 
 
 def write_plot(res: dict, png: str) -> None:

@@ -26,6 +26,14 @@ E2E_CACHES = ("dynamic", "quanto2", "zip_packed", "zip_dequant", "kivi", "zip_gr
 # Without --shapes: the paper's shapes on a GPU; on a CPU the tiny model at a context that
 # runs in about a minute on two cores.
 E2E_SHAPES = {"cuda": "1x32768,8x32768", "cpu": "1x256,2x256"}
+E2E_TIMING = {  # device type -> bench-e2e timing defaults (None on the command line: these)
+    "cuda": {"warmup": 8, "warmup_slow": 2, "reps": 12, "graph_runs": 5, "case_cap_s": 15.0},
+    "cpu": {"warmup": 1, "warmup_slow": 1, "reps": 3, "graph_runs": 1, "case_cap_s": 2.0},
+}
+
+
+def timing_default(name: str) -> str:
+    return "; ".join(f"{device}: {values[name]}" for device, values in E2E_TIMING.items())
 
 
 def default_out() -> str:
@@ -68,11 +76,16 @@ def add_e2e_arguments(ap: argparse.ArgumentParser) -> None:
                     help="caches for the largest-batch search, GPU only ('': none; default: %(default)s)")
     ap.add_argument("--max-batch-context", type=int, default=0, help="0: the largest context of --shapes")
     ap.add_argument("--max-tries", type=int, default=4, help="largest-batch tries per cache (default: %(default)s)")
-    ap.add_argument("--warmup", type=int, default=8, help="untimed steps first (default: %(default)s)")
-    ap.add_argument("--warmup-slow", type=int, default=2, help="the same for quanto2 and zip_dequant (default: %(default)s)")
-    ap.add_argument("--reps", type=int, default=12, help="timed steps per case (default: %(default)s)")
-    ap.add_argument("--graph-runs", type=int, default=5, help="graph caches: timed runs of K steps each")
-    ap.add_argument("--case-cap-s", type=float, default=15.0, help="stop timing a case after this long (>= 3 steps)")
+    # timing defaults per device (E2E_TIMING): a CPU run is a smoke run of the tiny model that
+    # should finish in about a minute, a GPU run times enough steps for stable medians
+    ap.add_argument("--warmup", type=int, default=None, help="untimed steps first (default: " + timing_default("warmup") + ")")
+    ap.add_argument("--warmup-slow", type=int, default=None,
+                    help="the same for quanto2 and zip_dequant (default: " + timing_default("warmup_slow") + ")")
+    ap.add_argument("--reps", type=int, default=None, help="timed steps per case (default: " + timing_default("reps") + ")")
+    ap.add_argument("--graph-runs", type=int, default=None,
+                    help="graph caches: timed runs of K steps each (default: " + timing_default("graph_runs") + ")")
+    ap.add_argument("--case-cap-s", type=float, default=None,
+                    help="stop timing a case after this long, >= 3 steps (default: " + timing_default("case_cap_s") + ")")
     ap.add_argument("--deadline-s", type=float, default=0, help="skip what is left after this long (0: none)")
     ap.add_argument("--plot", default="", help="only plot this JSON (PNG beside it)")
 
