@@ -217,8 +217,10 @@ def build_zipvl(config, *, layout: str, budget=None, ratio=None, sparse_prefill:
 
 
 def build_mikv(config, *, scorer: str, budget=None, ratio=None, **p) -> TieredPolicy:
-    if budget is not None or ratio is None:
-        raise ValueError("mikv takes ratio (the fraction kept in high precision), not budget")
+    if budget is not None:
+        raise ValueError(f"mikv takes ratio (the fraction kept in high precision), not budget (got budget={budget!r})")
+    if ratio is None:
+        raise ValueError("mikv needs ratio, the fraction of tokens kept in high precision, in (0, 1] (e.g. mikv:ratio=0.2)")
     return TieredPolicy(rule="ratios", layout="zipvl_v1", high_ratio=ratio, scorer=scorer_of(scorer, p),
                         settings=quant_settings(p), **tier_settings(p))
 
