@@ -23,7 +23,7 @@ import torch
 
 from .compiled import compiled_step
 from .decode_positions import decode_positions, forget_rope_deltas
-from .transformers_support import cache_argument_name
+from .transformers_support import cache_argument_name, cache_kwargs
 
 
 @runtime_checkable
@@ -320,7 +320,7 @@ def greedy_decode(model, cache, input_ids: torch.Tensor, attention_mask: torch.T
     forget_rope_deltas(model)  # text position_ids given: an M-RoPE model's deltas are zero
     with torch.inference_mode():
         out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                    use_cache=True, **{cache_argument_name(): cache})
+                    use_cache=True, **cache_kwargs(cache))
         first = out.logits[:, -1:].argmax(-1)
         del out
     tokens = [first]
