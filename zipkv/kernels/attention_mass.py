@@ -37,6 +37,7 @@ from __future__ import annotations
 import torch
 
 from ._runtime import use_triton
+from .ops import mutating_op
 
 HEAD_DIMS = (16, 32, 64, 128, 256)
 
@@ -173,17 +174,6 @@ def attention_mass_and_lowest_slot(query, keys, lengths, real, lse, totals, stam
 
 # -- custom ops (kernels/ops.py's pattern: the wrappers emit them only while dynamo traces; the
 # op's body is the wrapper's eager path)
-def mutating_op(name: str, mutates: tuple[str, ...]):
-    """`fn` as the custom op `name` that writes the arguments `mutates` in place and returns
-    nothing (so its fake implementation has nothing to make)."""
-    def register(fn):
-        op = torch.library.custom_op(name, mutates_args=mutates)(fn)
-        op.register_fake(lambda *args, **kwargs: None)
-        return op
-
-    return register
-
-
 @mutating_op("zipkv::attention_mass", ("totals",))
 def attention_mass_op(query: torch.Tensor, keys: torch.Tensor, lengths: torch.Tensor, real: torch.Tensor,
                       lse: torch.Tensor, totals: torch.Tensor, scaling: float) -> None:

@@ -13,8 +13,8 @@ code, unchanged. The op's real implementation is that same code, so compiled and
 run the same kernels on the same buffers.
 
 A new kernel of a static layer plugs in the same way: a `torch.library.custom_op` here whose
-body calls the wrapper's eager path, a `register_fake`, and a `tracing()` branch at the top of
-the wrapper. Ops take flat tensors: a PackedSegment travels as SEGMENT_FIELDS tensors (None
+body calls the wrapper's eager path, a `register_fake` (`mutating_op` below for an op that only
+writes its arguments), and a `tracing()` branch at the top of the wrapper. Ops take flat tensors: a PackedSegment travels as SEGMENT_FIELDS tensors (None
 for the optional ones) plus its two bit widths.
 """
 
@@ -51,6 +51,18 @@ def unflatten_segments(tensors, bits) -> list[PackedSegment]:
             for i in range(len(bits) // 2)]
 
 
+def mutating_op(name: str, mutates: tuple[str, ...]):
+    """`fn` as the custom op `name` that writes the arguments `mutates` in place and returns
+    nothing, so its fake implementation has nothing to make (window steps, appends, the h2o
+    bookkeeping of attention_mass.py)."""
+    def register(fn):
+        op = torch.library.custom_op(name, mutates_args=mutates)(fn)
+        op.register_fake(lambda *args, **kwargs: None)
+        return op
+
+    return register
+
+
 # -- decode attention over capacity buffers (lengths on the device) -----------------------------
 @torch.library.custom_op("zipkv::decode_attention", mutates_args=())
 def decode_attention_op(query: torch.Tensor, segment_tensors: list[Optional[torch.Tensor]], segment_bits: list[int],
@@ -76,7 +88,7 @@ def _(query, segment_tensors, segment_bits, k_fp, v_fp, mask, scale, lengths, re
 
 
 # -- the window steps: the new token in, the window's saliency --------------------------------
-@torch.library.custom_op("zipkv::window_append", mutates_args=("k_win", "v_win", "nonfinite"))
+@mutating_op("zipkv::window_append", ("k_win", "v_win", "nonfinite"))
 def window_append_op(keys: torch.Tensor, values: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor,
                      lengths: torch.Tensor, nonfinite: torch.Tensor) -> None:
     from .window_step import window_append
@@ -84,12 +96,7 @@ def window_append_op(keys: torch.Tensor, values: torch.Tensor, k_win: torch.Tens
     window_append(keys, values, k_win, v_win, lengths, nonfinite)
 
 
-@window_append_op.register_fake
-def _(keys, values, k_win, v_win, lengths, nonfinite):
-    return None
-
-
-@torch.library.custom_op("zipkv::window_scores", mutates_args=("score_sum", "score_count"))
+@mutating_op("zipkv::window_scores", ("score_sum", "score_count"))
 def window_scores_op(query: torch.Tensor, k_win: torch.Tensor, lengths: torch.Tensor, real_win: torch.Tensor,
                      score_sum: torch.Tensor, score_count: torch.Tensor, scaling: float) -> None:
     from .window_step import window_scores
@@ -97,14 +104,8 @@ def window_scores_op(query: torch.Tensor, k_win: torch.Tensor, lengths: torch.Te
     window_scores(query, k_win, lengths, real_win, score_sum, score_count, scaling)
 
 
-@window_scores_op.register_fake
-def _(query, k_win, lengths, real_win, score_sum, score_count, scaling):
-    return None
-
-
 # -- a static baseline layer's append (token_append.py): the token at lengths[b], lengths += 1 ---
-@torch.library.custom_op("zipkv::token_append",
-                         mutates_args=("k", "v", "k_scale", "v_scale", "k_zero", "v_zero", "lengths", "nonfinite"))
+@mutating_op("zipkv::token_append", ("k", "v", "k_scale", "v_scale", "k_zero", "v_zero", "lengths", "nonfinite"))
 def token_append_op(keys: torch.Tensor, values: torch.Tensor, form: str, k: torch.Tensor, v: torch.Tensor,
                     k_scale: Optional[torch.Tensor], v_scale: Optional[torch.Tensor], k_zero: Optional[torch.Tensor],
                     v_zero: Optional[torch.Tensor], lengths: torch.Tensor, nonfinite: torch.Tensor) -> None:
@@ -115,10 +116,5 @@ def token_append_op(keys: torch.Tensor, values: torch.Tensor, form: str, k: torc
     token_append(keys, values, FlashSegment(form, k, v, k_scale, v_scale, k_zero, v_zero), lengths, nonfinite)
 
 
-@token_append_op.register_fake
-def _(keys, values, form, k, v, k_scale, v_scale, k_zero, v_zero, lengths, nonfinite):
-    return None
-
-
-__all__ = ["SEGMENT_FIELDS", "decode_attention_op", "flatten_segments", "token_append_op", "tracing",
+__all__ = ["SEGMENT_FIELDS", "decode_attention_op", "flatten_segments", "mutating_op", "token_append_op", "tracing",
            "unflatten_segments", "window_append_op", "window_scores_op"]
