@@ -65,25 +65,30 @@ def static_decoder_run(model, method, kw, ids, mask, new, compile):
 
 
 def generate_run(model, method, kw, ids, mask, new):
-    """(new tokens, ms per decode step) of model.generate with a static_for_generate cache; the
-    step time is (time of new tokens - time of 4 tokens) / (new - 4) after a warm-up call."""
+    """(new tokens, ms per decode step) of model.generate with a static_for_generate cache: the
+    median interval between generate()'s logits-processor calls (benchmarks.headline_rows
+    .StepClock, CUDA events), skipping the first 4 steps, in a second call after a warm-up one
+    of the same length (the same cache shapes: a call of another length would compile and
+    capture again, which made the earlier difference of two calls' times negative)."""
+    import statistics
+
+    from transformers import LogitsProcessorList
+
     import zipkv
+    from benchmarks.headline_rows import StepClock
 
-    def once(n):
-        cache = zipkv.make_cache(method, model.config, **kw).static_for_generate(model, n)
-        torch.cuda.synchronize()
-        start = time.perf_counter()
+    def once():
+        cache = zipkv.make_cache(method, model.config, **kw).static_for_generate(model, new)
+        clock = StepClock(ids.device)
         with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False,
-                                 **zipkv.cache_kwargs(cache))
-        torch.cuda.synchronize()
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=False,
+                                 logits_processor=LogitsProcessorList([clock]), **zipkv.cache_kwargs(cache))
         cache.step_hook.remove()
-        return out[:, ids.shape[1]:], time.perf_counter() - start
+        return out[:, ids.shape[1]:], clock.intervals_ms()
 
-    once(new)  # compiles and captures
-    short = once(4)[1]
-    tokens, full = once(new)
-    return tokens, (full - short) * 1000 / (new - 4)
+    once()  # compiles and captures
+    tokens, intervals = once()
+    return tokens, statistics.median(intervals[4:])
 
 
 def main(argv=None):

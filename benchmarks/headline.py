@@ -162,6 +162,9 @@ def parse_args(argv):
     ap.add_argument("--prefill-tokens", type=int, default=65536, help="batch x chunk tokens per prefill forward")
     ap.add_argument("--hf-static-variants", default=",".join(HF_STATIC_VARIANTS),
                     help="SDPA dispatches tried for hf_static_graph (default: %(default)s)")
+    ap.add_argument("--compile", action="store_true",
+                    help="zipkv's decoder rows (bf16 / fp8 / int4 and the zipkv methods) with each decoder layer "
+                         "compiled (StaticDecoder(compile=True), inductor)")
     ap.add_argument("--profile", default="", help="rows whose decode step is profiled on CUDA (kernels per step)")
     ap.add_argument("--memory-cap-gib", type=float, default=80.0, help="capacity stage: the cap (default: %(default)s)")
     ap.add_argument("--capacity-rows", default=CAPACITY_ROWS, help="capacity stage rows (default: %(default)s)")
@@ -264,7 +267,7 @@ def run(args, lists, argv) -> dict:
                 device=e2e.device_info(device), host=platform.node(), zipkv=zipkv.__version__, commit=commit(),
                 model="tiny Llama" if args.tiny else "Llama-3-8B shapes, random bf16 weights",
                 layers=config.num_hidden_layers, dtype=args.dtype, copy_bandwidth=bandwidth, weight_bytes=w_bytes,
-                fill=args.fill, runs=args.runs, steps=args.steps or "stream_interval / 32",
+                fill=args.fill, compile=args.compile, runs=args.runs, steps=args.steps or "stream_interval / 32",
                 stages=lists["stages"], shapes=[list(s) for s in lists["shapes"]],
                 alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF", ""))
     res = dict(parts=[part], rows=[], skipped=[], capacity=[], prefill=[])
@@ -279,7 +282,7 @@ def run(args, lists, argv) -> dict:
                 steps=args.steps, cap_s=args.cap_s, fill=args.fill, prefill_tokens=args.prefill_tokens,
                 ceiling_gbps=bandwidth.get("gbps", float("nan")), weight_bytes=w_bytes,
                 profile=tuple(p for p in args.profile.split(",") if p),
-                hf_variants=tuple(v for v in args.hf_static_variants.split(",") if v))
+                hf_variants=tuple(v for v in args.hf_static_variants.split(",") if v), compile=args.compile)
     log(f"model: {config.num_hidden_layers} layers, {w_bytes / 1e9:.2f} GB read per step; "
         f"copy {s.ceiling_gbps:.0f} GB/s")
     if "decode" in lists["stages"]:

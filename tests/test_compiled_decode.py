@@ -1,7 +1,7 @@
 """The compiled static decode step (zipkv/compiled.py, kernels/ops.py): torch.compile with
-fullgraph=True over a whole model step of every static form gives the eager static step's
-tokens, with one graph for every step (no graph break, no recompile while blocks are
-quantized between steps).
+fullgraph=True over each decoder layer of a model step of every static form gives the eager
+static step's tokens, with one graph per layer for every step (no graph break, no recompile
+while blocks are quantized between steps).
 
 On the CPU the backend is aot_eager (dynamo + AOTAutograd: the whole tracing path, the custom
 ops' fake implementations and declared mutations included, without inductor's C++ build,
@@ -64,8 +64,8 @@ def _decode(model, method, params, ids, mask, compile):
 @pytest.mark.parametrize("arch,method,params", list(_cases()))
 def test_compiled_step_equals_the_eager_static_step(arch, method, params):
     """Same tokens as the eager static step over enough steps for blocks to be quantized
-    between them (padding included), from one compiled graph: fullgraph=True raises at a graph
-    break, and a recompile would hand the backend a second graph."""
+    between them (padding included), from one compiled graph per decoder layer: fullgraph=True
+    raises at a graph break, and a recompile would hand the backend another graph."""
     model = tiny_model(arch, num_hidden_layers=2)
     ids, mask = padded_batch(length=40, pad=5)
     expected, eager_cache = _decode(model, method, params, ids, mask, False)
@@ -73,13 +73,44 @@ def test_compiled_step_equals_the_eager_static_step(arch, method, params):
     torch._dynamo.reset()
     tokens, cache = _decode(model, method, params, ids, mask, counting_backend(graphs))
     assert torch.equal(tokens, expected)
-    assert len(graphs) == 1, f"{len(graphs)} graphs: a recompile or graph break"
-    # the custom ops are in the graph, one per kernel call (not inlined reference code)
-    ops = {str(node.target) for node in graphs[0].graph.nodes if node.op == "call_function"}
-    assert any("zipkv.decode_attention" in name for name in ops), sorted(ops)
+    layers = model.config.num_hidden_layers
+    assert len(graphs) == layers, f"{len(graphs)} graphs for {layers} layers: a recompile or graph break"
+    # the custom ops are in each layer's graph, one per kernel call (not inlined reference code)
+    for graph in graphs:
+        ops = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
+        assert any("zipkv.decode_attention" in name for name in ops), sorted(ops)
+    assert not any("forward" in layer.__dict__ for layer in model.model.layers)  # removed after each step
     assert cache.get_seq_length() == eager_cache.get_seq_length()
     for layer, eager_layer in zip(cache.layers, eager_cache.layers):
         assert torch.equal(layer.lengths, eager_layer.lengths)
+
+
+def test_decoders_reuse_the_compiled_layers_and_leave_the_model_as_it_was():
+    """Decoders one after another on one model: the first compiles one graph per layer (past
+    dynamo's default limit of 8 entries per code object: the layers' call raises it for its
+    own code), the later ones reuse them (same shapes: nothing compiled again), every one gives
+    the eager tokens, no layer keeps the compiled forward after a step, and a cache is freed
+    at its last reference (dynamo's tracing leftovers, cycles that held it, are collected)."""
+    import weakref
+
+    from zipkv.compiled import decoder_layers
+
+    layers = 10
+    model = tiny_model("llama", num_hidden_layers=layers)
+    ids, mask = padded_batch(length=24, pad=3)
+    assert decoder_layers(model) == list(model.model.layers)
+    expected, _ = _decode(model, "zipkv", dict(stream_interval=5), ids, mask, False)
+    torch._dynamo.reset()
+    graphs = []
+    backend = counting_backend(graphs)
+    for _ in range(3):
+        tokens, cache = _decode(model, "zipkv", dict(stream_interval=5), ids, mask, backend)
+        assert torch.equal(tokens, expected)
+        assert len(graphs) == layers
+        gone = weakref.ref(cache)
+        del cache
+        assert gone() is None
+    assert not any("forward" in layer.__dict__ for layer in model.model.layers)
 
 
 def test_explain_counts_no_graph_break():

@@ -148,10 +148,11 @@ def test_custom_op_passes_opcheck():
                                                 torch.tensor(False)))
 
 
-def test_compiled_static_baseline_step_is_one_graph():
+def test_compiled_static_baseline_step_is_one_graph_per_layer():
     """greedy_decode(compile=...) of the fp8 baseline (the op and the check are the same for
-    int4 and full): the eager static tokens, one graph for every step (the append's host capacity check is skipped while compiling, as the evicting
-    layers' is: its changing count recompiled each step), the append a custom op in it."""
+    int4 and full): the eager static tokens, one graph per decoder layer for every step (the
+    append's host capacity check is skipped while compiling, as the evicting layers' is: its
+    changing count recompiled each step), the append a custom op in each."""
     from test_compiled_decode import counting_backend
     from tiny_models import padded_batch, tiny_model
 
@@ -168,5 +169,6 @@ def test_compiled_static_baseline_step_is_one_graph():
                                  compile=counting_backend(graphs), **run)
     model.set_attn_implementation("sdpa")
     assert torch.equal(tokens, expected)
-    assert len(graphs) == 1, f"{len(graphs)} graphs: a recompile or graph break"
-    assert "zipkv.token_append.default" in {str(n.target) for n in graphs[0].graph.nodes if n.op == "call_function"}
+    assert len(graphs) == 2, f"{len(graphs)} graphs for 2 layers: a recompile or graph break"
+    for graph in graphs:
+        assert "zipkv.token_append.default" in {str(n.target) for n in graph.graph.nodes if n.op == "call_function"}

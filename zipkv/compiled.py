@@ -1,11 +1,23 @@
-"""The compiled static decode step: torch.compile(fullgraph=True) over a whole model step.
+"""The compiled static decode step: torch.compile over each decoder layer of a model step.
 
 A static decode step (graph_decode.StaticDecoder over a cache after `to_static()`) is a fixed
 sequence of kernels, but on an H200 it ran at ~2x its roofline because of ~1300 small launches
 per step (norms, rotary, casts, appends) between the big GEMMs (experiments/NOTES.md). With
-zipkv's kernels as custom ops (kernels/ops.py) dynamo traces the whole step without a graph
+zipkv's kernels as custom ops (kernels/ops.py) dynamo traces a decoder layer without a graph
 break, inductor fuses the small ops around the kernels, and StaticDecoder then captures the
 compiled step as a CUDA graph as before.
+
+Each decoder layer is compiled on its own (fullgraph=True, static shapes), not the whole step:
+the layers are the same code over different weights and cache buffers, so their graphs are
+identical and inductor compiles one and reuses it (its FX graph cache) for the others, where a
+whole-step graph is one 32-layer trace per method and shape (about a minute each for an 8B
+model). A model whose decoder layers cannot be found (decoder_layers) has its whole step
+compiled instead. The layers run through one compiled call with a code object of its own
+(private_call): dynamo keeps its compiled entries on the code object of the frame, one per
+layer here (each layer's module is guarded), and a call shared with other code would pass
+torch._dynamo.config.recompile_limit (8 per code object; LayerwiseStep raises it for its own
+call to 8 per layer), after which dynamo silently runs the frame eagerly. A later decoder over
+the same model and shapes finds its entries and compiles nothing.
 
 `compile=` of StaticDecoder / greedy_decode: False (eager), True (inductor), a backend name
 ("aot_eager", "inductor", ...: what the CPU tests use) or a torch.compile backend callable.
@@ -24,6 +36,10 @@ due, as StaticDecoder does between replays.
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import gc
+import types
 import weakref
 from typing import Callable
 
@@ -47,14 +63,97 @@ def check_compile(compile) -> object:
     raise ValueError(f"compile must be True, False, a torch.compile backend name or callable (got {compile!r})")
 
 
-def compiled_step(step: Callable, compile) -> Callable:
-    """`step` itself, or torch.compile(step, fullgraph=True, dynamic=False) with the backend
-    `compile` names. fullgraph: a graph break would silently split the step into pieces with
-    Python between them, which is what compiling is for removing; dynamic=False: every step has
-    the same shapes, so one graph serves all of them (a recompile would be a bug)."""
+def private_call() -> Callable:
+    """`call(target, *args, **kwargs) = target(*args, **kwargs)` with a code object no other
+    function shares (see the module docstring: dynamo's compiled entries live on the code
+    object of the frame, and this one's are zipkv's alone)."""
+    def call(target, *args, **kwargs):
+        return target(*args, **kwargs)
+
+    code = call.__code__.replace()  # a new code object, equal to the old one but not it
+    return types.FunctionType(code, call.__globals__, call.__name__)
+
+
+# backend -> the compiled call every decoder layer runs through (one dynamo entry per layer and
+# shape on it; a later decoder over the same model and shapes reuses them, compiling nothing)
+_LAYER_CALLS: dict = {}
+ENTRIES_PER_LAYER = 8  # shapes (batch, capacity, cache layout) per layer before dynamo gives up on one
+
+
+def layer_call(backend) -> Callable:
+    if backend not in _LAYER_CALLS:
+        _LAYER_CALLS[backend] = torch.compile(private_call(), backend=backend, fullgraph=True, dynamic=False)
+    return _LAYER_CALLS[backend]
+
+
+def decoder_layers(model) -> list | None:
+    """The text decoder's layers of a transformers model (the ModuleList of
+    num_hidden_layers modules whose attention knows its layer_idx), or None."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    count = config.get_text_config(decoder=True).num_hidden_layers
+    for name, module in model.named_modules():
+        if (isinstance(module, torch.nn.ModuleList) and name.rsplit(".", 1)[-1] == "layers" and len(module) == count
+                and count and hasattr(getattr(module[0], "self_attn", None), "layer_idx")):
+            return list(module)
+    return None
+
+
+class LayerwiseStep:
+    """`step(decoder)` with each decoder layer of `model` compiled on its own: each layer's
+    forward, routed through one compiled call (layer_call), is installed on the layer (an
+    instance attribute) for the duration of a call and removed after it, so the model outside
+    the step (the prompt's forward, the user's own calls) runs as it did. Under CUDA graphs
+    only the warm-up and the capture call it."""
+
+    def __init__(self, step: Callable, layers: list, backend):
+        self.step, self.layers = step, layers
+        self.call = layer_call(backend)
+        # each layer's forward as it is now (an instance attribute such as accelerate's hook, or the method)
+        self.forwards = [functools.partial(self.call, layer.forward) for layer in layers]
+        # one entry per layer and shape on the shared call: dynamo's default limit (8) is per code object
+        self.limit = max(torch._dynamo.config.recompile_limit, ENTRIES_PER_LAYER * len(layers))
+        self.collected = False
+
+    @contextlib.contextmanager
+    def installed(self):
+        saved = [layer.__dict__.get("forward") for layer in self.layers]
+        for layer, forward in zip(self.layers, self.forwards):
+            layer.forward = forward
+        try:
+            with torch._dynamo.config.patch(recompile_limit=self.limit):
+                yield
+        finally:
+            for layer, before in zip(self.layers, saved):
+                if before is None:
+                    del layer.forward
+                else:
+                    layer.forward = before
+
+    def __call__(self, decoder) -> None:
+        with self.installed():
+            self.step(decoder)
+        if not self.collected:
+            # dynamo's tracing leaves reference cycles behind that hold what it traced (the
+            # cache among them) until the cyclic collector runs: collected once, after the
+            # call that compiled, the cache is freed when its last reference goes
+            self.collected = True
+            gc.collect()
+
+
+def compiled_step(step: Callable, compile, model=None) -> Callable:
+    """`step` itself, or `step` compiled with the backend `compile` names: per decoder layer of
+    `model` (LayerwiseStep), or as a whole when the layers cannot be found. fullgraph: a graph
+    break would silently split a layer into pieces with Python between them, which is what
+    compiling is for removing; dynamic=False: every step has the same shapes, so one graph
+    serves all of them (a recompile would be a bug)."""
     backend = check_compile(compile)
     if backend is None:
         return step
+    layers = decoder_layers(model) if model is not None else None
+    if layers:
+        return LayerwiseStep(step, layers, backend)
     return torch.compile(step, backend=backend, fullgraph=True, dynamic=False)
 
 
@@ -114,4 +213,5 @@ def between_steps(cache) -> None:
     cache.step_pending = True
 
 
-__all__ = ["between_steps", "between_steps_hook", "check_compile", "compiled_step", "prompt_padding_counts"]
+__all__ = ["LayerwiseStep", "between_steps", "between_steps_hook", "check_compile", "compiled_step", "decoder_layers",
+           "layer_call", "private_call", "prompt_padding_counts"]

@@ -106,8 +106,9 @@ class StaticDecoder:
     with graphs): blocks of the usual shape are quantized with device-side offsets, on CUDA by
     a second graph captured at the second such block.
     compile (compiled.py): False (default), True (inductor), or a torch.compile backend (a name
-    such as "aot_eager", or a callable): the step is compiled with fullgraph=True (zipkv's
-    kernels are custom ops: kernels/ops.py), then captured as a CUDA graph as the eager step.
+    such as "aot_eager", or a callable): each decoder layer of the step is compiled with
+    fullgraph=True (zipkv's kernels are custom ops: kernels/ops.py), then the step is captured
+    as a CUDA graph as the eager step.
     """
 
     def __init__(self, model, cache, next_tokens: torch.Tensor, next_positions: torch.Tensor,
@@ -123,10 +124,10 @@ class StaticDecoder:
             raise ValueError("cuda_graph=True needs the model on a CUDA device")
         self.model, self.cache = model, cache
         self.use_graph = device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
-        # the step function: eager, or torch.compile(fullgraph=True) of it (compiled.py); the
-        # unbound function, called with self: a bound method kept on self would be a reference
-        # cycle that holds the decoder (and its cache) until the cyclic collector runs
-        self.step_function = compiled_step(StaticDecoder._forward, compile)
+        # the step function: eager, or compiled per decoder layer (compiled.py); the unbound
+        # function, called with self: a bound method kept on self would be a reference cycle
+        # that holds the decoder (and its cache) until the cyclic collector runs
+        self.step_function = compiled_step(StaticDecoder._forward, compile, model)
         with torch.inference_mode():
             cache.to_static(max_steps, prompt_padding)
             odd = [type(layer).__name__ for layer in cache.layers if not isinstance(layer, StaticLayer)]
