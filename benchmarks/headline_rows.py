@@ -307,7 +307,8 @@ def hf_static_row(rec: dict, s: Setting, batch: int, context: int) -> None:
     finish(rec, ok[best]["ms_runs"], batch, s)
     rec["peak_gib"] = max(peaks) / e2e.GiB if s.cuda else 0.0
     if s.cuda and batch > 1:  # which SDPA kernels the default dispatch launches (eager steps, same cache)
-        rec["profile_default_dispatch"] = e2e.profile_steps(s.model, cache, batch, s.device)
+        with torch.inference_mode():  # the cache was filled under it: an update outside it is refused
+            rec["profile_default_dispatch"] = e2e.profile_steps(s.model, cache, batch, s.device)
 
 
 class StepClock:

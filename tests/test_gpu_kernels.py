@@ -38,15 +38,21 @@ def _left_padding(g, b, t):
 
 def _check_quantized(got, want, bits, context):
     """Codes may differ on rounding ties (measured on the H100: 4e-6 and 3e-5 of the codes of
-    fp16 channel-separable values at 4 / 8 bits, experiments/NOTES.md) by one level, in at
-    most 1e-4 of them; scales and minimums to one unit in the last place of their dtype."""
+    fp16 channel-separable values at 4 / 8 bits, experiments/NOTES.md) in at most 1e-4 of
+    them, by one level, or by as many as a scale one unit in the last place away moves the top
+    code: (2^bits - 1) x eps levels, 2 for bfloat16 at 8 bits (seen once on the H200, seed
+    3122310190, d 128, channel-separable values); scales and minimums to one unit in the last
+    place of their dtype."""
+    import math
+
     from zipkv.quant.packing import unpack
 
     codes, ref_codes = unpack(got[0], bits).int().cpu(), unpack(want[0], bits).int().cpu()
     assert codes.shape == ref_codes.shape, f"{context}: codes {tuple(codes.shape)} != {tuple(ref_codes.shape)}"
     diff = (codes - ref_codes).abs()
     off = (diff > 0).float().mean().item() if diff.numel() else 0.0
-    assert diff.max().item() <= 1, f"{context}: a code differs by {diff.max().item()} levels"
+    levels = max(1, math.ceil((2**bits - 1) * torch.finfo(got[1].dtype).eps)) if isinstance(got[1], torch.Tensor) else 1
+    assert diff.max().item() <= levels, f"{context}: a code differs by {diff.max().item()} levels (allowed {levels})"
     assert off <= 1e-4, f"{context}: {off:.2e} of the codes differ (ties allow <= 1e-4)"
     for name, x, y in zip(("scale", "min", "4th"), got[1:], want[1:]):
         if isinstance(x, torch.Tensor):

@@ -146,6 +146,13 @@ def test_custom_op_passes_opcheck():
     fields = [seg.k, seg.v, seg.k_scale, seg.v_scale, seg.k_zero, seg.v_zero]
     torch.library.opcheck(ops.token_append_op, (keys, values, "int4", *fields, torch.tensor([0, 2], dtype=torch.int32),
                                                 torch.tensor(False)))
+    query = random_states(2, 4, 64, torch.bfloat16, gen)  # [B, Hq, 1, D]: two query heads per KV head
+    lengths = torch.tensor([0, 2], dtype=torch.int32)
+    torch.library.opcheck(ops.flash_decode_op, (query, "int4", *fields, lengths, 0.125))
+    from zipkv.kernels.flash_decode import FlashSegment, flash_decode_reference
+
+    assert torch.equal(ops.flash_decode_op(query, "int4", *fields, lengths, 0.125),
+                       flash_decode_reference(query, FlashSegment("int4", *fields), lengths, 0.125))
 
 
 def test_compiled_static_baseline_step_is_one_graph_per_layer():
@@ -171,4 +178,5 @@ def test_compiled_static_baseline_step_is_one_graph_per_layer():
     assert torch.equal(tokens, expected)
     assert len(graphs) == 2, f"{len(graphs)} graphs for 2 layers: a recompile or graph break"
     for graph in graphs:
-        assert "zipkv.token_append.default" in {str(n.target) for n in graph.graph.nodes if n.op == "call_function"}
+        ops = {str(n.target) for n in graph.graph.nodes if n.op == "call_function"}
+        assert {"zipkv.token_append.default", "zipkv.flash_decode.default"} <= ops, sorted(ops)

@@ -16,8 +16,13 @@ import torch
 IMPLS = ("auto", "triton", "reference")
 
 
+# Looked up once, without importing triton (see above): a constant that torch.compile can trace
+# through, where dynamo refuses to trace importlib's find_spec (a compiled step asked it per call)
+TRITON_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
 def triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return TRITON_INSTALLED
 
 
 def interpreter_enabled() -> bool:

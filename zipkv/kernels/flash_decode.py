@@ -123,6 +123,12 @@ def flash_decode(query, seg: FlashSegment, lengths, scale: float | None = None, 
     path): block_n, num_splits, num_warps, num_stages."""
     check_flash_inputs(query, seg, lengths)
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    if impl == "auto" and not tuning:
+        from . import ops
+
+        if ops.tracing():  # torch.compile: one custom op (kernels/ops.py) instead of a graph break
+            return ops.flash_decode_op(query, seg.form, seg.k, seg.v, seg.k_scale, seg.v_scale, seg.k_zero, seg.v_zero,
+                                       lengths, float(scale))
     if use_triton(query.device, impl):
         reason = supported(query, seg)
         if reason is None:

@@ -104,6 +104,22 @@ def window_scores_op(query: torch.Tensor, k_win: torch.Tensor, lengths: torch.Te
     window_scores(query, k_win, lengths, real_win, score_sum, score_count, scaling)
 
 
+# -- flash-decoding over a static baseline layer's exact lengths (flash_decode.py) ---------------
+@torch.library.custom_op("zipkv::flash_decode", mutates_args=())
+def flash_decode_op(query: torch.Tensor, form: str, k: torch.Tensor, v: torch.Tensor, k_scale: Optional[torch.Tensor],
+                    v_scale: Optional[torch.Tensor], k_zero: Optional[torch.Tensor], v_zero: Optional[torch.Tensor],
+                    lengths: torch.Tensor, scale: float) -> torch.Tensor:
+    """flash_decode(query, FlashSegment(form, k, v, ...), lengths, scale)."""
+    from .flash_decode import FlashSegment, flash_decode
+
+    return flash_decode(query, FlashSegment(form, k, v, k_scale, v_scale, k_zero, v_zero), lengths, scale)
+
+
+@flash_decode_op.register_fake
+def _(query, form, k, v, k_scale, v_scale, k_zero, v_zero, lengths, scale):
+    return torch.empty_like(query, memory_format=torch.contiguous_format)
+
+
 # -- a static baseline layer's append (token_append.py): the token at lengths[b], lengths += 1 ---
 @mutating_op("zipkv::token_append", ("k", "v", "k_scale", "v_scale", "k_zero", "v_zero", "lengths", "nonfinite"))
 def token_append_op(keys: torch.Tensor, values: torch.Tensor, form: str, k: torch.Tensor, v: torch.Tensor,
@@ -116,5 +132,5 @@ def token_append_op(keys: torch.Tensor, values: torch.Tensor, form: str, k: torc
     token_append(keys, values, FlashSegment(form, k, v, k_scale, v_scale, k_zero, v_zero), lengths, nonfinite)
 
 
-__all__ = ["SEGMENT_FIELDS", "decode_attention_op", "flatten_segments", "mutating_op", "token_append_op", "tracing",
+__all__ = ["SEGMENT_FIELDS", "decode_attention_op", "flash_decode_op", "flatten_segments", "mutating_op", "token_append_op", "tracing",
            "unflatten_segments", "window_append_op", "window_scores_op"]
