@@ -41,6 +41,7 @@ FORMS = [
     ("gemma3", "kivi", dict(stream_interval=8, residual_length=0)),
     ("llama", "snapkv", dict(ratio=0.5, window=8)),
     ("llama", "h2o", dict(ratio=0.5)),
+    ("llama", "streaming_llm", dict(ratio=0.5)),
     ("llama", "zipvl", dict(stream_interval=8)),
     ("llama", "adakv", dict(ratio=0.5, window=8)),
     ("gemma3", "snapkv", dict(ratio=0.5, window=8)),
@@ -80,6 +81,8 @@ def test_compiled_step_equals_the_eager_static_step(arch, method, params):
         ops = {str(node.target) for node in graph.graph.nodes if node.op == "call_function"}
         assert any("zipkv.decode_attention" in name for name in ops), sorted(ops)
     assert not any("forward" in layer.__dict__ for layer in model.model.layers)  # removed after each step
+    if method in ("h2o", "streaming_llm"):  # their token goes to a slot by a custom op, not a copied buffer
+        assert all("zipkv.write_slots.default" in {str(n.target) for n in graph.graph.nodes} for graph in graphs)
     assert cache.get_seq_length() == eager_cache.get_seq_length()
     for layer, eager_layer in zip(cache.layers, eager_cache.layers):
         assert torch.equal(layer.lengths, eager_layer.lengths)
@@ -172,6 +175,16 @@ def test_custom_ops_match_the_wrappers_on_random_inputs():
                                                  0.2))
     ops.window_scores_op(query, k_fp, lengths, real, score_sum, score_count, 0.2)
     assert torch.equal(score_count[:, 0], ((torch.arange(w) < 4) & real).float())
+
+    from zipkv.cache.static_evicting_layer import write_slots_op
+
+    slot = torch.randint(0, w, (b, h), generator=g)
+    torch.library.opcheck(write_slots_op, (keys, values, k_fp.clone(), v_fp.clone(), slot, nonfinite.clone()))
+    k_buf = k_fp.clone()
+    write_slots_op(keys, values, k_buf, v_fp.clone(), slot, nonfinite)
+    for row in range(b):
+        for head in range(h):
+            assert torch.equal(k_buf[row, head, slot[row, head]], keys[row, head, 0])
 
 
 def test_compile_argument_is_checked():
