@@ -56,6 +56,9 @@ HF_STATIC_NOTE = (
     "forward transformers compiles on CUDA (torch.compile, reduce-overhead).")
 
 
+COMPILED = "+compile"  # the suffix of a --compile part's rows in a merged result
+
+
 def parse_tokens(text: str) -> int:
     text = text.strip().upper()
     return int(text[:-1]) * 1024 if text.endswith("K") else int(text)
@@ -87,10 +90,13 @@ def commit() -> str | None:
 
 # -- ratios, targets, notes (also after a merge) ------------------------------------------------
 def add_ratios(rows: list[dict]) -> None:
-    """tokens/s vs the bf16 and fp8 rows of the same shape and the same run (part)."""
+    """tokens/s vs the bf16 and fp8 rows of the same shape, the same run (part) and the same
+    decoder (a +compile row against the compiled baselines)."""
     for rec in rows:
+        suffix = COMPILED if rec["row"].endswith(COMPILED) else ""
         for base in ("bf16", "fp8"):
-            ref = next((r for r in rows if r["row"] == base and "tokens_per_s" in r and r.get("part") == rec.get("part")
+            ref = next((r for r in rows if r["row"] == base + suffix and "tokens_per_s" in r
+                        and r.get("part") == rec.get("part")
                         and (r["batch"], r["context"]) == (rec["batch"], rec["context"])), None)
             if ref is not None and "tokens_per_s" in rec:
                 rec[f"vs_{base}"] = rec["tokens_per_s"] / ref["tokens_per_s"]
@@ -127,9 +133,14 @@ def notes(rows: list[dict]) -> list[str]:
     return lines
 
 
+def compiled_row(row: str) -> str:
+    """The name a row of a --compile run has in a merged result."""
+    return row if row.endswith(COMPILED) else row + COMPILED
+
+
 def summarize(res: dict) -> None:
     add_ratios(res["rows"])
-    res["targets"] = targets(res["rows"])
+    res["targets"] = targets(res["rows"]) + targets(res["rows"], compiled_row("zipkv"))
     res["notes"] = notes(res["rows"])
 
 
@@ -348,10 +359,15 @@ def merge(paths: list[str], out: str, tag: str) -> dict:
         for key in ("rows", "capacity", "prefill"):
             for item in part.get(key, []):
                 res[key].append(dict(item, part=offset + item.get("part", 0)))
+                if key == "rows" and part["parts"][item.get("part", 0)].get("compile"):
+                    # a --compile part's rows beside the others: zipkv+compile, bf16+compile, ...
+                    res[key][-1]["row"] = compiled_row(item["row"])
         res["skipped"] += [dict(x, part=offset) for x in part.get("skipped", [])]
     seen = {}
-    for rec in res["rows"]:  # a row measured in two parts: the later one counts
-        seen[(rec["row"], rec["batch"], rec["context"])] = rec
+    for rec in res["rows"]:  # a row measured in two parts: the later one counts (an error never hides a figure)
+        key = (rec["row"], rec["batch"], rec["context"])
+        if "ms_per_step" in rec or "ms_per_step" not in seen.get(key, {}):
+            seen[key] = rec
     res["rows"] = list(seen.values())
     res["merged_with"] = "python -m benchmarks.headline --merge " + " ".join(paths) + f" --out {out} --tag {tag}"
     summarize(res)

@@ -11,6 +11,7 @@ COLORS = {"baseline": "#888888", "zipkv": "#4477aa", "hf": "#cc6677"}
 def row_color(row: str) -> str:
     from benchmarks.headline_rows import BASELINE_METHODS, HF_ROWS
 
+    row = row.removesuffix("+compile")  # a --compile run's row (benchmarks/headline.py merge)
     if row in BASELINE_METHODS:
         return COLORS["baseline"]
     return COLORS["hf"] if row in HF_ROWS else COLORS["zipkv"]
@@ -60,7 +61,8 @@ def plot(res: dict, png: str) -> str:
     part = res["parts"][0]
     dev = part.get("device", {})
     fig.suptitle(f"decode step, {part.get('model', '')}, {dev.get('gpu', dev.get('device'))}\n"
-                 "grey: bf16 / fp8 / int4 on zipkv's graph decoder; blue: zipkv presets; red: transformers caches",
+                 "grey: bf16 / fp8 / int4 on zipkv's graph decoder; blue: zipkv presets; red: transformers caches; "
+                 "+compile: each decoder layer compiled",
                  fontsize=9)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)

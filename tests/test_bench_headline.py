@@ -104,6 +104,29 @@ def test_a_missing_or_non_static_method_is_one_skip_line():
     assert skip_reason("dynamic_eager", {}) is None
 
 
+def test_merge_names_compiled_rows_and_keeps_figures(tmp_path):
+    """--merge: a --compile part's rows become row+compile, their ratios compare them with the
+    compiled baselines of the same part, and a later part's error row never hides a figure."""
+    def row(name, ms, **extra):
+        return dict(row=name, batch=8, context=64, ms_per_step=ms, tokens_per_s=8e3 / ms, part=0, **extra)
+
+    plain = dict(parts=[{"compile": False}], rows=[row("bf16", 4.0), row("fp8", 5.0), row("zipkv", 2.0)])
+    compiled = dict(parts=[{"compile": True}], rows=[row("bf16", 3.0), row("zipkv", 1.5)])
+    failed = dict(parts=[{"compile": True}], rows=[dict(row="bf16", batch=8, context=64, error="skipped: deadline",
+                                                        part=0)])
+    paths = []
+    for name, part in (("plain", plain), ("compiled", compiled), ("failed", failed)):
+        paths.append(str(tmp_path / f"{name}.json"))
+        with open(paths[-1], "w") as f:
+            json.dump(part, f)
+    merged = headline.merge(paths, str(tmp_path), "merged")
+    rows = {r["row"]: r for r in merged["rows"]}
+    assert set(rows) == {"bf16", "fp8", "zipkv", "bf16+compile", "zipkv+compile"}
+    assert rows["zipkv+compile"]["vs_bf16"] == pytest.approx(2.0) and "vs_fp8" not in rows["zipkv+compile"]
+    assert rows["zipkv"]["vs_bf16"] == pytest.approx(2.0) and rows["zipkv"]["vs_fp8"] == pytest.approx(2.5)
+    assert rows["bf16+compile"]["ms_per_step"] == 3.0  # the failed part's error row did not replace it
+
+
 def test_roofline_and_capacity_fit():
     s = Setting(model=None, device=torch.device("cpu"), dtype=torch.bfloat16, timer=None, ceiling_gbps=1000.0,
                 weight_bytes=3 * 10**9)
