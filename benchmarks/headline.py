@@ -182,7 +182,8 @@ def parse_args(argv):
     ap.add_argument("--capacity-contexts", default=None, help="capacity stage contexts (default: 32K,128K; --tiny: 96)")
     ap.add_argument("--capacity-check", default="zipkv", help="the row allocated at its predicted batch ('': none)")
     ap.add_argument("--prefill-lengths", default=None, help="prefill stage lengths (default: 8K,32K; --tiny: 192)")
-    ap.add_argument("--prefill-methods", default="dynamic,zipkv,zipcache,kivi,uniform,snapkv,h2o,zipvl")
+    ap.add_argument("--prefill-methods", default="dynamic,zipkv,zipcache,kivi,uniform,snapkv,h2o,zipvl,dynamic@4K,zipkv@4K",
+                    help="prefill stage methods; NAME@N: a chunked prefill, N tokens per forward (K = 1024)")
     ap.add_argument("--prefill-reps", type=int, default=2, help="timed prefills per case, after one untimed")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     ap.add_argument("--dtype", default="bfloat16")
@@ -228,9 +229,16 @@ def check_args(ap, args, methods) -> dict:
     tokens = lambda t: [parse_tokens(x) for x in t.split(",") if x.strip()]  # noqa: E731
     check = rows_of("--capacity-check", args.capacity_check)
     prefill = [m for m in args.prefill_methods.split(",") if m]
-    bad_prefill = [m for m in prefill if m != "dynamic" and m not in methods]
+    from benchmarks.headline_prefill import split_chunk
+
+    try:
+        parsed = [split_chunk(m) for m in prefill]
+    except ValueError as error:
+        ap.error(f"--prefill-methods: {error}")
+    bad_prefill = [m for m, (name, _) in zip(prefill, parsed) if name != "dynamic" and name not in methods]
     if bad_prefill:
-        ap.error(f"--prefill-methods: unknown {bad_prefill}; choose from dynamic, {', '.join(methods)}")
+        ap.error(f"--prefill-methods: unknown {bad_prefill}; choose from dynamic, {', '.join(methods)} "
+                 "(NAME@N: in chunks of N tokens)")
     return dict(
         stages=stages,
         shapes=numbers("--shapes", args.shapes or (TINY_SHAPES if args.tiny else SHAPES), parse_shapes),

@@ -1,5 +1,7 @@
 """Prefill stage of the headline benchmark: the whole model's SDPA prefill (batch 1) with
 DynamicCache and with each zipkv method's cache, in seconds and as a ratio to DynamicCache.
+`NAME@N` (e.g. zipkv@4K): the same cache filled by zipkv.chunked_prefill in forwards of N
+tokens, whose peak memory is the point.
 
 Each (method, length): one untimed prefill (Triton compilation, autotuning), then `reps`
 timed prefills, each into a fresh cache (median reported); only the last position's logits
@@ -20,6 +22,18 @@ from benchmarks.registry_decode import method_params
 PREFILL_METHODS = ("dynamic", "zipkv", "zipcache", "kivi", "uniform", "snapkv", "h2o", "zipvl")
 
 
+def split_chunk(text: str) -> tuple[str, int | None]:
+    """"zipkv@4K" -> ("zipkv", 4096); "zipkv" -> ("zipkv", None)."""
+    name, _, chunk = text.partition("@")
+    if not chunk:
+        return name, None
+    size = chunk.upper()
+    value = int(size[:-1]) * 1024 if size.endswith("K") and size[:-1].isdigit() else int(size) if size.isdigit() else 0
+    if value < 1:
+        raise ValueError(f"{text!r}: the chunk after @ must be a token count >= 1 such as 4096 or 4K")
+    return name, value
+
+
 def new_prefill_cache(method: str, model):
     import zipkv
 
@@ -33,6 +47,9 @@ def time_prefill(method: str, model, length: int, device, reps: int, timer) -> d
     import zipkv
 
     rec = {"method": method, "batch": 1, "context": length}
+    method, chunk = split_chunk(method)
+    if chunk is not None:
+        rec["chunk"] = chunk
     gen = torch.Generator(device=device).manual_seed(3)
     ids = torch.randint(0, model.config.vocab_size, (1, length), device=device, generator=gen)
     times = []
@@ -45,9 +62,12 @@ def time_prefill(method: str, model, length: int, device, reps: int, timer) -> d
             e2e.reset_peak(device)
             base = e2e.mem_allocated(device)
             t0 = timer.start()
-            with torch.inference_mode():
-                out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **zipkv.cache_kwargs(cache))
-                del out
+            if chunk is not None:
+                zipkv.chunked_prefill(model, cache, ids, None, chunk)
+            else:
+                with torch.inference_mode():
+                    out = model(input_ids=ids, use_cache=True, logits_to_keep=1, **zipkv.cache_kwargs(cache))
+                    del out
             ms = timer.stop(t0)
             if i:
                 times.append(ms / 1e3)

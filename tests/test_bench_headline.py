@@ -60,7 +60,7 @@ def test_capacity_and_prefill_stages(decode_run, tmp_path):
     cap = 0.004  # GiB: about a dozen 64-token rows of the tiny model's bf16 cache over its weights
     res = headline.main(TINY + ["--stage", "capacity,prefill", "--capacity-rows", "bf16", "--capacity-contexts", "64",
                                 "--capacity-check", "bf16", "--memory-cap-gib", str(cap),
-                                "--prefill-methods", "dynamic,zipkv,snapkv", "--prefill-reps", "1",
+                                "--prefill-methods", "dynamic,zipkv,snapkv,zipkv@40", "--prefill-reps", "1",
                                 "--out", str(out), "--tag", "part2"])
     entry = res["capacity"][0]["methods"]["bf16@64"]
     assert entry["per_seq_bytes"] == entry["bytes_held_per_seq"] > 0  # CPU: the bytes held
@@ -73,6 +73,8 @@ def test_capacity_and_prefill_stages(decode_run, tmp_path):
         assert "error" not in rec, (method, rec.get("traceback"))
         assert rec["seconds"] > 0 and rec["ratio_to_dynamic"] == pytest.approx(rec["seconds"] / prefill["dynamic"]["seconds"])
     assert prefill["zipkv"]["bytes_held"] < prefill["dynamic"]["bytes_held"]
+    assert prefill["zipkv@40"]["chunk"] == 40  # chunked_prefill in forwards of 40 tokens
+    assert prefill["zipkv@40"]["bytes_held"] < prefill["dynamic"]["bytes_held"]
 
     merged = headline.main(["--merge", str(out / "part1.json"), str(out / "part2.json"), "--out", str(tmp_path),
                             "--tag", "headline_h200"])

@@ -32,6 +32,7 @@ _EXPORTS = {
     "EvictionCache": "zipkv.eviction_cache",
     "cache_kwargs": "zipkv.transformers_support",
     "greedy_decode": "zipkv.graph_decode",
+    "chunked_prefill": "zipkv.prefill",
     "StaticDecoder": "zipkv.graph_decode",
 }
 

@@ -23,6 +23,7 @@ import torch
 
 from .compiled import compiled_step
 from .decode_positions import decode_positions, forget_rope_deltas
+from .prefill import check_chunk_size, chunked_prefill, prompt_positions
 from .transformers_support import cache_argument_name, cache_kwargs
 
 
@@ -68,12 +69,6 @@ class StaticLayer(Protocol):
     def held_tensors(self) -> list: ...
 
     def get_seq_length(self) -> int: ...
-
-
-def prompt_positions(attention_mask: torch.Tensor) -> torch.Tensor:
-    """position_ids of a (left-)padded prompt, as transformers' generate() makes them."""
-    positions = attention_mask.long().cumsum(-1) - 1
-    return positions.masked_fill(attention_mask == 0, 0)
 
 
 def capture(forward, after_warm_up=None) -> torch.cuda.CUDAGraph:
@@ -292,7 +287,7 @@ def has_static_form(cache) -> bool:
 
 def greedy_decode(model, cache, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                   max_new_tokens: int = 32, cuda_graph: bool | None = None, eos_token_id=None,
-                  compile: bool | str | object = False) -> torch.Tensor:
+                  compile: bool | str | object = False, prefill_chunk: int | None = None) -> torch.Tensor:
     """Greedy new tokens [B, <= max_new_tokens] for a (left-)padded prompt batch, through a
     fresh zipkv cache (a ZipCache or an EvictionCache): the prompt in one eager forward, then
     static decode steps (CUDA graphs on CUDA). The same tokens as model.generate(...,
@@ -301,6 +296,8 @@ def greedy_decode(model, cache, input_ids: torch.Tensor, attention_mask: torch.T
     model's generation config; False: never stop) continue with pad tokens, and decoding
     stops once every row has (checked every EOS_CHECK_EVERY steps; the output is cut there).
     compile: see StaticDecoder (the decode step through torch.compile, same tokens).
+    prefill_chunk: the prompt in forwards of at most this many tokens (prefill.chunked_prefill:
+    the peak memory of a chunk, not of the prompt); None: one forward.
     """
     if input_ids.dim() != 2 or input_ids.shape[1] == 0:
         raise ValueError(f"input_ids must be a non-empty [batch, length] tensor (got {tuple(input_ids.shape)})")
@@ -318,12 +315,15 @@ def greedy_decode(model, cache, input_ids: torch.Tensor, attention_mask: torch.T
         raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must match input_ids {tuple(input_ids.shape)}")
     eos, pad = _stop_ids(model, eos_token_id)
     positions = prompt_positions(attention_mask)
-    forget_rope_deltas(model)  # text position_ids given: an M-RoPE model's deltas are zero
-    with torch.inference_mode():
-        out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                    use_cache=True, **cache_kwargs(cache))
-        first = out.logits[:, -1:].argmax(-1)
-        del out
+    if prefill_chunk is not None:
+        first = chunked_prefill(model, cache, input_ids, attention_mask, check_chunk_size(prefill_chunk)).argmax(-1)
+    else:
+        forget_rope_deltas(model)  # text position_ids given: an M-RoPE model's deltas are zero
+        with torch.inference_mode():
+            out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
+                        use_cache=True, **cache_kwargs(cache))
+            first = out.logits[:, -1:].argmax(-1)
+            del out
     tokens = [first]
     if max_new_tokens > 1:
         decoder = StaticDecoder(model, cache, first, positions[:, -1] + 1, max_new_tokens - 1, attention_mask, cuda_graph,
