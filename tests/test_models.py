@@ -336,6 +336,7 @@ def test_readme_python_example_runs_as_written(converted_and_cached, capsys, mon
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     block = re.search(r"## Python\n\n```python\n(.*?)```", readme, re.S).group(1)
     graphs = re.search(r"### Fast decoding[^\n]*\n\n```python\n(.*?)```", readme, re.S).group(1)
+    chunked = re.search(r"### Chunked prefill[^\n]*\n\n```python\n(.*?)```", readme, re.S).group(1)
     _, model, tokenizer, _ = converted_and_cached
     attn = model.config._attn_implementation
     monkeypatch.setattr(models, "load_default_model", lambda *a, **k: (model, tokenizer))
@@ -344,6 +345,8 @@ def test_readme_python_example_runs_as_written(converted_and_cached, capsys, mon
         exec(compile(block, "README.md", "exec"), namespace)
         printed = capsys.readouterr().out.strip().splitlines()
         exec(compile(graphs, "README.md", "exec"), namespace)  # the second block goes on from the first
+        exec(compile(chunked, "README.md", "exec"), namespace)
+        assert namespace["logits"].shape[:2] == (namespace["inputs"].input_ids.shape[0], 1)
     finally:
         model.config._attn_implementation = attn
     held, fp16, ratio = printed[-1].split()
