@@ -119,6 +119,10 @@ class StaticDecoder:
             raise ValueError("cuda_graph=True needs the model on a CUDA device")
         self.model, self.cache = model, cache
         self.use_graph = device.type == "cuda" if cuda_graph is None else bool(cuda_graph)
+        if self.use_graph:  # a graph captures one device: a split or offloaded model is refused by name
+            from .parallel.placement import check_one_device
+
+            check_one_device(model)
         # the step function: eager, or compiled per decoder layer (compiled.py); the unbound
         # function, called with self: a bound method kept on self would be a reference cycle
         # that holds the decoder (and its cache) until the cyclic collector runs
