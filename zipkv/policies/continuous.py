@@ -10,7 +10,8 @@ import torch
 from ..cache.eviction_store import Fp16Store
 from ..eviction import H2OScorer, StreamingLLMScorer, select_tokens
 from ..eviction.validation import check_int
-from .base import NEG_INF, Policy, memoized
+from ..kernels.prefill_mass import prefill_attention_mass
+from .base import Policy, memoized
 
 
 @dataclass
@@ -71,17 +72,10 @@ class ContinuousPolicy(Policy):
         layer.replace_all([Fp16Store.select(keys, values, keep, extras)])
 
     def _prefill_totals(self, keys, query, real, scaling):
-        """H2OScorer.accumulate over the whole prompt, one query chunk at a time against only
-        the keys that chunk can see (causal): the same sums at half the work and memory."""
-        t = keys.shape[2]
-        totals = torch.zeros(keys.shape[0], keys.shape[1], t, dtype=torch.float32, device=keys.device)
-        for start in range(0, t, self.query_chunk):
-            stop = min(start + self.query_chunk, t)
-            part = self._h2o.accumulate(keys[:, :, :stop], query[:, :, start:stop], real[:, :stop],
-                                        query_positions=torch.arange(start, stop, device=keys.device),
-                                        scaling=scaling)
-            totals[..., :stop] += part.nan_to_num(neginf=0.0)
-        return totals.masked_fill(~real[:, None, :], NEG_INF)
+        """H2OScorer.accumulate over the whole prompt (kernels/prefill_mass.py: on CUDA two
+        Triton passes that never hold a score matrix; else query_chunk queries at a time
+        against only the keys they can see)."""
+        return prefill_attention_mass(query, keys, real, scaling, query_chunk=self.query_chunk)
 
 
 def build_continuous(config, *, kind: str, budget=None, ratio=None, **p) -> ContinuousPolicy:

@@ -1,0 +1,116 @@
+"""Triton kernels of prefill_mass.py: H2O's accumulated attention of a causal prompt, with no
+T x T matrix in memory.
+
+`_lse_kernel`, program (block of BM queries, b * Hq + hq): the log-sum-exp (base 2) of each
+query's scaled scores over the keys it sees (key <= query, both real), online over blocks of BN
+keys up to the block's last query: one flash-attention forward without the values.
+`_mass_kernel`, program (block of BN keys, b * Hkv + h): for each of the G query heads of KV
+head h and each block of BM queries from the key block on, p = exp2(s - lse2) over the visible
+(query, key) pairs, summed over the queries; the key block's totals are the mean over the G
+heads. Both read only q, k and the lse: the work is two QK^T products over the causal half,
+the memory the inputs and [B, Hq, T] + [B, Hkv, T] floats.
+
+Row and head offsets are 64-bit (B * H * T * D passes 2**31 at 32K x 8 x 32 heads).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_NEG_INF = tl.constexpr(float("-inf"))
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _lse_kernel(q_ptr, sqb, sqh, sqt, k_ptr, skb, skh, skt, real_ptr, srb, lse_ptr, slb, slh,
+                HQ, T, qk_scale, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                IEEE: tl.constexpr):
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // HQ).to(tl.int64)
+    hq = (bh % HQ).to(tl.int64)
+    h = hq // G
+    offs_m = blk * BM + tl.arange(0, BM)
+    offs_d = tl.arange(0, D)
+    in_m = offs_m < T
+    q = tl.load(q_ptr + b * sqb + hq * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=in_m[:, None], other=0.0)
+    q_real = tl.load(real_ptr + b * srb + offs_m, mask=in_m, other=0) != 0
+    m_i = tl.full([BM], _NEG_INF, tl.float32)
+    l_i = tl.zeros([BM], tl.float32)
+    end = tl.minimum((blk + 1) * BM, T)
+    for start in range(0, end, BN):
+        offs_n = start + tl.arange(0, BN)
+        in_n = offs_n < T
+        k = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skt + offs_d[None, :], mask=in_n[:, None], other=0.0)
+        k_real = tl.load(real_ptr + b * srb + offs_n, mask=in_n, other=0) != 0
+        if IEEE:  # float32 states: full-precision products (the default would be TF32)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+        else:
+            s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale
+        visible = (offs_n[None, :] <= offs_m[:, None]) & k_real[None, :] & q_real[:, None] & in_n[None, :]
+        s = tl.where(visible, s, _NEG_INF)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        safe = tl.where(m_new > _NEG_INF, m_new, 0.0)
+        l_i = l_i * tl.exp2(tl.where(m_i > _NEG_INF, m_i - safe, _NEG_INF)) + tl.sum(tl.exp2(s - safe[:, None]), 1)
+        m_i = m_new
+    lse2 = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), _NEG_INF)
+    tl.store(lse_ptr + b * slb + hq * slh + offs_m, lse2, mask=in_m)
+
+
+@triton.jit
+def _mass_kernel(q_ptr, sqb, sqh, sqt, k_ptr, skb, skh, skt, real_ptr, srb, lse_ptr, slb, slh, tot_ptr, stb, sth,
+                 HKV, T, qk_scale, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                 IEEE: tl.constexpr):
+    blk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // HKV).to(tl.int64)
+    h = (bh % HKV).to(tl.int64)
+    offs_n = blk * BN + tl.arange(0, BN)
+    offs_d = tl.arange(0, D)
+    in_n = offs_n < T
+    k = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skt + offs_d[None, :], mask=in_n[:, None], other=0.0)
+    k_real = tl.load(real_ptr + b * srb + offs_n, mask=in_n, other=0) != 0
+    acc = tl.zeros([BN], tl.float32)
+    first = (blk * BN) // BM * BM  # queries before the key block see none of it
+    for g in range(G):
+        hq = h * G + g
+        for start in range(first, T, BM):
+            offs_m = start + tl.arange(0, BM)
+            in_m = offs_m < T
+            q = tl.load(q_ptr + b * sqb + hq * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=in_m[:, None],
+                        other=0.0)
+            q_real = tl.load(real_ptr + b * srb + offs_m, mask=in_m, other=0) != 0
+            lse2 = tl.load(lse_ptr + b * slb + hq * slh + offs_m, mask=in_m, other=0.0)
+            if IEEE:
+                s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+            else:
+                s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale
+            visible = (offs_n[None, :] <= offs_m[:, None]) & k_real[None, :] & q_real[:, None] & in_m[:, None]
+            visible = visible & (lse2[:, None] > _NEG_INF)
+            p = tl.where(visible, tl.exp2(tl.where(visible, s - lse2[:, None], 0.0)), 0.0)
+            acc += tl.sum(p, 0)
+    tl.store(tot_ptr + b * stb + h * sth + offs_n, acc / G, mask=in_n)
+
+
+def prefill_mass_triton(query, keys, real, scaling: float, block_m: int = 64, block_n: int = 64) -> torch.Tensor:
+    """totals float32 [B, Hkv, T] (prefill_mass.prefill_attention_mass without the padding's
+    -inf, which the wrapper marks)."""
+    b, hq, t, d = query.shape
+    hkv = keys.shape[1]
+    g = hq // hkv
+    real = real.to(torch.int8).contiguous()
+    lse = torch.empty(b, hq, t, dtype=torch.float32, device=query.device)
+    totals = torch.empty(b, hkv, t, dtype=torch.float32, device=query.device)
+    qk_scale = float(scaling) * _LOG2E
+    ieee = query.dtype == torch.float32
+    _lse_kernel[(triton.cdiv(t, block_m), b * hq)](
+        query, query.stride(0), query.stride(1), query.stride(2), keys, keys.stride(0), keys.stride(1), keys.stride(2),
+        real, real.stride(0), lse, lse.stride(0), lse.stride(1), hq, t, qk_scale, G=g, D=d, BM=block_m, BN=block_n,
+        IEEE=ieee)
+    _mass_kernel[(triton.cdiv(t, block_n), b * hkv)](
+        query, query.stride(0), query.stride(1), query.stride(2), keys, keys.stride(0), keys.stride(1), keys.stride(2),
+        real, real.stride(0), lse, lse.stride(0), lse.stride(1), totals, totals.stride(0), totals.stride(1),
+        hkv, t, qk_scale, G=g, D=d, BM=block_m, BN=block_n, IEEE=ieee)
+    return totals
