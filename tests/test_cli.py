@@ -296,6 +296,25 @@ def test_generate_static_gives_the_same_answer(tiny_model_dir, capsys, method):
     assert static["memory"]["tokens_per_layer"] == eager["memory"]["tokens_per_layer"]
 
 
+def test_generate_static_prefill_chunk_and_compile(tiny_model_dir, capsys):
+    """--prefill-chunk N (chunked_prefill) with --static: the full cache's answer unchanged;
+    --compile and --prefill-chunk need --static; an eviction method's refusal names the option
+    (the compiled step itself: tests/test_compiled_decode.py)."""
+    base = ["generate", PROMPT, "--model", str(tiny_model_dir), "--max-new-tokens", "6", "--device", "cpu", "--json"]
+    one = json.loads(run_cli(base + ["--method", "full", "--static"], capsys)[1])
+    status, out, _ = run_cli(base + ["--method", "full", "--static", "--prefill-chunk", "3"], capsys)
+    assert status == 0
+    chunked = json.loads(out)
+    assert chunked["prefill_chunk"] == 3 and chunked["answer"] == one["answer"]
+    for flag in (["--compile"], ["--prefill-chunk", "4"]):
+        err = usage_error(base + ["--method", "zipkv", *flag], capsys)
+        assert f"{flag[0]} needs --static" in err
+    err = usage_error(base + ["--method", "snapkv:ratio=0.5", "--static", "--prefill-chunk", "2"], capsys)
+    assert "--prefill-chunk 2" in err and "sizes its budget" in err
+    err = usage_error(base + ["--method", "zipkv", "--static", "--prefill-chunk", "0"], capsys)
+    assert "--prefill-chunk" in err
+
+
 def test_generate_static_needs_a_quantizing_method(tiny_model_dir, capsys):
     err = usage_error(["generate", PROMPT, "--model", str(tiny_model_dir), "--method", "minicache", "--static",
                        "--device", "cpu"], capsys)

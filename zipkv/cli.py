@@ -262,6 +262,16 @@ class GenerateCommand:
                  "counts the buffers)",
         )
         parser.add_argument(
+            "--compile", action="store_true",
+            help="with --static: compile each decoder layer of the step (torch.compile, inductor) before "
+                 "capturing it; the first step then takes tens of seconds on an 8B model",
+        )
+        parser.add_argument(
+            "--prefill-chunk", type=_int_at_least(1), default=None, metavar="N",
+            help="with --static: the prompt in forwards of at most N tokens (zipkv.chunked_prefill: the peak "
+                 "memory of a chunk; quantizing methods only)",
+        )
+        parser.add_argument(
             "--json", action="store_true",
             help="print one JSON object (answer, settings, memory) instead of text and a table",
         )
@@ -274,6 +284,9 @@ class GenerateCommand:
         if args.static and method not in static_methods:
             args.parser.error(f"--static needs a method with a static form ({', '.join(static_methods)}), "
                               f"not {method}")
+        for flag, given in (("--compile", args.compile), ("--prefill-chunk", args.prefill_chunk is not None)):
+            if given and not args.static:
+                args.parser.error(f"{flag} needs --static (it is an option of zipkv.greedy_decode)")
         import torch
 
         from . import make_cache
@@ -299,8 +312,14 @@ class GenerateCommand:
         if args.static:
             from .graph_decode import greedy_decode
 
-            new_ids = greedy_decode(model, cache, inputs["input_ids"], inputs.get("attention_mask"),
-                                    max_new_tokens=args.max_new_tokens)[0]
+            try:
+                new_ids = greedy_decode(model, cache, inputs["input_ids"], inputs.get("attention_mask"),
+                                        max_new_tokens=args.max_new_tokens, compile=args.compile,
+                                        prefill_chunk=args.prefill_chunk)[0]
+            except ValueError as error:  # e.g. --prefill-chunk with an eviction method: the reason
+                if args.prefill_chunk is None:
+                    raise
+                args.parser.error(f"--prefill-chunk {args.prefill_chunk}: {error}")
         else:
             from .transformers_support import cache_kwargs
 
@@ -328,6 +347,8 @@ class GenerateCommand:
             "new_tokens": int(new_ids.shape[0]),
             "seconds": round(seconds, 3),
             "static": bool(args.static),
+            "compile": bool(args.compile),
+            "prefill_chunk": args.prefill_chunk,
             "memory": cache.stats().to_dict(),
         }
         report["ratio_notes"] = ratio_notes(report)
