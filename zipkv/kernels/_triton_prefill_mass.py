@@ -24,6 +24,15 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _scores(q, k, qk_scale, IEEE: tl.constexpr):
+    """q [BM, D] . k [BN, D]^T * qk_scale in float32 (float32 states: full-precision products,
+    where the default would be TF32)."""
+    if IEEE:
+        return tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
+    return tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale
+
+
+@triton.jit
 def _lse_kernel(q_ptr, sqb, sqh, sqt, k_ptr, skb, skh, skt, real_ptr, srb, lse_ptr, slb, slh,
                 HQ, T, qk_scale, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                 IEEE: tl.constexpr):
@@ -45,10 +54,7 @@ def _lse_kernel(q_ptr, sqb, sqh, sqt, k_ptr, skb, skh, skt, real_ptr, srb, lse_p
         in_n = offs_n < T
         k = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skt + offs_d[None, :], mask=in_n[:, None], other=0.0)
         k_real = tl.load(real_ptr + b * srb + offs_n, mask=in_n, other=0) != 0
-        if IEEE:  # float32 states: full-precision products (the default would be TF32)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-        else:
-            s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale
+        s = _scores(q, k, qk_scale, IEEE)
         visible = (offs_n[None, :] <= offs_m[:, None]) & k_real[None, :] & q_real[:, None] & in_n[None, :]
         s = tl.where(visible, s, _NEG_INF)
         m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -83,10 +89,7 @@ def _mass_kernel(q_ptr, sqb, sqh, sqt, k_ptr, skb, skh, skt, real_ptr, srb, lse_
                         other=0.0)
             q_real = tl.load(real_ptr + b * srb + offs_m, mask=in_m, other=0) != 0
             lse2 = tl.load(lse_ptr + b * slb + hq * slh + offs_m, mask=in_m, other=0.0)
-            if IEEE:
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-            else:
-                s = tl.dot(q, tl.trans(k)).to(tl.float32) * qk_scale
+            s = _scores(q, k, qk_scale, IEEE)
             visible = (offs_n[None, :] <= offs_m[:, None]) & k_real[None, :] & q_real[:, None] & in_m[:, None]
             visible = visible & (lse2[:, None] > _NEG_INF)
             p = tl.where(visible, tl.exp2(tl.where(visible, s - lse2[:, None], 0.0)), 0.0)
