@@ -176,12 +176,10 @@ def test_custom_ops_match_the_wrappers_on_random_inputs():
     ops.window_scores_op(query, k_fp, lengths, real, score_sum, score_count, 0.2)
     assert torch.equal(score_count[:, 0], ((torch.arange(w) < 4) & real).float())
 
-    from zipkv.cache.static_evicting_layer import write_slots_op
-
     slot = torch.randint(0, w, (b, h), generator=g)
-    torch.library.opcheck(write_slots_op, (keys, values, k_fp.clone(), v_fp.clone(), slot, nonfinite.clone()))
+    torch.library.opcheck(ops.write_slots_op, (keys, values, k_fp.clone(), v_fp.clone(), slot, nonfinite.clone()))
     k_buf = k_fp.clone()
-    write_slots_op(keys, values, k_buf, v_fp.clone(), slot, nonfinite)
+    ops.write_slots_op(keys, values, k_buf, v_fp.clone(), slot, nonfinite)
     for row in range(b):
         for head in range(h):
             assert torch.equal(k_buf[row, head, slot[row, head]], keys[row, head, 0])

@@ -3,7 +3,7 @@ reference on fresh random inputs; and causal_attention_lse (private aten ops) vs
 
 - quantize_pack_keys / _values (_triton_quantize.py) vs zipkv.quant.schemes (the same device)
 - probe_scores (_triton_probe.py), probe_scores_lse (_triton_probe_lse.py) vs attention_scores
-- window_append / window_scores (_triton_window.py) vs their references
+- window_append / write_slots / window_scores (_triton_window.py) vs their references
 - sparse_prefill_attention (_triton_sparse.py) vs sparse_prefill_reference
 - causal_attention_lse (attention_lse.py) vs a float64 reference (also checked on the CPU)
 
@@ -174,6 +174,15 @@ def test_window_kernels_match_reference(d, r, dtype):
     window_append_reference(keys, values, *want[:2], lengths, want[2])
     for name, x, y in zip(("k_win", "v_win", "nonfinite"), got, want):
         assert torch.equal(x, y), f"{context}: window_append {name} differs from the reference"
+    from zipkv.kernels.window_step import write_slots, write_slots_reference
+
+    slot = torch.randint(0, w, (b, hkv), generator=g).to(DEVICE)  # streaming_llm's ring / h2o's freed slot
+    got_s = [k_win.clone(), v_win.clone(), torch.zeros((), dtype=torch.bool, device=DEVICE)]
+    want_s = [x.clone() for x in got_s]
+    write_slots(keys, values, *got_s[:2], slot, got_s[2], impl="triton")
+    write_slots_reference(keys, values, *want_s[:2], slot, want_s[2])
+    for name, x, y in zip(("k_buf", "v_buf", "nonfinite"), got_s, want_s):
+        assert torch.equal(x, y), f"{context}: write_slots {name} differs from the reference"
     values[1, 0, 0, 3] = float("nan")
     flag = torch.zeros((), dtype=torch.bool, device=DEVICE)
     window_append(keys, values, k_win.clone(), v_win.clone(), lengths, flag, impl="triton")

@@ -8,11 +8,38 @@ from triton_mode import interpreter_module_mark
 pytestmark = interpreter_module_mark()  # Triton's interpreter; skipped in a compiled GPU session
 
 from zipkv.kernels.window_step import (  # noqa: E402
-    window_append, window_append_reference, window_scores, window_scores_reference)
+    window_append, window_append_reference, window_scores, window_scores_reference, write_slots, write_slots_reference)
 
 
 def _window(b, h, w, d, dtype, g):
     return torch.randn(b, h, w, d, generator=g).to(dtype), torch.randn(b, h, w, d, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_write_slots_matches_reference(dtype):
+    """The slot writer (streaming_llm's ring, h2o's freed slot): each (row, head) its own slot,
+    an expanded per-row slot too (stride 0 over heads), the NaN / inf flag."""
+    seed = int(torch.randint(0, 2**31 - 1, ()).item())
+    g = torch.Generator().manual_seed(seed)
+    b, h, n, d = 3, 4, 17, 64
+    k_buf, v_buf = _window(b, h, n, d, dtype, g)
+    keys = torch.randn(b, 1, h, d, generator=g).to(dtype).transpose(1, 2)  # a model's [B, T, H, D] layout
+    values = torch.randn(b, h, 1, d, generator=g).to(dtype)
+    for slot in (torch.randint(0, n, (b, h), generator=g), torch.randint(0, n, (b,), generator=g)[:, None].expand(b, h)):
+        want = [k_buf.clone(), v_buf.clone(), torch.zeros((), dtype=torch.bool)]
+        got = [k_buf.clone(), v_buf.clone(), torch.zeros((), dtype=torch.bool)]
+        write_slots_reference(keys, values, *want[:2], slot, want[2])
+        write_slots(keys, values, *got[:2], slot, got[2], impl="triton")
+        for x, y in zip(got, want):
+            assert torch.equal(x, y), seed
+        assert not bool(got[2])
+    bad = values.clone()
+    bad[2, 1, 0, 3] = float("nan")
+    flag = torch.zeros((), dtype=torch.bool)
+    write_slots(keys, bad, *got[:2], slot, flag, impl="triton")
+    assert bool(flag)
+    with pytest.raises(ValueError, match="slot must be int64"):
+        write_slots(keys, values, *got[:2], slot.int(), flag)
 
 
 # fp32 states into a bf16 window take the reference (the kernel copies, never casts)

@@ -31,10 +31,9 @@ from __future__ import annotations
 import torch
 
 from ..attention import UNSUPPORTED_KWARGS as ATTENTION_UNSUPPORTED, hand_queries_to
-from ..kernels import ops
 from ..kernels.attention_mass import attention_mass_and_lowest_slot
 from ..kernels.decode_attention import decode_attention
-from ..kernels.window_step import window_append
+from ..kernels.window_step import window_append, write_slots
 from .backref import BackReference
 from .eviction_layer import EvictingLayer
 from ..policies import ContinuousPolicy, KeepPolicy, SelectPolicy, TieredPolicy
@@ -291,27 +290,6 @@ class AppendSlots(SlotRule):
         return layer.head_mask() & filled
 
 
-def write_slots(keys, values, k_buf, v_buf, slot, nonfinite) -> None:
-    """keys/values [B, H, 1, D] into k_buf/v_buf [B, H, N, D] at slot [B, H] (int64 on the
-    device: nothing syncs); nonfinite |= any NaN/inf among them (after the cast, like
-    window_append). Compiled, one custom op: inductor did not write the functionalized
-    scatter_ back in place but copied the whole buffers, every layer and step (streaming_llm at
-    8 x 32K: 14.3 ms a step compiled, 10.2 eager)."""
-    if ops.tracing():
-        return write_slots_op(keys, values, k_buf, v_buf, slot, nonfinite)
-    keys, values = keys.to(k_buf.dtype), values.to(v_buf.dtype)
-    index = slot[:, :, None, None].expand(-1, -1, 1, k_buf.shape[-1])
-    k_buf.scatter_(2, index, keys)
-    v_buf.scatter_(2, index, values)
-    nonfinite |= ~(torch.isfinite(keys).all() & torch.isfinite(values).all())
-
-
-@ops.mutating_op("zipkv::write_slots", ("k_buf", "v_buf", "nonfinite"))
-def write_slots_op(keys: torch.Tensor, values: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
-                   slot: torch.Tensor, nonfinite: torch.Tensor) -> None:
-    write_slots(keys, values, k_buf, v_buf, slot, nonfinite)
-
-
 class RingSlots(SlotRule):
     """streaming_llm: row b holds its budget (sinks, then recent tokens in logical order, after
     its holes) plus one free slot at the end. Its non-sink slots [start_b, start_b + size_b)
@@ -399,4 +377,4 @@ class HeavyHitterSlots(SlotRule):
         return [self.recent, self.totals, self.stamp, self.free, self.newest]
 
 
-__all__ = ["StaticEvictingLayer", "static_evicting_layer", "static_slot_rule", "write_slots"]
+__all__ = ["StaticEvictingLayer", "static_evicting_layer", "static_slot_rule"]

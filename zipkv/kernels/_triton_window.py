@@ -16,11 +16,14 @@ _INF = tl.constexpr(float("inf"))
 
 @triton.jit
 def _window_append_kernel(k_ptr, skb, skh, v_ptr, svb, svh, kw_ptr, swb, swh, swt, vw_ptr, svwb, svwh, svwt,
-                          len_ptr, n_last, bad_ptr, H, D: tl.constexpr):
+                          len_ptr, n_last, slot_ptr, ssb, ssh, bad_ptr, H, D: tl.constexpr, SLOTS: tl.constexpr):
     bh = tl.program_id(0)
     b = bh // H
     h = bh % H
-    slot = tl.load(len_ptr + n_last)
+    if SLOTS:  # write_slots: each (row, head) its own slot
+        slot = tl.load(slot_ptr + b * ssb + h * ssh)
+    else:  # window_append: every head at lengths[-1]
+        slot = tl.load(len_ptr + n_last)
     offs = tl.arange(0, D)
     k = tl.load(k_ptr + b * skb + h * skh + offs)
     v = tl.load(v_ptr + b * svb + h * svh + offs)
@@ -67,7 +70,17 @@ def window_append_triton(keys, values, k_win, v_win, lengths, nonfinite) -> None
     _window_append_kernel[(b * h,)](
         keys, keys.stride(0), keys.stride(1), values, values.stride(0), values.stride(1),
         k_win, k_win.stride(0), k_win.stride(1), k_win.stride(2), v_win, v_win.stride(0), v_win.stride(1),
-        v_win.stride(2), lengths, lengths.numel() - 1, nonfinite.view(torch.uint8), h, D=d, num_warps=1)
+        v_win.stride(2), lengths, lengths.numel() - 1, lengths, 0, 0, nonfinite.view(torch.uint8), h, D=d, SLOTS=False,
+        num_warps=1)
+
+
+def write_slots_triton(keys, values, k_buf, v_buf, slot, nonfinite) -> None:
+    b, h, _, d = k_buf.shape
+    _window_append_kernel[(b * h,)](
+        keys, keys.stride(0), keys.stride(1), values, values.stride(0), values.stride(1),
+        k_buf, k_buf.stride(0), k_buf.stride(1), k_buf.stride(2), v_buf, v_buf.stride(0), v_buf.stride(1),
+        v_buf.stride(2), slot, 0, slot, slot.stride(0), slot.stride(1), nonfinite.view(torch.uint8), h, D=d,
+        SLOTS=True, num_warps=1)
 
 
 def window_scores_triton(query, k_win, lengths, real_win, score_sum, score_count, scaling: float) -> None:

@@ -27,6 +27,14 @@ def window_append_reference(keys, values, k_win, v_win, lengths, nonfinite) -> N
     v_win.index_copy_(2, slot, values)
 
 
+def write_slots_reference(keys, values, k_buf, v_buf, slot, nonfinite) -> None:
+    keys, values = keys.to(k_buf.dtype), values.to(v_buf.dtype)
+    index = slot[:, :, None, None].expand(-1, -1, 1, k_buf.shape[-1])
+    k_buf.scatter_(2, index, keys)
+    v_buf.scatter_(2, index, values)
+    nonfinite |= ~(torch.isfinite(keys).all() & torch.isfinite(values).all())
+
+
 def window_scores_reference(query, k_win, lengths, real_win, score_sum, score_count, scaling: float) -> None:
     from ..saliency import attention_scores
 
@@ -66,6 +74,32 @@ def window_append(keys, values, k_win, v_win, lengths, nonfinite, impl: str = "a
     window_append_triton(keys, values, k_win, v_win, lengths, nonfinite)
 
 
+def write_slots(keys, values, k_buf, v_buf, slot, nonfinite, impl: str = "auto") -> None:
+    """keys/values [B, H, 1, D] -> k_buf/v_buf[b, h, slot[b, h]] (slot int64 [B, H] on the
+    device: nothing syncs), cast as window_append casts; nonfinite |= any NaN/inf among them.
+    The token of a ring (streaming_llm) or of a freed slot (h2o): one launch, where the
+    reference's two scatters and the finiteness check are seven."""
+    _check_window(k_buf, v_buf)
+    b, h, _, d = k_buf.shape
+    if keys.shape != (b, h, 1, d) or values.shape != (b, h, 1, d):
+        raise ValueError(f"keys and values must be [B, H, 1, D] = {(b, h, 1, d)} (got {tuple(keys.shape)}, "
+                         f"{tuple(values.shape)})")
+    if slot.shape != (b, h) or slot.dtype != torch.int64:
+        raise ValueError(f"slot must be int64 [B, H] = {(b, h)} (got {slot.dtype} {tuple(slot.shape)})")
+    if impl == "auto":
+        from . import ops
+
+        if ops.tracing():  # torch.compile: one custom op (kernels/ops.py) instead of a graph break
+            return ops.write_slots_op(keys, values, k_buf, v_buf, slot, nonfinite)
+    strides = (k_buf.stride(-1), v_buf.stride(-1), keys.stride(-1), values.stride(-1))
+    same_dtype = keys.dtype == k_buf.dtype and values.dtype == v_buf.dtype
+    if not use_triton(k_buf.device, impl) or strides != (1, 1, 1, 1) or d not in (32, 64, 128, 256) or not same_dtype:
+        return write_slots_reference(keys, values, k_buf, v_buf, slot, nonfinite)
+    from ._triton_window import write_slots_triton
+
+    write_slots_triton(keys, values, k_buf, v_buf, slot, nonfinite)
+
+
 def window_scores(query, k_win, lengths, real_win, score_sum, score_count, scaling: float, impl: str = "auto") -> None:
     """query [B, Hq, 1, D] (this step's); k_win [B, Hkv, W, D]; real_win [B, W] bool; adds this
     step's saliency into score_sum [B, Hkv, W] and score_count [B, 1, W] (float32)."""
@@ -89,4 +123,5 @@ def window_scores(query, k_win, lengths, real_win, score_sum, score_count, scali
     window_scores_triton(query, k_win, lengths, real_win, score_sum, score_count, scaling)
 
 
-__all__ = ["window_append", "window_append_reference", "window_scores", "window_scores_reference"]
+__all__ = ["window_append", "window_append_reference", "window_scores", "window_scores_reference", "write_slots",
+           "write_slots_reference"]
