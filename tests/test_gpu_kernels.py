@@ -157,7 +157,7 @@ def test_probe_scores_lse_match_reference(d, r, dtype):
 @pytest.mark.parametrize("d,r,dtype", GRID, ids=GRID_IDS)
 def test_window_kernels_match_reference(d, r, dtype):
     from zipkv.kernels.window_step import window_append, window_append_reference, window_scores, \
-        window_scores_reference
+        window_scores_reference, write_slots, write_slots_reference
 
     seed, g = fresh_generator()
     b, hkv, w = 3, 2, randint(g, 8, 300)
@@ -168,21 +168,15 @@ def test_window_kernels_match_reference(d, r, dtype):
     lengths = torch.tensor([randint(g, 0, 999), filled], dtype=torch.int32, device=DEVICE)
     keys = torch.randn(b, 1, hkv, d, generator=g).to(dtype).to(DEVICE).transpose(1, 2)  # [B, T, H, D] in memory
     values = torch.randn(b, hkv, 1, d, generator=g).to(dtype).to(DEVICE)
-    got = [k_win.clone(), v_win.clone(), torch.zeros((), dtype=torch.bool, device=DEVICE)]
-    want = [x.clone() for x in got]
-    window_append(keys, values, *got[:2], lengths, got[2], impl="triton")
-    window_append_reference(keys, values, *want[:2], lengths, want[2])
-    for name, x, y in zip(("k_win", "v_win", "nonfinite"), got, want):
-        assert torch.equal(x, y), f"{context}: window_append {name} differs from the reference"
-    from zipkv.kernels.window_step import write_slots, write_slots_reference
-
     slot = torch.randint(0, w, (b, hkv), generator=g).to(DEVICE)  # streaming_llm's ring / h2o's freed slot
-    got_s = [k_win.clone(), v_win.clone(), torch.zeros((), dtype=torch.bool, device=DEVICE)]
-    want_s = [x.clone() for x in got_s]
-    write_slots(keys, values, *got_s[:2], slot, got_s[2], impl="triton")
-    write_slots_reference(keys, values, *want_s[:2], slot, want_s[2])
-    for name, x, y in zip(("k_buf", "v_buf", "nonfinite"), got_s, want_s):
-        assert torch.equal(x, y), f"{context}: write_slots {name} differs from the reference"
+    for name, kernel, reference, where in (("window_append", window_append, window_append_reference, lengths),
+                                           ("write_slots", write_slots, write_slots_reference, slot)):
+        got = [k_win.clone(), v_win.clone(), torch.zeros((), dtype=torch.bool, device=DEVICE)]
+        want = [x.clone() for x in got]
+        kernel(keys, values, *got[:2], where, got[2], impl="triton")
+        reference(keys, values, *want[:2], where, want[2])
+        for field, x, y in zip(("keys", "values", "nonfinite"), got, want):
+            assert torch.equal(x, y), f"{context}: {name} {field} differ from the reference"
     values[1, 0, 0, 3] = float("nan")
     flag = torch.zeros((), dtype=torch.bool, device=DEVICE)
     window_append(keys, values, k_win.clone(), v_win.clone(), lengths, flag, impl="triton")
