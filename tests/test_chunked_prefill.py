@@ -12,13 +12,16 @@ RUN = dict(max_new_tokens=8, cuda_graph=False, eos_token_id=False)
 
 
 def test_lossless_chunks_give_the_one_forward_tokens():
-    """`full` (lossless): a prompt in chunks of 16 (the padded row's first chunk partly padding)
-    gives the tokens and, closely, the logits of one forward, and holds every token."""
+    """`full` (lossless): a prompt in chunks of 16 (the padded row's first chunk partly or
+    wholly padding) gives the tokens and, closely, the logits of one forward, and holds every
+    token."""
     model = tiny_model("llama")
-    ids, mask = padded_batch(length=40, pad=5)
-    one = zipkv.greedy_decode(model, zipkv.make_cache("full", model.config), ids, mask, **RUN)
-    chunked = zipkv.greedy_decode(model, zipkv.make_cache("full", model.config), ids, mask, prefill_chunk=16, **RUN)
-    assert torch.equal(chunked, one)
+    for pad in (20, 5):  # 20: the padded row's whole first chunk is padding
+        ids, mask = padded_batch(length=40, pad=pad)
+        one = zipkv.greedy_decode(model, zipkv.make_cache("full", model.config), ids, mask, **RUN)
+        chunked = zipkv.greedy_decode(model, zipkv.make_cache("full", model.config), ids, mask, prefill_chunk=16,
+                                      **RUN)
+        assert torch.equal(chunked, one), pad
     whole, parts = zipkv.make_cache("full", model.config), zipkv.make_cache("full", model.config)
     with torch.inference_mode():
         expected = model(input_ids=ids, attention_mask=mask, position_ids=prompt_positions(mask), use_cache=True,
