@@ -23,7 +23,7 @@ import torch
 
 from .compiled import compiled_step
 from .decode_positions import decode_positions, forget_rope_deltas
-from .prefill import check_chunk_size, chunked_prefill, prompt_positions
+from .prefill import chunked_prefill, prompt_positions
 from .transformers_support import cache_argument_name, cache_kwargs
 
 
@@ -320,7 +320,7 @@ def greedy_decode(model, cache, input_ids: torch.Tensor, attention_mask: torch.T
     eos, pad = _stop_ids(model, eos_token_id)
     positions = prompt_positions(attention_mask)
     if prefill_chunk is not None:
-        first = chunked_prefill(model, cache, input_ids, attention_mask, check_chunk_size(prefill_chunk)).argmax(-1)
+        first = chunked_prefill(model, cache, input_ids, attention_mask, prefill_chunk).argmax(-1)
     else:
         forget_rope_deltas(model)  # text position_ids given: an M-RoPE model's deltas are zero
         with torch.inference_mode():

@@ -65,22 +65,19 @@ def _window_scores_kernel(q_ptr, sqb, sqh, k_ptr, skb, skh, skt, len_ptr, n_last
         tl.store(cnt_ptr + b * W + cols, old_c + vis.to(tl.float32), mask=cv)
 
 
-def window_append_triton(keys, values, k_win, v_win, lengths, nonfinite) -> None:
-    b, h, _, d = k_win.shape
-    _window_append_kernel[(b * h,)](
-        keys, keys.stride(0), keys.stride(1), values, values.stride(0), values.stride(1),
-        k_win, k_win.stride(0), k_win.stride(1), k_win.stride(2), v_win, v_win.stride(0), v_win.stride(1),
-        v_win.stride(2), lengths, lengths.numel() - 1, lengths, 0, 0, nonfinite.view(torch.uint8), h, D=d, SLOTS=False,
-        num_warps=1)
-
-
-def write_slots_triton(keys, values, k_buf, v_buf, slot, nonfinite) -> None:
+def token_write_triton(keys, values, k_buf, v_buf, nonfinite, lengths=None, slot=None) -> None:
+    """One launch of _window_append_kernel: the token at lengths[-1] (window_append) or at
+    slot[b, h] (write_slots); the pointer of the other mode is never read (the given tensor
+    stands in for it)."""
     b, h, _, d = k_buf.shape
+    per_head = slot is not None
+    len_ptr, n_last = (slot, 0) if per_head else (lengths, lengths.numel() - 1)
+    slot_ptr, (ssb, ssh) = (slot, slot.stride()[:2]) if per_head else (lengths, (0, 0))
     _window_append_kernel[(b * h,)](
         keys, keys.stride(0), keys.stride(1), values, values.stride(0), values.stride(1),
         k_buf, k_buf.stride(0), k_buf.stride(1), k_buf.stride(2), v_buf, v_buf.stride(0), v_buf.stride(1),
-        v_buf.stride(2), slot, 0, slot, slot.stride(0), slot.stride(1), nonfinite.view(torch.uint8), h, D=d,
-        SLOTS=True, num_warps=1)
+        v_buf.stride(2), len_ptr, n_last, slot_ptr, ssb, ssh, nonfinite.view(torch.uint8), h, D=d, SLOTS=per_head,
+        num_warps=1)
 
 
 def window_scores_triton(query, k_win, lengths, real_win, score_sum, score_count, scaling: float) -> None:

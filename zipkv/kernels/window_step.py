@@ -50,28 +50,50 @@ def _check_window(k_win, v_win=None):
         raise ValueError(f"the window must be [B, H, W, D] keys and values of one shape (got {tuple(k_win.shape)})")
 
 
+def _check_token(keys, values, k_buf, v_buf) -> None:
+    """One token's keys / values [B, H, 1, D] for buffers [B, H, N, D] (window_append, write_slots)."""
+    _check_window(k_buf, v_buf)
+    b, h, _, d = k_buf.shape
+    if keys.shape != (b, h, 1, d) or values.shape != (b, h, 1, d):
+        raise ValueError(f"keys and values must be [B, H, 1, D] = {(b, h, 1, d)} (got {tuple(keys.shape)}, "
+                         f"{tuple(values.shape)})")
+
+
+def _token_kernel_takes(keys, values, k_buf, v_buf, impl: str) -> bool:
+    """Whether the one-token write kernel runs: Triton here, unit last strides, a head dim it
+    takes, states already of the buffers' dtype (the kernel copies, never casts)."""
+    strides = (k_buf.stride(-1), v_buf.stride(-1), keys.stride(-1), values.stride(-1))
+    same_dtype = keys.dtype == k_buf.dtype and values.dtype == v_buf.dtype
+    return (use_triton(k_buf.device, impl) and strides == (1, 1, 1, 1) and k_buf.shape[-1] in (32, 64, 128, 256)
+            and same_dtype)
+
+
+def _route_token(keys, values, k_buf, v_buf, nonfinite, impl: str, lengths=None, slot=None) -> None:
+    """The one-token writers' routing, at lengths[-1] (window_append) or at slot[b, h]
+    (write_slots): their custom op while dynamo traces (impl auto), else the Triton kernel where
+    it takes the states, else the reference."""
+    where = lengths if slot is None else slot
+    if impl == "auto":
+        from . import ops
+
+        if ops.tracing():  # torch.compile: one custom op (kernels/ops.py) instead of a graph break
+            op = ops.window_append_op if slot is None else ops.write_slots_op
+            return op(keys, values, k_buf, v_buf, where, nonfinite)
+    if not _token_kernel_takes(keys, values, k_buf, v_buf, impl):
+        reference = window_append_reference if slot is None else write_slots_reference
+        return reference(keys, values, k_buf, v_buf, where, nonfinite)
+    from ._triton_window import token_write_triton
+
+    token_write_triton(keys, values, k_buf, v_buf, nonfinite, lengths=lengths, slot=slot)
+
+
 def window_append(keys, values, k_win, v_win, lengths, nonfinite, impl: str = "auto") -> None:
     """keys/values [B, H, 1, D] -> k_win/v_win[:, :, lengths[-1]] (cast to the window's dtype: then
     by the reference; the kernel takes states of the window's dtype, the usual case);
     nonfinite (bool scalar tensor) |= any NaN/inf among them. lengths: int32 on the device
     (read there: nothing syncs, so a CUDA graph captures it)."""
-    _check_window(k_win, v_win)
-    b, h, _, d = k_win.shape
-    if keys.shape != (b, h, 1, d) or values.shape != (b, h, 1, d):
-        raise ValueError(f"keys and values must be [B, H, 1, D] = {(b, h, 1, d)} (got {tuple(keys.shape)}, "
-                         f"{tuple(values.shape)})")
-    if impl == "auto":
-        from . import ops
-
-        if ops.tracing():  # torch.compile: one custom op (kernels/ops.py) instead of a graph break
-            return ops.window_append_op(keys, values, k_win, v_win, lengths, nonfinite)
-    strides = (k_win.stride(-1), v_win.stride(-1), keys.stride(-1), values.stride(-1))
-    same_dtype = keys.dtype == k_win.dtype and values.dtype == v_win.dtype  # the kernel copies, never casts
-    if not use_triton(k_win.device, impl) or strides != (1, 1, 1, 1) or d not in (32, 64, 128, 256) or not same_dtype:
-        return window_append_reference(keys, values, k_win, v_win, lengths, nonfinite)
-    from ._triton_window import window_append_triton
-
-    window_append_triton(keys, values, k_win, v_win, lengths, nonfinite)
+    _check_token(keys, values, k_win, v_win)
+    _route_token(keys, values, k_win, v_win, nonfinite, impl, lengths=lengths)
 
 
 def write_slots(keys, values, k_buf, v_buf, slot, nonfinite, impl: str = "auto") -> None:
@@ -79,25 +101,11 @@ def write_slots(keys, values, k_buf, v_buf, slot, nonfinite, impl: str = "auto")
     device: nothing syncs), cast as window_append casts; nonfinite |= any NaN/inf among them.
     The token of a ring (streaming_llm) or of a freed slot (h2o): one launch, where the
     reference's two scatters and the finiteness check are seven."""
-    _check_window(k_buf, v_buf)
-    b, h, _, d = k_buf.shape
-    if keys.shape != (b, h, 1, d) or values.shape != (b, h, 1, d):
-        raise ValueError(f"keys and values must be [B, H, 1, D] = {(b, h, 1, d)} (got {tuple(keys.shape)}, "
-                         f"{tuple(values.shape)})")
+    _check_token(keys, values, k_buf, v_buf)
+    b, h = k_buf.shape[:2]
     if slot.shape != (b, h) or slot.dtype != torch.int64:
         raise ValueError(f"slot must be int64 [B, H] = {(b, h)} (got {slot.dtype} {tuple(slot.shape)})")
-    if impl == "auto":
-        from . import ops
-
-        if ops.tracing():  # torch.compile: one custom op (kernels/ops.py) instead of a graph break
-            return ops.write_slots_op(keys, values, k_buf, v_buf, slot, nonfinite)
-    strides = (k_buf.stride(-1), v_buf.stride(-1), keys.stride(-1), values.stride(-1))
-    same_dtype = keys.dtype == k_buf.dtype and values.dtype == v_buf.dtype
-    if not use_triton(k_buf.device, impl) or strides != (1, 1, 1, 1) or d not in (32, 64, 128, 256) or not same_dtype:
-        return write_slots_reference(keys, values, k_buf, v_buf, slot, nonfinite)
-    from ._triton_window import write_slots_triton
-
-    write_slots_triton(keys, values, k_buf, v_buf, slot, nonfinite)
+    _route_token(keys, values, k_buf, v_buf, nonfinite, impl, slot=slot)
 
 
 def window_scores(query, k_win, lengths, real_win, score_sum, score_count, scaling: float, impl: str = "auto") -> None:
