@@ -33,6 +33,24 @@ def _scores(q, k, qk_scale, IEEE: tl.constexpr):
 
 
 @triton.jit
+def _token_block(ptr, stride_t, real_ptr, start, T, BLOCK: tl.constexpr, D: tl.constexpr):
+    """Tokens start .. start + BLOCK of one (row, head): their positions, whether they exist,
+    their [BLOCK, D] states (zeros past T) and whether they are real (the row's padding mask;
+    False past T)."""
+    offs = start + tl.arange(0, BLOCK)
+    inside = offs < T
+    tile = tl.load(ptr + offs[:, None] * stride_t + tl.arange(0, D)[None, :], mask=inside[:, None], other=0.0)
+    real = tl.load(real_ptr + offs, mask=inside, other=0) != 0
+    return offs, inside, tile, real
+
+
+@triton.jit
+def _visible(offs_m, offs_n, m_ok, n_ok):
+    """[BM, BN]: query m sees key n (causal; m_ok / n_ok: which queries / keys may take part)."""
+    return (offs_n[None, :] <= offs_m[:, None]) & n_ok[None, :] & m_ok[:, None]
+
+
+@triton.jit
 def _lse_kernel(q_ptr, sqb, sqh, sqt, k_ptr, skb, skh, skt, real_ptr, srb, lse_ptr, slb, slh,
                 HQ, T, qk_scale, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                 IEEE: tl.constexpr):
@@ -41,22 +59,14 @@ def _lse_kernel(q_ptr, sqb, sqh, sqt, k_ptr, skb, skh, skt, real_ptr, srb, lse_p
     b = (bh // HQ).to(tl.int64)
     hq = (bh % HQ).to(tl.int64)
     h = hq // G
-    offs_m = blk * BM + tl.arange(0, BM)
-    offs_d = tl.arange(0, D)
-    in_m = offs_m < T
-    q = tl.load(q_ptr + b * sqb + hq * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=in_m[:, None], other=0.0)
-    q_real = tl.load(real_ptr + b * srb + offs_m, mask=in_m, other=0) != 0
+    offs_m, in_m, q, q_real = _token_block(q_ptr + b * sqb + hq * sqh, sqt, real_ptr + b * srb, blk * BM, T, BM, D)
     m_i = tl.full([BM], _NEG_INF, tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     end = tl.minimum((blk + 1) * BM, T)
     for start in range(0, end, BN):
-        offs_n = start + tl.arange(0, BN)
-        in_n = offs_n < T
-        k = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skt + offs_d[None, :], mask=in_n[:, None], other=0.0)
-        k_real = tl.load(real_ptr + b * srb + offs_n, mask=in_n, other=0) != 0
+        offs_n, _, k, k_real = _token_block(k_ptr + b * skb + h * skh, skt, real_ptr + b * srb, start, T, BN, D)
         s = _scores(q, k, qk_scale, IEEE)
-        visible = (offs_n[None, :] <= offs_m[:, None]) & k_real[None, :] & q_real[:, None] & in_n[None, :]
-        s = tl.where(visible, s, _NEG_INF)
+        s = tl.where(_visible(offs_m, offs_n, q_real, k_real), s, _NEG_INF)
         m_new = tl.maximum(m_i, tl.max(s, 1))
         safe = tl.where(m_new > _NEG_INF, m_new, 0.0)
         l_i = l_i * tl.exp2(tl.where(m_i > _NEG_INF, m_i - safe, _NEG_INF)) + tl.sum(tl.exp2(s - safe[:, None]), 1)
@@ -73,25 +83,16 @@ def _mass_kernel(q_ptr, sqb, sqh, sqt, k_ptr, skb, skh, skt, real_ptr, srb, lse_
     bh = tl.program_id(1)
     b = (bh // HKV).to(tl.int64)
     h = (bh % HKV).to(tl.int64)
-    offs_n = blk * BN + tl.arange(0, BN)
-    offs_d = tl.arange(0, D)
-    in_n = offs_n < T
-    k = tl.load(k_ptr + b * skb + h * skh + offs_n[:, None] * skt + offs_d[None, :], mask=in_n[:, None], other=0.0)
-    k_real = tl.load(real_ptr + b * srb + offs_n, mask=in_n, other=0) != 0
+    offs_n, in_n, k, k_real = _token_block(k_ptr + b * skb + h * skh, skt, real_ptr + b * srb, blk * BN, T, BN, D)
     acc = tl.zeros([BN], tl.float32)
     first = (blk * BN) // BM * BM  # queries before the key block see none of it
     for g in range(G):
         hq = h * G + g
         for start in range(first, T, BM):
-            offs_m = start + tl.arange(0, BM)
-            in_m = offs_m < T
-            q = tl.load(q_ptr + b * sqb + hq * sqh + offs_m[:, None] * sqt + offs_d[None, :], mask=in_m[:, None],
-                        other=0.0)
-            q_real = tl.load(real_ptr + b * srb + offs_m, mask=in_m, other=0) != 0
+            offs_m, in_m, q, q_real = _token_block(q_ptr + b * sqb + hq * sqh, sqt, real_ptr + b * srb, start, T, BM, D)
             lse2 = tl.load(lse_ptr + b * slb + hq * slh + offs_m, mask=in_m, other=0.0)
             s = _scores(q, k, qk_scale, IEEE)
-            visible = (offs_n[None, :] <= offs_m[:, None]) & k_real[None, :] & q_real[:, None] & in_m[:, None]
-            visible = visible & (lse2[:, None] > _NEG_INF)
+            visible = _visible(offs_m, offs_n, q_real & (lse2 > _NEG_INF), k_real)
             p = tl.where(visible, tl.exp2(tl.where(visible, s - lse2[:, None], 0.0)), 0.0)
             acc += tl.sum(p, 0)
     tl.store(tot_ptr + b * stb + h * sth + offs_n, acc / G, mask=in_n)
