@@ -12,6 +12,7 @@ device-to-device copy bandwidth measured in the same run; x_roofline = ms/step /
     python -m benchmarks.registry_decode --out $OUT                       # GPU: Llama-3-8B shapes, 8 x 32K
     python -m benchmarks.registry_decode --tiny --device cpu --out /tmp/r  # CPU smoke run, seconds
     python -m benchmarks.registry_decode --plot benchmarks/results/registry_decode_h200.json
+    python -m benchmarks.registry_decode --merge OUT.json PART.json...      # later parts win per method
 """
 
 from __future__ import annotations
@@ -156,6 +157,31 @@ def plot(path: str) -> str:
     return out
 
 
+def merge(out_path: str, parts: list) -> str:
+    """Merge part JSONs of this benchmark into one: the last part that measured a method wins;
+    each case keeps the command, commit-free run facts and copy bandwidth of the run it came from,
+    since its roofline was taken against that run's bandwidth."""
+    cases, runs = {}, []
+    for part in parts:
+        with open(part) as f:
+            res = json.load(f)
+        run = {k: res[k] for k in ("command", "device", "torch", "copy_bandwidth") if k in res}
+        run["file"] = os.path.basename(part)
+        runs.append(run)
+        for case in res["cases"]:
+            cases[case["method"]] = dict(case, run=len(runs) - 1)
+    first = json.load(open(parts[0]))
+    merged = dict(first, command="python -m benchmarks.registry_decode --merge " + " ".join([out_path] + parts),
+                  runs=runs, cases=list(cases.values()))
+    with open(out_path, "w") as f:
+        json.dump(merged, f, indent=1)
+    try:
+        plot(out_path)
+    except ImportError:
+        pass
+    return out_path
+
+
 def main(argv=None) -> dict:
     import sys
 
@@ -165,6 +191,9 @@ def main(argv=None) -> dict:
         argv = sys.argv[1:]
     if argv[:1] == ["--plot"]:
         print(plot(argv[1]))
+        return {}
+    if argv[:1] == ["--merge"]:
+        print(merge(argv[1], argv[2:]))
         return {}
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
