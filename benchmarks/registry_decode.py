@@ -157,7 +157,7 @@ def plot(path: str) -> str:
     return out
 
 
-def merge(out_path: str, parts: list) -> str:
+def merge(out_path: str, parts: list, draw: bool = True) -> str:
     """Merge part JSONs of this benchmark into one: the last part that measured a method wins;
     each case keeps the command, commit-free run facts and copy bandwidth of the run it came from,
     since its roofline was taken against that run's bandwidth."""
@@ -175,10 +175,11 @@ def merge(out_path: str, parts: list) -> str:
                   runs=runs, cases=list(cases.values()))
     with open(out_path, "w") as f:
         json.dump(merged, f, indent=1)
-    try:
-        plot(out_path)
-    except ImportError:
-        pass
+    if draw:
+        try:
+            plot(out_path)
+        except ImportError:
+            print("matplotlib not installed: no PNG")
     return out_path
 
 

@@ -35,3 +35,24 @@ def test_a_method_that_cannot_be_built_is_one_rows_error(tmp_path, monkeypatch):
     assert rows["mikv"]["params"] == {"ratio": 0.2} and rows["mikv"]["ms_per_step"] > 0
     saved = json.loads((tmp_path / "registry_decode.json").read_text())
     assert [c["method"] for c in saved["cases"]] == ["kivi", "mikv"]
+
+
+def test_merge_keeps_the_last_measurement_of_each_method_and_its_run(tmp_path):
+    import json
+
+    from benchmarks import registry_decode
+
+    def part(name, cases, gbps):
+        path = tmp_path / name
+        path.write_text(json.dumps(dict(command=f"run {name}", copy_bandwidth=dict(gbps=gbps), cases=cases)))
+        return str(path)
+
+    a = part("a.json", [dict(method="snapkv", ms_per_step=7.0), dict(method="h2o", ms_per_step=99.0)], 4100.0)
+    b = part("b.json", [dict(method="h2o", ms_per_step=9.8)], 4150.0)
+    out = tmp_path / "merged.json"
+    registry_decode.merge(str(out), [a, b], draw=False)
+    merged = json.loads(out.read_text())
+    by_name = {c["method"]: c for c in merged["cases"]}
+    assert by_name["h2o"]["ms_per_step"] == 9.8 and by_name["snapkv"]["ms_per_step"] == 7.0
+    assert merged["runs"][by_name["h2o"]["run"]]["copy_bandwidth"]["gbps"] == 4150.0
+    assert merged["runs"][by_name["snapkv"]["run"]]["file"] == "a.json"
