@@ -47,27 +47,37 @@ def predict(one: dict, two: dict, cap_bytes: float, weight_bytes: int, cuda: boo
 
 
 def capped(device, cap_gib: float):
-    """Enforce the cap on the CUDA allocator (a fraction of the device); returns whether it is."""
+    """Enforce the cap on the CUDA allocator (a fraction of the device). Returns (enforced, why
+    not): where the allocator refuses the fraction, the check falls back to the measured peak
+    against the cap, and the JSON says so."""
     if device.type != "cuda":
-        return False
+        return False, "not a CUDA device"
     total = torch.cuda.get_device_properties(device).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * GiB / total), device)
-    return True
+    fraction = float(min(1.0, cap_gib * GiB / total))
+    try:
+        torch.cuda.set_per_process_memory_fraction(fraction, device)
+    except (ValueError, RuntimeError) as err:  # seen on torch 2.11 + H200: ValueError for 0.57
+        return False, f"set_per_process_memory_fraction({fraction:.4f}) refused: {err}"[:300]
+    return True, ""
 
 
 def check_batch(row: str, s, batch: int, context: int, cap_gib: float) -> dict:
     """Allocate and decode `row` at `batch` under the enforced cap."""
-    enforced = capped(s.device, cap_gib)
+    enforced, why_not = capped(s.device, cap_gib)
     try:
         rec = measure_row(row, s, batch, context)
     finally:
         if enforced:
             torch.cuda.set_per_process_memory_fraction(1.0, s.device)
         e2e.free_memory(s.device)
-    fits = "error" not in rec
-    out = dict(batch=batch, context=context, fits=fits, cap_enforced=enforced,
-               peak_gib=row_peak_bytes(rec) / GiB if fits else None)
-    if fits:
+    ran = "error" not in rec
+    peak_gib = row_peak_bytes(rec) / GiB if ran and s.cuda else None
+    # unenforced on CUDA: it fits if the allocator's peak stayed under the cap
+    fits = ran and (enforced or peak_gib is None or peak_gib <= cap_gib)
+    out = dict(batch=batch, context=context, fits=fits, cap_enforced=enforced, peak_gib=peak_gib)
+    if why_not:
+        out["cap_not_enforced"] = why_not
+    if ran:
         out.update(ms_per_step=rec["ms_per_step"], tokens_per_s=rec["tokens_per_s"])
     else:
         out.update(error=rec["error"][:300], oom=rec.get("oom"))
