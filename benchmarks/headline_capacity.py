@@ -52,6 +52,7 @@ def capped(device, cap_gib: float):
     against the cap, and the JSON says so."""
     if device.type != "cuda":
         return False, "not a CUDA device"
+    device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
     total = torch.cuda.get_device_properties(device).total_memory
     fraction = float(min(1.0, cap_gib * GiB / total))
     try:
@@ -68,12 +69,13 @@ def check_batch(row: str, s, batch: int, context: int, cap_gib: float) -> dict:
         rec = measure_row(row, s, batch, context)
     finally:
         if enforced:
-            torch.cuda.set_per_process_memory_fraction(1.0, s.device)
+            torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device())
         e2e.free_memory(s.device)
     ran = "error" not in rec
-    peak_gib = row_peak_bytes(rec) / GiB if ran and s.cuda else None
-    # unenforced on CUDA: it fits if the allocator's peak stayed under the cap
-    fits = ran and (enforced or peak_gib is None or peak_gib <= cap_gib)
+    # unenforced: it fits if the allocator's peak (CUDA) or the weights + bytes held (CPU, the
+    # basis of the prediction there) stayed under the cap
+    peak_gib = (row_peak_bytes(rec) if s.cuda else s.weight_bytes + rec["bytes_held"]) / GiB if ran else None
+    fits = ran and (enforced or peak_gib <= cap_gib)
     out = dict(batch=batch, context=context, fits=fits, cap_enforced=enforced, peak_gib=peak_gib)
     if why_not:
         out["cap_not_enforced"] = why_not
@@ -82,6 +84,36 @@ def check_batch(row: str, s, batch: int, context: int, cap_gib: float) -> dict:
     else:
         out.update(error=rec["error"][:300], oom=rec.get("oom"))
     return out
+
+
+def search_batch(check, predicted: int, deadline: float, record, log, grow: float = 1.25, tries: int = 8):
+    """The largest batch that fits, measured: the prediction, then up by `grow` while it fits
+    (the fit through batch 1 and 2 is conservative where the prefill's transients dominate
+    small batches) or down by halves while it does not, then bisection between the last fit and
+    the first failure. Returns the largest fitting batch seen (None if none did)."""
+    fit, fail, batch = 0, None, max(1, predicted)
+    for _ in range(tries):
+        if time.perf_counter() > deadline:
+            log("capacity search: deadline")
+            break
+        out = check(batch)
+        record(out)
+        log(f"capacity check {batch}: {'fits' if out['fits'] else 'does not fit'}")
+        if out["fits"]:
+            fit = max(fit, batch)
+        else:
+            fail = batch if fail is None else min(fail, batch)
+        if fail is not None and fail - fit <= 1:
+            break
+        if fail is None:
+            batch = max(batch + 1, int(batch * grow))
+        elif fit == 0:
+            batch = max(1, batch // 2)
+            if batch >= fail:
+                break
+        else:
+            batch = (fit + fail) // 2
+    return fit or None
 
 
 def run_capacity(rows, contexts, s, cap_gib: float, check_row: str | None, deadline: float, log) -> dict:
@@ -112,13 +144,8 @@ def run_capacity(rows, contexts, s, cap_gib: float, check_row: str | None, deadl
             predicted = entry.get("predicted_max_batch")
             if not predicted:
                 continue
-            for batch in (predicted, predicted + 1):  # the prediction, then one more (expected not to fit)
-                if time.perf_counter() > deadline:
-                    res["checks"].append({"row": check_row, "batch": batch, "context": context,
-                                          "error": "skipped: deadline"})
-                    continue
-                out = dict(row=check_row, predicted=predicted, **check_batch(check_row, small, batch, context, cap_gib))
-                res["checks"].append(out)
-                log(f"capacity check {check_row} {batch} x {context}: {'fits' if out['fits'] else 'does not fit'}")
+            measured = search_batch(lambda b: check_batch(check_row, small, b, context, cap_gib), predicted, deadline,
+                                    lambda out: res["checks"].append(dict(row=check_row, predicted=predicted, **out)), log)
+            entry["measured_max_batch"] = measured
             break  # one context checked is the acceptance; the others cost minutes
     return res
