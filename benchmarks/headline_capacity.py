@@ -47,38 +47,32 @@ def predict(one: dict, two: dict, cap_bytes: float, weight_bytes: int, cuda: boo
 
 
 def capped(device, cap_gib: float):
-    """Enforce the cap on the CUDA allocator (a fraction of the device). Returns (enforced, why
-    not): where the allocator refuses the fraction, the check falls back to the measured peak
-    against the cap, and the JSON says so."""
+    """Enforce the cap on the CUDA allocator (a fraction of the device). Returns the indexed
+    device whose cap is set (the allocator refuses an index-less "cuda"), None off CUDA."""
     if device.type != "cuda":
-        return False, "not a CUDA device"
+        return None
     device = torch.device("cuda", torch.cuda.current_device() if device.index is None else device.index)
     total = torch.cuda.get_device_properties(device).total_memory
-    fraction = float(min(1.0, cap_gib * GiB / total))
-    try:
-        torch.cuda.set_per_process_memory_fraction(fraction, device)
-    except (ValueError, RuntimeError) as err:  # seen on torch 2.11 + H200: ValueError for 0.57
-        return False, f"set_per_process_memory_fraction({fraction:.4f}) refused: {err}"[:300]
-    return True, ""
+    torch.cuda.set_per_process_memory_fraction(float(min(1.0, cap_gib * GiB / total)), device)
+    return device
 
 
 def check_batch(row: str, s, batch: int, context: int, cap_gib: float) -> dict:
     """Allocate and decode `row` at `batch` under the enforced cap."""
-    enforced, why_not = capped(s.device, cap_gib)
+    capped_device = capped(s.device, cap_gib)
     try:
         rec = measure_row(row, s, batch, context)
     finally:
-        if enforced:
-            torch.cuda.set_per_process_memory_fraction(1.0, torch.cuda.current_device())
+        if capped_device is not None:
+            torch.cuda.set_per_process_memory_fraction(1.0, capped_device)
         e2e.free_memory(s.device)
+    enforced = capped_device is not None
     ran = "error" not in rec
-    # unenforced: it fits if the allocator's peak (CUDA) or the weights + bytes held (CPU, the
-    # basis of the prediction there) stayed under the cap
+    # unenforced (CPU): it fits if the weights + bytes held, the basis of the prediction there,
+    # stay under the cap
     peak_gib = (row_peak_bytes(rec) if s.cuda else s.weight_bytes + rec["bytes_held"]) / GiB if ran else None
     fits = ran and (enforced or peak_gib <= cap_gib)
     out = dict(batch=batch, context=context, fits=fits, cap_enforced=enforced, peak_gib=peak_gib)
-    if why_not:
-        out["cap_not_enforced"] = why_not
     if ran:
         out.update(ms_per_step=rec["ms_per_step"], tokens_per_s=rec["tokens_per_s"])
     else:
@@ -94,7 +88,8 @@ def search_batch(check, predicted: int, deadline: float, record, log, grow: floa
     fit, fail, batch = 0, None, max(1, predicted)
     for _ in range(tries):
         if time.perf_counter() > deadline:
-            log("capacity search: deadline")
+            record({"batch": batch, "fits": None, "error": "skipped: deadline"})
+            log(f"capacity check {batch}: skipped (deadline)")
             break
         out = check(batch)
         record(out)
@@ -108,9 +103,7 @@ def search_batch(check, predicted: int, deadline: float, record, log, grow: floa
         if fail is None:
             batch = max(batch + 1, int(batch * grow))
         elif fit == 0:
-            batch = max(1, batch // 2)
-            if batch >= fail:
-                break
+            batch = max(1, batch // 2)  # below fail: fail = 1 ended the search above
         else:
             batch = (fit + fail) // 2
     return fit or None

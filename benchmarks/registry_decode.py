@@ -161,16 +161,16 @@ def merge(out_path: str, parts: list, draw: bool = True) -> str:
     """Merge part JSONs of this benchmark into one: the last part that measured a method wins;
     each case keeps the command, commit-free run facts and copy bandwidth of the run it came from,
     since its roofline was taken against that run's bandwidth."""
-    cases, runs = {}, []
+    cases, runs, first = {}, [], None
     for part in parts:
         with open(part) as f:
             res = json.load(f)
+        first = first or res
         run = {k: res[k] for k in ("command", "device", "torch", "copy_bandwidth") if k in res}
         run["file"] = os.path.basename(part)
         runs.append(run)
         for case in res["cases"]:
             cases[case["method"]] = dict(case, run=len(runs) - 1)
-    first = json.load(open(parts[0]))
     merged = dict(first, command="python -m benchmarks.registry_decode --merge " + " ".join([out_path] + parts),
                   runs=runs, cases=list(cases.values()))
     with open(out_path, "w") as f:
