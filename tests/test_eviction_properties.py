@@ -141,3 +141,53 @@ def test_h2o_decoding_keeps_the_budget_at_every_step(seed):
         # kept padding (if any) is the same count at the front of every head: one 2-D mask fits all
         mask = mask.gather(1, index.dense()[:, 0])
         assert keys.shape[2] == budget and not torch.isposinf(totals).any()
+
+
+def test_h2o_prefill_reads_the_prompt_attention_lse_when_the_fused_op_gives_it(monkeypatch):
+    """Where the prompt's fused attention returns its log-sum-exp (CUDA), the h2o layer hands
+    it to the totals (one pass instead of two) and keeps the same tokens as without it; a
+    CPU stand-in for the fused op plays that part here."""
+    import torch.nn.functional as F
+    from tiny_models import tiny_model
+
+    import zipkv
+    from zipkv.cache import eviction_layer
+    from zipkv.eviction_cache import make_eviction_cache
+    from zipkv.policies import continuous
+
+    def fused(query, key, value, scaling):
+        groups = query.shape[1] // key.shape[1]
+        k, v = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+        s = (query.float() @ k.float().transpose(-1, -2)) * scaling
+        s = s.masked_fill(~torch.ones(s.shape[-2:], dtype=torch.bool).tril(), float("-inf"))
+        return F.scaled_dot_product_attention(query, k, v, is_causal=True, scale=scaling), s.logsumexp(-1)
+
+    seen = []
+    real_mass = continuous.prefill_attention_mass
+
+    def spy(query, keys, real, scaling, **kw):
+        seen.append(kw.get("lse"))
+        return real_mass(query, keys, real, scaling, **kw)
+
+    model = tiny_model("llama")
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(int(
+        torch.randint(0, 2**31 - 1, ()))))
+    monkeypatch.setattr(continuous, "prefill_attention_mass", spy)
+
+    def run():  # the prompt, then one token over what the prompt's eviction kept
+        cache = make_eviction_cache("h2o", model.config, budget=10)
+        with torch.no_grad():
+            model(input_ids=ids, **zipkv.cache_kwargs(cache))
+            logits = model(input_ids=ids[:, :1], **zipkv.cache_kwargs(cache)).logits
+        return logits, cache.stats().to_dict()
+
+    plain_logits, plain_held = run()
+    assert seen and all(lse is None for lse in seen)
+    seen.clear()
+    monkeypatch.setattr(eviction_layer, "causal_attention_lse", fused)
+    logits, held = run()
+    assert len(seen) == model.config.num_hidden_layers
+    assert all(lse is not None and lse.shape == (2, model.config.num_attention_heads, 24) for lse in seen)
+    torch.testing.assert_close(logits, plain_logits, rtol=1e-4, atol=1e-4)
+    assert held == plain_held
+    model.set_attn_implementation("sdpa")

@@ -60,3 +60,27 @@ def test_bad_inputs_name_what_is_wrong():
         prefill_attention_mass(q, torch.zeros(1, 2, 8, 16), real.int(), 0.25)
     with pytest.raises(ValueError, match="share B, T and D"):
         prefill_attention_mass(q, torch.zeros(1, 2, 9, 16), real, 0.25)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 2, 70, 16, 0), (1, 6, 3, 129, 64, 0), (2, 4, 1, 40, 32, 7)])
+def test_triton_given_the_prompt_lse_equals_the_reference(shape):
+    """The one-pass path: the log-sum-exp handed in (as the prompt's flash attention returns
+    it, natural log) instead of the kernel's own first pass."""
+    use_interpreter_or_skip()
+    seed, g = _seed()
+    b, hq, hkv, t, d, pad = shape
+    query, keys, real = _inputs(b, hq, hkv, t, d, pad, torch.float32, g)
+    s = (query.reshape(b, hkv, hq // hkv, t, d) @ keys[:, :, None].transpose(-1, -2)).reshape(b, hq, t, t) * 0.2
+    visible = torch.ones(t, t, dtype=torch.bool).tril()[None] & real[:, None, :] & real[:, :, None]
+    lse = s.masked_fill(~visible[:, None], float("-inf")).logsumexp(-1)  # padding queries: -inf
+    want = prefill_attention_mass_reference(query, keys, real, 0.2)
+    got = prefill_attention_mass(query, keys, real, 0.2, impl="triton", lse=lse)
+    finite = ~torch.isneginf(want)
+    assert torch.equal(torch.isneginf(got), ~finite)
+    assert torch.allclose(got[finite], want[finite], atol=1e-4, rtol=1e-4), (seed, (got - want)[finite].abs().max())
+
+
+def test_a_wrong_lse_shape_is_refused():
+    q, k, real = torch.zeros(1, 4, 8, 16), torch.zeros(1, 2, 8, 16), torch.ones(1, 8, dtype=torch.bool)
+    with pytest.raises(ValueError, match=r"lse must be \[B, Hq, T\] = \(1, 4, 8\)"):
+        prefill_attention_mass(q, k, real, 0.25, lse=torch.zeros(1, 4, 7))

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from .layer_base import ZipkvLayer, query_length_of, storage_dtype, to_store_dtype
 
 from ..attention import forget, hand_queries_to
+from ..kernels.attention_lse import causal_attention_lse
 from .stats import tensor_bytes
 
 
@@ -63,6 +64,7 @@ class EvictingLayer(ZipkvLayer):
         self.memo = None  # while built from a recorded prefill: that record's shared results
         self.prefill_selection = None  # ZipVL sparse prefill: the selection, from before attention to after
         self.sparse_prefill_record = None  # SparsePrefillRecord of the sparse prompt forward
+        self.prompt_lse = None  # float32 [B, Hq, T]: the prompt attention's log-sum-exp, during observe
         self.parts: list = []
         self.recent_keys = self.recent_values = self.recent_real = None
         # per recent token: summed attention of later queries [B, H, r] and how many saw it [B, 1, r]
@@ -233,11 +235,25 @@ class EvictingLayer(ZipkvLayer):
             # a prompt with nothing held before it and no padding: the mask is plain causal, so
             # SDPA may take its flash kernel (an explicit mask rules it out: the masked prefill
             # ran at 2.3x the plain one at 32K on the H200), GQA without copying K / V 4x
-            output = causal_prefill_attention(query, key, value, scaling, dropout)
+            output = self._causal_prefill(query, key, value, scaling, dropout)
         else:
             output = masked_attention(query, key, value, mask, scaling, dropout)
-        self.observe(query, scaling)
+        try:
+            self.observe(query, scaling)
+        finally:
+            self.prompt_lse = None
         return output.transpose(1, 2).contiguous(), None
+
+    def _causal_prefill(self, query, key, value, scaling, dropout):
+        """causal_prefill_attention; for a policy that reads the prompt's softmax normalizers
+        (H2O's totals), the same fused op's log-sum-exp kept in `prompt_lse` for observe (on
+        CUDA, where SDPA's own choice returns it: the totals then take one pass over QK^T)."""
+        if getattr(self.policy, "wants_prompt_lse", False) and dropout == 0.0:
+            fused = causal_attention_lse(query, key, value, scaling)
+            if fused is not None:
+                output, self.prompt_lse = fused
+                return output
+        return causal_prefill_attention(query, key, value, scaling, dropout)
 
     def _sparse_prefill(self, query, key, value, scaling) -> torch.Tensor:
         """ZipVL sparse prefill of the prompt (the layer's first forward): the policy selects

@@ -8,7 +8,8 @@ keys up to the block's last query: one flash-attention forward without the value
 head h and each block of BM queries from the key block on, p = exp2(s - lse2) over the visible
 (query, key) pairs, summed over the queries; the key block's totals are the mean over the G
 heads. Both read only q, k and the lse: the work is two QK^T products over the causal half,
-the memory the inputs and [B, Hq, T] + [B, Hkv, T] floats.
+the memory the inputs and [B, Hq, T] + [B, Hkv, T] floats. Given the prompt attention's own
+lse (the flash / cuDNN forward returns it), only `_mass_kernel` runs: one QK^T product.
 
 Row and head offsets are 64-bit (B * H * T * D passes 2**31 at 32K x 8 x 32 heads).
 """
@@ -84,7 +85,10 @@ def _mass_kernel(q_ptr, sqb, sqh, sqt, k_ptr, skb, skh, skt, real_ptr, srb, lse_
     b = (bh // HKV).to(tl.int64)
     h = (bh % HKV).to(tl.int64)
     offs_n, in_n, k, k_real = _token_block(k_ptr + b * skb + h * skh, skt, real_ptr + b * srb, blk * BN, T, BN, D)
-    acc = tl.zeros([BN], tl.float32)
+    # the probabilities summed element-wise over the query blocks and reduced over the BM rows
+    # once at the end: a reduction across the rows of an MMA tile per block costs shuffles and
+    # a shared-memory round trip, the element-wise add nothing
+    acc = tl.zeros([BM, BN], tl.float32)
     first = (blk * BN) // BM * BM  # queries before the key block see none of it
     for g in range(G):
         hq = h * G + g
@@ -93,28 +97,32 @@ def _mass_kernel(q_ptr, sqb, sqh, sqt, k_ptr, skb, skh, skt, real_ptr, srb, lse_
             lse2 = tl.load(lse_ptr + b * slb + hq * slh + offs_m, mask=in_m, other=0.0)
             s = _scores(q, k, qk_scale, IEEE)
             visible = _visible(offs_m, offs_n, q_real & (lse2 > _NEG_INF), k_real)
-            p = tl.where(visible, tl.exp2(tl.where(visible, s - lse2[:, None], 0.0)), 0.0)
-            acc += tl.sum(p, 0)
-    tl.store(tot_ptr + b * stb + h * sth + offs_n, acc / G, mask=in_n)
+            acc += tl.where(visible, tl.exp2(tl.where(visible, s - lse2[:, None], 0.0)), 0.0)
+    tl.store(tot_ptr + b * stb + h * sth + offs_n, tl.sum(acc, 0) / G, mask=in_n)
 
 
-def prefill_mass_triton(query, keys, real, scaling: float, block_m: int = 64, block_n: int = 64) -> torch.Tensor:
+def prefill_mass_triton(query, keys, real, scaling: float, lse=None, block_m: int = 64, block_n: int = 64,
+                        num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
     """totals float32 [B, Hkv, T] (prefill_mass.prefill_attention_mass without the padding's
-    -inf, which the wrapper marks)."""
+    -inf, which the wrapper marks). lse: the prompt attention's own log-sum-exp (natural log,
+    float32 [B, Hq, T]) when the caller has it, which saves the first kernel."""
     b, hq, t, d = query.shape
     hkv = keys.shape[1]
     g = hq // hkv
     real = real.to(torch.int8).contiguous()
-    lse = torch.empty(b, hq, t, dtype=torch.float32, device=query.device)
     totals = torch.empty(b, hkv, t, dtype=torch.float32, device=query.device)
     qk_scale = float(scaling) * _LOG2E
     ieee = query.dtype == torch.float32
-    _lse_kernel[(triton.cdiv(t, block_m), b * hq)](
-        query, query.stride(0), query.stride(1), query.stride(2), keys, keys.stride(0), keys.stride(1), keys.stride(2),
-        real, real.stride(0), lse, lse.stride(0), lse.stride(1), hq, t, qk_scale, G=g, D=d, BM=block_m, BN=block_n,
-        IEEE=ieee)
+    if lse is None:
+        lse = torch.empty(b, hq, t, dtype=torch.float32, device=query.device)
+        _lse_kernel[(triton.cdiv(t, block_m), b * hq)](
+            query, query.stride(0), query.stride(1), query.stride(2), keys, keys.stride(0), keys.stride(1),
+            keys.stride(2), real, real.stride(0), lse, lse.stride(0), lse.stride(1), hq, t, qk_scale, G=g, D=d,
+            BM=block_m, BN=block_n, IEEE=ieee, num_warps=num_warps, num_stages=num_stages)
+    else:
+        lse = (lse.float() * _LOG2E).contiguous()  # the kernels work in base 2
     _mass_kernel[(triton.cdiv(t, block_n), b * hkv)](
         query, query.stride(0), query.stride(1), query.stride(2), keys, keys.stride(0), keys.stride(1), keys.stride(2),
         real, real.stride(0), lse, lse.stride(0), lse.stride(1), totals, totals.stride(0), totals.stride(1),
-        hkv, t, qk_scale, G=g, D=d, BM=block_m, BN=block_n, IEEE=ieee)
+        hkv, t, qk_scale, G=g, D=d, BM=block_m, BN=block_n, IEEE=ieee, num_warps=num_warps, num_stages=num_stages)
     return totals

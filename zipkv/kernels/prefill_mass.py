@@ -11,7 +11,8 @@ chunk of queries at a time against the keys the chunk can see, in float32: its s
 read and written again by the softmax and the sum (the eager h2o prefill: 150 s at 8 x 32K on
 the H200, 24 s for SnapKV's). The Triton path (`_triton_prefill_mass.py`) never materializes a
 score: one pass for each query's log-sum-exp, one for the column sums, both over the causal
-half of QK^T (the work of one attention forward without the values).
+half of QK^T (the work of one attention forward without the values); given the lse the prompt's
+own flash attention returned, only the second.
 
 Tests: tests/test_kernels_prefill_mass.py (Triton interpreter, against the reference and
 against the eviction scorer's chunked accumulate).
@@ -67,11 +68,16 @@ def kernel_takes(query, keys, impl: str) -> bool:
 
 
 def prefill_attention_mass(query, keys, real, scaling: float, impl: str = "auto",
-                           query_chunk: int = 512) -> torch.Tensor:
+                           query_chunk: int = 512, lse: torch.Tensor | None = None) -> torch.Tensor:
     """The totals (module docstring), float32 [B, Hkv, T]: query [B, Hq, T, D], keys [B, Hkv,
     T, D] of one causal prompt (query i at position i), real bool [B, T]; query_chunk: the
-    reference path's queries per chunk (its memory)."""
+    reference path's queries per chunk (its memory). lse: each query's log-sum-exp of its
+    scaled scores over the keys it sees (natural log, [B, Hq, T]: what the prompt's flash /
+    cuDNN attention returns, kernels/attention_lse.py); the Triton path then skips its own
+    log-sum-exp pass (half its work), the reference recomputes it."""
     check_prefill_mass(query, keys, real)
+    if lse is not None and tuple(lse.shape) != tuple(query.shape[:3]):
+        raise ValueError(f"lse must be [B, Hq, T] = {tuple(query.shape[:3])} (got {tuple(lse.shape)})")
     if query.shape[2] == 0 or not kernel_takes(query, keys, impl):
         if impl == "triton":
             raise ValueError(f"impl='triton' cannot run this shape (head_dim {query.shape[-1]} of {HEAD_DIMS}, "
@@ -79,7 +85,7 @@ def prefill_attention_mass(query, keys, real, scaling: float, impl: str = "auto"
         return prefill_attention_mass_reference(query, keys, real, scaling, query_chunk)
     from ._triton_prefill_mass import prefill_mass_triton
 
-    totals = prefill_mass_triton(query, keys, real, scaling)
+    totals = prefill_mass_triton(query, keys, real, scaling, lse=lse)
     return totals.masked_fill(~real[:, None, :], NEG_INF)
 
 

@@ -41,13 +41,16 @@ class PolicyLayer(Protocol):
     (and empty the recent tokens); eviction_position: the layer's index among the bound
     layers. Tiered policies also keep per-layer state on it (tier_stores,
     recent_score_sum / recent_score_count, prefill_selection); a recorded prefill sets
-    `memo` (see `memoized`)."""
+    `memo` (see `memoized`); prompt_lse: float32 [B, Hq, T] the prompt attention's
+    log-sum-exp during the prefill's observe, or None (set only for a policy with
+    `wants_prompt_lse`, on CUDA, for an unpadded prompt)."""
 
     recent_keys: torch.Tensor
     recent_values: torch.Tensor
     recent_real: torch.Tensor
     eviction_position: int
     parts: list
+    prompt_lse: torch.Tensor | None
 
     @property
     def held_states(self) -> tuple[torch.Tensor, torch.Tensor]: ...
@@ -71,6 +74,7 @@ class Policy:
     needs_queries = True
     tracks_recent = False
     sparse_prefill = False  # only ZipVL (TieredPolicy) has an important set to attend over
+    wants_prompt_lse = False  # H2O: the prompt attention's log-sum-exp (layer.prompt_lse) saves a pass
     layer_refs: list = field(default_factory=list, repr=False)  # weakref.ref of each bound layer, in order
 
     @property

@@ -27,7 +27,7 @@ class ContinuousPolicy(Policy):
         self.check_budget_args()
         if self.kind not in ("streaming_llm", "h2o"):
             raise ValueError(f"kind={self.kind!r} is not one of 'streaming_llm', 'h2o'")
-        self.needs_queries = self.kind == "h2o"
+        self.needs_queries = self.wants_prompt_lse = self.kind == "h2o"
         check_int("num_sinks", self.num_sinks, 0)
         self._h2o = H2OScorer(recent=0, query_chunk=self.query_chunk)
         self._streaming = StreamingLLMScorer(num_sinks=self.num_sinks)
@@ -53,8 +53,9 @@ class ContinuousPolicy(Policy):
         extras = None
         if self.kind == "h2o":
             if first:
+                lse = layer.prompt_lse
                 totals = memoized(layer, ("h2o_prefill", self.query_chunk),
-                                  lambda: self._prefill_totals(keys, query, valid_row, scaling))
+                                  lambda: self._prefill_totals(keys, query, valid_row, scaling, lse))
             else:
                 # the held layout is [store | this forward's tokens]: the store's running
                 # totals are the `previous` of the slots before the new queries
@@ -71,11 +72,12 @@ class ContinuousPolicy(Policy):
         keep = select_tokens(scores, counts[:, None].expand(-1, heads), drop_padding=True).to_mask()
         layer.replace_all([Fp16Store.select(keys, values, keep, extras)])
 
-    def _prefill_totals(self, keys, query, real, scaling):
-        """H2OScorer.accumulate over the whole prompt (kernels/prefill_mass.py: on CUDA two
-        Triton passes that never hold a score matrix; else query_chunk queries at a time
-        against only the keys they can see)."""
-        return prefill_attention_mass(query, keys, real, scaling, query_chunk=self.query_chunk)
+    def _prefill_totals(self, keys, query, real, scaling, lse=None):
+        """H2OScorer.accumulate over the whole prompt (kernels/prefill_mass.py: on CUDA
+        Triton passes that never hold a score matrix, one when the prompt attention's lse is
+        given, two without; else query_chunk queries at a time against only the keys they
+        can see)."""
+        return prefill_attention_mass(query, keys, real, scaling, query_chunk=self.query_chunk, lse=lse)
 
 
 def build_continuous(config, *, kind: str, budget=None, ratio=None, **p) -> ContinuousPolicy:
