@@ -60,3 +60,25 @@ def test_prefill_mass_time_at_llama3_8b_layer_shapes():
     print(f"prefill mass 1 x {t}, 32/8 heads, d {d}: triton {times['triton']:.2f} ms, "
           f"reference {times['reference']:.2f} ms")
     assert torch.isfinite(out).all()
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_prefill_mass_from_the_fused_attention_lse_matches_the_reference(dtype):
+    """The h2o prefill's one-pass path: the lse the prompt's own fused attention returned
+    (causal_attention_lse) in place of the kernel's first pass, unpadded GQA prompt."""
+    from zipkv.kernels.attention_lse import causal_attention_lse
+    from zipkv.kernels.prefill_mass import prefill_attention_mass, prefill_attention_mass_reference
+
+    seed, g = fresh_generator()
+    b, hkv, groups, t, d = 2, 2, 4, randint(g, 100, 1500), 128
+    query = torch.randn(b, hkv * groups, t, d, generator=g).to(dtype).to(DEVICE)
+    keys = torch.randn(b, hkv, t, d, generator=g).to(dtype).to(DEVICE)
+    values = torch.randn(b, hkv, t, d, generator=g).to(dtype).to(DEVICE)
+    real = torch.ones(b, t, dtype=torch.bool, device=DEVICE)
+    fused = causal_attention_lse(query, keys, values, d ** -0.5)
+    if fused is None:
+        pytest.skip("SDPA's choice here returns no lse (neither cuDNN nor flash)")
+    got = prefill_attention_mass(query, keys, real, d ** -0.5, impl="triton", lse=fused[1])
+    want = prefill_attention_mass_reference(query, keys, real, d ** -0.5)
+    check_rel(got, want, 1e-2, f"seed={seed} {dtype} t={t}")
