@@ -84,3 +84,19 @@ def test_a_wrong_lse_shape_is_refused():
     q, k, real = torch.zeros(1, 4, 8, 16), torch.zeros(1, 2, 8, 16), torch.ones(1, 8, dtype=torch.bool)
     with pytest.raises(ValueError, match=r"lse must be \[B, Hq, T\] = \(1, 4, 8\)"):
         prefill_attention_mass(q, k, real, 0.25, lse=torch.zeros(1, 4, 7))
+
+
+@pytest.mark.parametrize("blocks", [(16, 32), (32, 16), (16, 16)])
+@pytest.mark.parametrize("pad", [0, 5])
+def test_triton_tiles_of_other_sizes_equal_the_reference(blocks, pad):
+    """Query and key blocks of unequal sizes, many blocks below the diagonal (the unmasked
+    loop of an unpadded prompt) and a partial last block."""
+    use_interpreter_or_skip()
+    from zipkv.kernels._triton_prefill_mass import prefill_mass_triton
+
+    seed, g = _seed()
+    query, keys, real = _inputs(2, 4, 2, 75, 16, pad, torch.float32, g)
+    want = prefill_attention_mass_reference(query, keys, real, 0.3)
+    got = prefill_mass_triton(query, keys, real, 0.3, block_m=blocks[0], block_n=blocks[1])
+    finite = ~torch.isneginf(want)
+    assert torch.allclose(got[finite], want[finite], atol=1e-4, rtol=1e-4), (seed, (got - want)[finite].abs().max())

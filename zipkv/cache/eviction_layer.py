@@ -76,6 +76,7 @@ class EvictingLayer(ZipkvLayer):
         self._held = None  # (keys, values) in storage dtype during one forward
         self._parts_valid = None
         self._mask = None
+        self._mask_q = None  # new tokens of the current forward (forward_mask's width)
 
     # -- transformers layer interface -------------------------------------------------------
     def lazy_initialization(self, key_states, value_states):
@@ -142,9 +143,11 @@ class EvictingLayer(ZipkvLayer):
 
     @property
     def forward_mask(self) -> torch.Tensor:
-        """bool [B, 1 or H, q, K]: the mask this forward's attention used (attention_mask())."""
+        """bool [B, 1 or H, q, K]: the mask of this forward's attention (built on first use)."""
         if self._mask is None:
-            raise RuntimeError(f"layer {self.layer_idx}: forward_mask exists only between attention and observe()")
+            if self._mask_q is None:
+                raise RuntimeError(f"layer {self.layer_idx}: forward_mask exists only between attention and observe()")
+            self._mask = self._build_mask(self._mask_q)
         return self._mask
 
     def held_valid(self) -> torch.Tensor:
@@ -202,21 +205,30 @@ class EvictingLayer(ZipkvLayer):
 
     # -- what the attention function asks and hands over ---------------------------------------
     def attention_mask(self, incoming, q_len: int, new_real: torch.Tensor | None = None) -> torch.Tensor:
-        """bool [B, 1 or H, q, K] for this forward. Held slots: the layer's own validity. New
-        tokens: causal among themselves, padding read from the model's mask (its last q
-        columns are the new tokens, see get_mask_sizes) or given as new_real [B, q]."""
+        """bool [B, 1 or H, q, K] for this forward (note_new_tokens, then forward_mask)."""
+        self.note_new_tokens(incoming, q_len, new_real)
+        return self.forward_mask
+
+    def note_new_tokens(self, incoming, q_len: int, new_real: torch.Tensor | None = None) -> None:
+        """This forward's q_len new tokens' padding, read from the model's mask (its last q
+        columns are the new tokens, see get_mask_sizes) or given as new_real [B, q]. The mask
+        itself (forward_mask) is built only if something reads it: a causal unpadded prompt
+        attends without one, and at 32K it is a 1 GiB bool tensor (5 ms a layer on the H200)."""
         if new_real is None:
             new_real = _new_token_padding(incoming, q_len, self.batch_size, self.device)
         self.recent_real[:, -q_len:] = new_real.to(self.device)
+        self._mask, self._mask_q = None, q_len
+
+    def _build_mask(self, q_len: int) -> torch.Tensor:
+        """Held slots: the layer's own validity; new tokens: causal among themselves, with
+        their padding."""
         old = self.held_valid()[..., :-q_len]
         if bool((old == old[:, :1]).all()):
             old = old[:, :1]
         causal = torch.ones(q_len, q_len, dtype=torch.bool, device=self.device).tril()
         new = causal[None, None] & self.recent_real[:, None, None, -q_len:]
         heads = old.shape[1]
-        mask = torch.cat([old[:, :, None, :].expand(-1, -1, q_len, -1), new.expand(-1, heads, -1, -1)], dim=-1)
-        self._mask = mask
-        return mask
+        return torch.cat([old[:, :, None, :].expand(-1, -1, q_len, -1), new.expand(-1, heads, -1, -1)], dim=-1)
 
     def attend(self, module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
         """zipkv attention for this layer. After eviction the layer holds different tokens per
@@ -225,7 +237,7 @@ class EvictingLayer(ZipkvLayer):
         tokens' padding from the model's mask. SDPA gives the output (this forward attends
         before anything is dropped, so a prefill is exact), then the policy scores and evicts."""
         scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
-        mask = self.attention_mask(attention_mask, query.shape[2])  # bool [B, 1 or Hkv, q, K]
+        self.note_new_tokens(attention_mask, query.shape[2])
         if self.forwards == 0 and self.policy.sparse_prefill:
             output = self._sparse_prefill(query, key, value, scaling)
             self.observe(query, scaling)
@@ -237,7 +249,7 @@ class EvictingLayer(ZipkvLayer):
             # ran at 2.3x the plain one at 32K on the H200), GQA without copying K / V 4x
             output = self._causal_prefill(query, key, value, scaling, dropout)
         else:
-            output = masked_attention(query, key, value, mask, scaling, dropout)
+            output = masked_attention(query, key, value, self.forward_mask, scaling, dropout)
         try:
             self.observe(query, scaling)
         finally:
@@ -286,7 +298,7 @@ class EvictingLayer(ZipkvLayer):
         try:  # policies keep query-derived scores (and a recording one the queries): detached
             self.policy.after_forward(self, query.detach(), scaling, first)
         finally:
-            self._held = self._mask = self._parts_valid = None
+            self._held = self._mask = self._mask_q = self._parts_valid = None
 
     def ingest(self, keys, values, query, real, scaling: float) -> None:
         """Feed one forward's states recorded elsewhere (keys/values [B, H, q, D] after RoPE,
@@ -300,7 +312,7 @@ class EvictingLayer(ZipkvLayer):
             )
         self.update(keys, values)
         forget(self)
-        self.attention_mask(None, keys.shape[2], new_real=real.to(torch.bool))
+        self.note_new_tokens(None, keys.shape[2], new_real=real.to(torch.bool))
         self.observe(query, scaling)
 
     # -- what policies do to the storage ----------------------------------------------------------

@@ -163,10 +163,10 @@ class PackedStore:
         """Quantize and append the `keep` [B, H, T] tokens of keys/values [B, H, T, D]; each
         append is one quantization group per run (no token is ever re-quantized)."""
         for b in range(keep.shape[0]):
-            counts = keep[b].sum(-1)
-            if int(counts.sum()) == 0:
+            counts = keep[b].sum(-1).tolist()  # one device read for the checks below
+            if sum(counts) == 0:
                 continue
-            uniform = bool((counts == counts[0]).all())
+            uniform = min(counts) == max(counts)
             if uniform and len(self.rows[b]) == 1:
                 index = TokenIndex.from_mask(keep[b : b + 1]).dense()
                 self.rows[b][0].append(_gather(keys[b : b + 1], index), _gather(values[b : b + 1], index))

@@ -11,15 +11,18 @@ from torch import Tensor
 
 from .token_index import TokenIndex
 
+NAN_SCORES = "scores contain NaN; every token needs a comparable score"
 
-def rank_tokens(scores: Tensor) -> Tensor:
+
+def rank_tokens(scores: Tensor, checked: bool = False) -> Tensor:
     """int64 ranks over the last axis, 0 = keep first.
 
     Ties go to the later position (recency), so the ranking is deterministic and the
     same on every device; -inf (padding) therefore always ranks after every real token.
+    checked: the caller has refused NaN scores already.
     """
-    if torch.isnan(scores).any():
-        raise ValueError("scores contain NaN; every token needs a comparable score")
+    if not checked and torch.isnan(scores).any():
+        raise ValueError(NAN_SCORES)
     t = scores.shape[-1]
     # stable descending sort of the time-reversed scores: among equal scores the later
     # original position comes first
@@ -31,8 +34,10 @@ def rank_tokens(scores: Tensor) -> Tensor:
     return ranks
 
 
-def per_head_counts(budget, batch_size: int, num_heads: int, device=None, name: str = "budget") -> Tensor:
-    """A budget given as int, [B] (per sequence) or [B, H] (per head) as int64 [B, H]."""
+def per_head_counts(budget, batch_size: int, num_heads: int, device=None, name: str = "budget",
+                    checked: bool = False) -> Tensor:
+    """A budget given as int, [B] (per sequence) or [B, H] (per head) as int64 [B, H];
+    checked: the caller checks the counts are >= 0 itself."""
     counts = torch.as_tensor(budget, device=device)
     if counts.is_floating_point() or counts.dtype == torch.bool:
         raise ValueError(f"{name} must hold integer token counts, got dtype {counts.dtype}")
@@ -46,7 +51,7 @@ def per_head_counts(budget, batch_size: int, num_heads: int, device=None, name: 
             f"{name} must be an int, a [B={batch_size}] or a [B={batch_size}, H={num_heads}] "
             f"tensor, got shape {tuple(counts.shape)}"
         )
-    if bool((counts < 0).any()):
+    if not checked and bool((counts < 0).any()):
         raise ValueError(f"{name} must be >= 0, got minimum {int(counts.min())}")
     return counts
 
@@ -58,12 +63,18 @@ def select_tokens(scores: Tensor, budget, *, drop_padding: bool = False) -> Toke
     budget of a short row then shrinks and the result is ragged).
     """
     b, h, t = _check_scores(scores)
-    counts = per_head_counts(budget, b, h, scores.device)
-    if bool((counts > t).any()):
+    counts = per_head_counts(budget, b, h, scores.device, checked=True)
+    # the three checks in one device read (each read stalls a GPU's queue)
+    nan, low, high = torch.stack([torch.isnan(scores).any(), counts.min() < 0, counts.max() > t]).tolist()
+    if nan:
+        raise ValueError(NAN_SCORES)
+    if low:
+        raise ValueError(f"budget must be >= 0, got minimum {int(counts.min())}")
+    if high:
         raise ValueError(
             f"budget={int(counts.max())} is larger than the prompt ({t} tokens); allowed range [0, {t}]"
         )
-    keep = rank_tokens(scores) < counts[..., None]
+    keep = rank_tokens(scores, checked=True) < counts[..., None]
     if drop_padding:
         keep &= ~torch.isneginf(scores)
     return TokenIndex.from_mask(keep)

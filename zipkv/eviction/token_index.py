@@ -14,6 +14,7 @@ keeps causal order and lets positions be recovered from order alone.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -62,14 +63,20 @@ class TokenIndex:
     def total(self) -> int:
         return int(self.indices.numel())
 
+    @cached_property
+    def host_lengths(self) -> tuple[int, ...]:
+        """The (b, h) run lengths on the host, copied once (one device sync for is_uniform,
+        max_length and every later question; on a GPU each sync stalls the prefill's queue)."""
+        return tuple((self.offsets[1:] - self.offsets[:-1]).tolist())
+
     @property
     def is_uniform(self) -> bool:
-        lengths = self.lengths
-        return lengths.numel() == 0 or bool((lengths == lengths.reshape(-1)[0]).all())
+        lengths = self.host_lengths
+        return not lengths or min(lengths) == max(lengths)
 
     @property
     def max_length(self) -> int:
-        return int(self.lengths.max()) if self.lengths.numel() else 0
+        return max(self.host_lengths, default=0)
 
     def dense(self) -> Tensor:
         """int64 [B, H, n] positions; only when every (b, h) holds the same number n."""

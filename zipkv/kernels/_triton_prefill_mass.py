@@ -8,7 +8,8 @@ keys up to the block's last query: one flash-attention forward without the value
 head h and each block of BM queries from the key block on, p = exp2(s - lse2) over the visible
 (query, key) pairs, summed over the queries; the key block's totals are the mean over the G
 heads. Both read only q, k and the lse: the work is two QK^T products over the causal half,
-the memory the inputs and [B, Hq, T] + [B, Hkv, T] floats. Given the prompt attention's own
+the memory the inputs and [B, Hq, T] + [B, Hkv, T] floats. Without padding, only the query
+blocks on the diagonal are masked. Given the prompt attention's own
 lse (the flash / cuDNN forward returns it), only `_mass_kernel` runs: one QK^T product.
 
 Row and head offsets are 64-bit (B * H * T * D passes 2**31 at 32K x 8 x 32 heads).
@@ -79,7 +80,7 @@ def _lse_kernel(q_ptr, sqb, sqh, sqt, k_ptr, skb, skh, skt, real_ptr, srb, lse_p
 @triton.jit
 def _mass_kernel(q_ptr, sqb, sqh, sqt, k_ptr, skb, skh, skt, real_ptr, srb, lse_ptr, slb, slh, tot_ptr, stb, sth,
                  HKV, T, qk_scale, G: tl.constexpr, D: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                 IEEE: tl.constexpr):
+                 IEEE: tl.constexpr, ALL_REAL: tl.constexpr):
     blk = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // HKV).to(tl.int64)
@@ -90,14 +91,26 @@ def _mass_kernel(q_ptr, sqb, sqh, sqt, k_ptr, skb, skh, skt, real_ptr, srb, lse_
     # a shared-memory round trip, the element-wise add nothing
     acc = tl.zeros([BM, BN], tl.float32)
     first = (blk * BN) // BM * BM  # queries before the key block see none of it
+    # query blocks from `clear` on lie wholly below the diagonal: without padding they need no
+    # mask (queries past T load lse = +inf, so their p is 0)
+    clear = tl.cdiv((blk + 1) * BN, BM) * BM if ALL_REAL else T
     for g in range(G):
         hq = h * G + g
-        for start in range(first, T, BM):
-            offs_m, in_m, q, q_real = _token_block(q_ptr + b * sqb + hq * sqh, sqt, real_ptr + b * srb, start, T, BM, D)
-            lse2 = tl.load(lse_ptr + b * slb + hq * slh + offs_m, mask=in_m, other=0.0)
+        q_base = q_ptr + b * sqb + hq * sqh
+        lse_base = lse_ptr + b * slb + hq * slh
+        for start in range(first, tl.minimum(clear, T), BM):
+            offs_m, in_m, q, q_real = _token_block(q_base, sqt, real_ptr + b * srb, start, T, BM, D)
+            lse2 = tl.load(lse_base + offs_m, mask=in_m, other=0.0)
             s = _scores(q, k, qk_scale, IEEE)
             visible = _visible(offs_m, offs_n, q_real & (lse2 > _NEG_INF), k_real)
             acc += tl.where(visible, tl.exp2(tl.where(visible, s - lse2[:, None], 0.0)), 0.0)
+        if ALL_REAL:
+            for start in range(clear, T, BM):
+                offs_m = start + tl.arange(0, BM)
+                in_m = offs_m < T
+                q = tl.load(q_base + offs_m[:, None] * sqt + tl.arange(0, D)[None, :], mask=in_m[:, None], other=0.0)
+                lse2 = tl.load(lse_base + offs_m, mask=in_m, other=float("inf"))
+                acc += tl.exp2(_scores(q, k, qk_scale, IEEE) - lse2[:, None])
     tl.store(tot_ptr + b * stb + h * sth + offs_n, tl.sum(acc, 0) / G, mask=in_n)
 
 
@@ -124,5 +137,6 @@ def prefill_mass_triton(query, keys, real, scaling: float, lse=None, block_m: in
     _mass_kernel[(triton.cdiv(t, block_n), b * hkv)](
         query, query.stride(0), query.stride(1), query.stride(2), keys, keys.stride(0), keys.stride(1), keys.stride(2),
         real, real.stride(0), lse, lse.stride(0), lse.stride(1), totals, totals.stride(0), totals.stride(1),
-        hkv, t, qk_scale, G=g, D=d, BM=block_m, BN=block_n, IEEE=ieee, num_warps=num_warps, num_stages=num_stages)
+        hkv, t, qk_scale, G=g, D=d, BM=block_m, BN=block_n, IEEE=ieee, ALL_REAL=bool(real.all()),
+        num_warps=num_warps, num_stages=num_stages)
     return totals

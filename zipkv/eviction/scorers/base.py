@@ -37,7 +37,8 @@ def key_validity(attention_mask: Tensor | None, batch_size: int, seq_len: int, d
 def query_positions_for(num_queries: int, seq_len: int, batch_size: int, positions: Tensor | None,
                         device) -> Tensor:
     """int64 [B, Tq] key-axis positions of the queries; default: the last Tq tokens."""
-    if positions is None:
+    given = positions is not None
+    if not given:
         if num_queries > seq_len:
             raise ValueError(f"{num_queries} queries but only {seq_len} keys: pass query_positions")
         positions = torch.arange(seq_len - num_queries, seq_len, device=device)
@@ -46,7 +47,7 @@ def query_positions_for(num_queries: int, seq_len: int, batch_size: int, positio
         positions = positions[None].expand(batch_size, -1)
     if tuple(positions.shape) != (batch_size, num_queries):
         raise ValueError(f"query_positions must be [Tq={num_queries}] or [B, Tq], got {tuple(positions.shape)}")
-    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= seq_len):
+    if given and positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= seq_len):
         raise ValueError(f"query_positions must lie in [0, {seq_len - 1}]")
     return positions
 
