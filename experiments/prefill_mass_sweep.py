@@ -21,8 +21,8 @@ from zipkv.kernels._triton_prefill_mass import prefill_mass_triton
 from zipkv.kernels.attention_lse import causal_attention_lse
 
 CONFIGS = [  # block_m, block_n, num_warps, num_stages
-    (64, 64, 4, 2), (64, 64, 4, 3), (64, 128, 4, 2), (64, 128, 8, 2), (128, 64, 4, 2), (128, 64, 8, 2),
-    (128, 64, 8, 3), (128, 128, 8, 2), (32, 128, 4, 2), (64, 32, 4, 2),
+    (64, 64, 4, 2), (64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 8, 3), (64, 32, 4, 3), (32, 64, 4, 3),
+    (128, 32, 4, 3), (128, 64, 8, 3), (64, 128, 8, 3),
 ]
 
 

@@ -103,10 +103,11 @@ def test_lowest_slot_matches_reference_exactly(n, chunk, monkeypatch):
             assert int(want[row, head]) == int(ties[stamp[row, head, ties].argmin()]), f"seed={seed}"
 
 
-@pytest.mark.parametrize("r", [1, 4, 8])
-def test_fused_mass_and_choice_match_the_two_references(r):
+@pytest.mark.parametrize("r,n", [(1, 200), (4, 200), (8, 200), (4, 1100)])
+def test_fused_mass_and_choice_match_the_two_references(r, n):
+    """n 1100: three chunks of the tensor-core kernel (512 slots each), merged."""
     seed, g = fresh_generator()
-    b, hkv, n, d = 3, 2, 200, 64
+    b, hkv, d = 3, 2, 64
     query, keys, lengths, real, lse = step_inputs(g, b, hkv, r, n, d, torch.bfloat16)
     _, stamp, _, _, newest, recent = choice_inputs(g, b, hkv, n)
     totals = torch.randint(0, 3, (b, hkv, n), generator=g).float()
@@ -125,6 +126,11 @@ def test_fused_mass_and_choice_match_the_two_references(r):
     auto_t, auto_f = totals.clone(), torch.full((b, hkv), -1)
     attention_mass_and_lowest_slot(query, keys, lengths, real, lse, auto_t, stamp, newest, recent, auto_f, d ** -0.5)
     assert torch.equal(auto_t, want_t) and torch.equal(auto_f, want_f)
+    # the first kernel (float32 dots, one block per program) agrees with the default one
+    old_t, old_f = totals.clone(), torch.full((b, hkv), -1)
+    triton_mass.mass_and_choice_triton(query, keys, lengths, real, lse, old_t, d ** -0.5,
+                                       choice=(stamp, newest, recent, old_f), dot=False)
+    check_close(old_t, got_t, f"seed={seed} r={r} first kernel", rtol=1e-5, atol=1e-6)
 
 
 def test_bad_arguments_name_the_parameter():

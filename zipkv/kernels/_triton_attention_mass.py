@@ -7,6 +7,9 @@ p_j = exp2(s_j - lse2) with s_j = q . k_j * scale * log2(e) and lse2 the head's 
 (natural log, from the decode attention, times log2(e)); totals += the mean over the R heads.
 CHOOSE: the block's lowest (total, stamp) among its eligible slots (visible and
 stamp <= newest - recent[b]), written as one partial (total, stamp, slot) per block.
+`_mass_dot_kernel` (the default MASS path), program (chunk, b * Hkv + h): the same over a
+chunk of DOT_CHUNK slots, the R heads' scores of each block of DOT_BLOCK slots as one
+tensor-core product over the keys as stored; one partial per chunk.
 `_choice_merge_kernel`, program b * Hkv + h: the lowest of its blocks' partials -> free[b, h].
 
 All counts (lengths, newest, recent) are read on the device: a CUDA graph replays the
@@ -18,6 +21,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from ._runtime import interpreter_enabled
 
 _NEG_INF = tl.constexpr(float("-inf"))
 _INF = tl.constexpr(float("inf"))
@@ -76,6 +81,69 @@ def _mass_kernel(q_ptr, sqb, sqh, lse_ptr, slb, slh, k_ptr, skb, skh, skn,
         tl.store(pn_ptr + at, slot)
 
 
+@triton.jit(do_not_specialize=["n_last"])
+def _mass_dot_kernel(q_ptr, sqb, sqh, lse_ptr, slb, slh, k_ptr, skb, skh, skn,
+                     len_ptr, n_last, real_ptr, srb, srh, tot_ptr, stb, sth,
+                     stamp_ptr, ssb, ssh, newest_ptr, recent_ptr, pt_ptr, ps_ptr, pn_ptr,
+                     HKV, N, NB, qk_scale,
+                     R: tl.constexpr, RP: tl.constexpr, D: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+                     CHOOSE: tl.constexpr, IEEE: tl.constexpr):
+    """MASS (+ CHOOSE) over CHUNK slots in blocks of BLOCK: the R query heads' scores of a
+    block as one [BLOCK, D] x [D, RP] tensor-core product on the keys as stored (RP: R padded
+    to the product's minimum width; the pad heads and a head that attends nothing read
+    lse = +inf, so their p is 0), the loop's loads pipelined; one (total, stamp, slot)
+    partial per chunk."""
+    chunk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // HKV).to(tl.int64)
+    h = (bh % HKV).to(tl.int64)
+    n = tl.load(len_ptr + n_last)
+    offs_d = tl.arange(0, D)
+    heads = tl.arange(0, RP)
+    q = tl.load(q_ptr + b * sqb + (h * R + heads[:, None]) * sqh + offs_d[None, :], mask=heads[:, None] < R,
+                other=0.0)  # [RP, D]
+    lse2 = tl.load(lse_ptr + b * slb + (h * R + heads) * slh, mask=heads < R, other=float("inf")) * 1.4426950408889634
+    lse2 = tl.where(lse2 > _NEG_INF, lse2, _INF)
+    best_t = float("inf")
+    best_s = 2147483647
+    best_n = 0
+    if CHOOSE:
+        limit = tl.load(newest_ptr) - tl.load(recent_ptr + b)
+    for start in range(chunk * CHUNK, tl.minimum((chunk + 1) * CHUNK, N), BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        inside = offs < N
+        real = tl.load(real_ptr + b * srb + h * srh + offs, mask=inside, other=0) != 0
+        visible = inside & (offs < n) & real
+        k = tl.load(k_ptr + b * skb + h * skh + offs[:, None] * skn + offs_d[None, :], mask=visible[:, None],
+                    other=0.0)
+        if IEEE:  # float32 states (and bf16 under the interpreter, whose bf16 products are wrong)
+            s = tl.dot(k.to(tl.float32), tl.trans(q.to(tl.float32)), input_precision="ieee")
+        else:
+            s = tl.dot(k, tl.trans(q))
+        p = tl.exp2(s * qk_scale - lse2[None, :])  # [BLOCK, RP]
+        acc = tl.sum(tl.where(visible[:, None], p, 0.0), 1)
+        tot_at = tot_ptr + b * stb + h * sth + offs
+        tot = tl.load(tot_at, mask=inside, other=0.0) + acc / R
+        tl.store(tot_at, tot, mask=inside)
+        if CHOOSE:
+            stamp = tl.load(stamp_ptr + b * ssb + h * ssh + offs, mask=inside, other=0)
+            eligible = visible & (stamp <= limit)
+            t = tl.where(eligible, tot, _INF)
+            t_min = tl.min(t, 0)
+            tied = eligible & (t == t_min)
+            s_min = tl.min(tl.where(tied, stamp, _NO_STAMP), 0)
+            n_min = tl.min(tl.where(tied & (stamp == s_min), offs, _NO_STAMP), 0)
+            better = (s_min != _NO_STAMP) & ((t_min < best_t) | ((t_min == best_t) & (s_min < best_s)))
+            best_t = tl.where(better, t_min, best_t)
+            best_s = tl.where(better, s_min, best_s)
+            best_n = tl.where(better, n_min, best_n)
+    if CHOOSE:
+        at = bh.to(tl.int64) * NB + chunk
+        tl.store(pt_ptr + at, best_t)
+        tl.store(ps_ptr + at, best_s)
+        tl.store(pn_ptr + at, best_n)
+
+
 @triton.jit
 def _choice_merge_kernel(pt_ptr, ps_ptr, pn_ptr, free_ptr, NB, CHUNK: tl.constexpr):
     bh = tl.program_id(0)
@@ -108,12 +176,18 @@ def block_size(d: int) -> int:
     return max(16, 8192 // d)
 
 
-def mass_and_choice_triton(query, keys, lengths, real, lse, totals, scaling, choice=None) -> None:
-    """MASS always when query is not None; CHOOSE when choice = (stamp, newest, recent, free)."""
+DOT_BLOCK, DOT_CHUNK = 64, 512  # slots per product, slots per program (8 products, pipelined)
+
+
+def mass_and_choice_triton(query, keys, lengths, real, lse, totals, scaling, choice=None, dot: bool = True) -> None:
+    """MASS always when query is not None; CHOOSE when choice = (stamp, newest, recent, free).
+    dot: the MASS step on `_mass_dot_kernel` (tensor-core products, chunks of slots per
+    program); False: the first kernel (one block of slots per program, float32 dots)."""
     b, hkv, n, d = totals.shape[0], totals.shape[1], totals.shape[2], (keys.shape[-1] if keys is not None else 16)
-    blk = block_size(d)
-    nb = triton.cdiv(n, blk)
     mass = query is not None
+    dot = dot and mass
+    blk = DOT_CHUNK if dot else block_size(d)
+    nb = triton.cdiv(n, blk)
     real_u8 = real.view(torch.uint8)  # a reinterpretation: no copy, no launch
     srh = real_u8.stride(1) if real_u8.dim() == 3 else 0
     dummy = totals
@@ -132,9 +206,18 @@ def mass_and_choice_triton(query, keys, lengths, real, lse, totals, scaling, cho
         c_args = (stamp, stamp.stride(0), stamp.stride(1), newest, recent, partial_t, partial_s, partial_n)
     else:
         c_args = (dummy, 0, 0, lengths, lengths, dummy, dummy, dummy)
-    _mass_kernel[(nb, b * hkv)](
-        *q_args, lengths, lengths.numel() - 1, real_u8, real_u8.stride(0), srh,
-        totals, totals.stride(0), totals.stride(1), *c_args, hkv, n, nb, scaling * _LOG2E,
-        R=r, D=d, BLOCK=blk, MASS=mass, CHOOSE=choice is not None, num_warps=4)
+    if dot:
+        _mass_dot_kernel[(nb, b * hkv)](
+            *q_args, lengths, lengths.numel() - 1, real_u8, real_u8.stride(0), srh,
+            totals, totals.stride(0), totals.stride(1), *c_args, hkv, n, nb, scaling * _LOG2E,
+            R=r, RP=max(16, triton.next_power_of_2(r)), D=d, BLOCK=DOT_BLOCK, CHUNK=DOT_CHUNK,
+            CHOOSE=choice is not None, IEEE=query.dtype == torch.float32 or (query.dtype == torch.bfloat16
+                                                                         and interpreter_enabled()),
+            num_warps=4, num_stages=3)
+    else:
+        _mass_kernel[(nb, b * hkv)](
+            *q_args, lengths, lengths.numel() - 1, real_u8, real_u8.stride(0), srh,
+            totals, totals.stride(0), totals.stride(1), *c_args, hkv, n, nb, scaling * _LOG2E,
+            R=r, D=d, BLOCK=blk, MASS=mass, CHOOSE=choice is not None, num_warps=4)
     if choice is not None:
         _choice_merge_kernel[(b * hkv,)](partial_t, partial_s, partial_n, free, nb, CHUNK=MERGE_CHUNK, num_warps=4)

@@ -50,7 +50,7 @@ def probe_positions(real: torch.Tensor, recent: int, random: int, seed: int) -> 
     plus `random` seeded positions among the earlier ones that are real in every row."""
     t = real.shape[1]
     first_real = int((~real).sum(1).max())
-    recent_pos = recent_probe_positions(real, recent).cpu()
+    recent_pos = torch.arange(t - min(recent, t - first_real), t)  # recent_probe_positions, on the host
     n_recent = len(recent_pos)
     pool = t - n_recent - first_real
     n_random = min(random, max(pool, 0))

@@ -28,7 +28,7 @@ def zipvl_important_count(attention: WindowAttention | Tensor, tau: float = 0.97
         mass = attention
     if mass.dim() != 2:
         raise ValueError(f"attention mass must be [B, T], got shape {tuple(mass.shape)}")
-    if bool((mass < 0).any()) or not bool(torch.isfinite(mass).all()):
+    if not bool(((mass >= 0) & torch.isfinite(mass)).all()):  # one device read
         raise ValueError("attention mass must be finite and >= 0")
     # float64 cumsum, and the total taken as its own last element, so tau = 1 stops
     # exactly at the last token with non-zero mass instead of missing it by rounding
