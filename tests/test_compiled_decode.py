@@ -162,6 +162,13 @@ def test_custom_ops_match_the_wrappers_on_random_inputs():
     ref, ref_lse = decode_attention(query, segs, k_fp, v_fp, mask=mask, scale=0.3, lengths=lengths, return_lse=True)
     assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
     torch.library.opcheck(ops.decode_attention_op, (query, tensors, bits, k_fp, v_fp, mask, 0.3, lengths, False))
+    scores, ref_scores = torch.full((b, hq, w), float("nan")), torch.full((b, hq, w), float("nan"))
+    out, lse = ops.decode_attention_scores_op(query, tensors, bits, k_fp, v_fp, mask, 0.3, lengths, scores)
+    decode_attention(query, segs, k_fp, v_fp, mask=mask, scale=0.3, lengths=lengths, scores_out=ref_scores)
+    assert torch.equal(out, ref) and torch.equal(lse, ref_lse)
+    assert torch.equal(scores[..., :4], ref_scores[..., :4]) and torch.isnan(scores[..., 4:]).all()
+    torch.library.opcheck(ops.decode_attention_scores_op, (query, tensors, bits, k_fp, v_fp, mask, 0.3, lengths,
+                                                           scores.clone()))
 
     keys, values = torch.randn(b, h, 1, d, generator=g), torch.randn(b, h, 1, d, generator=g)
     nonfinite = torch.zeros((), dtype=torch.bool)

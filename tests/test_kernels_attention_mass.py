@@ -165,6 +165,11 @@ def test_custom_ops_trace_and_equal_the_wrappers():
     free = torch.zeros(2, 2, dtype=torch.int64)
     torch.library.opcheck(attention_mass_op, (query, keys, lengths, real, lse, totals.clone(), 0.2))
     torch.library.opcheck(lowest_slot_op, (totals, stamp, real, lengths, newest, recent, free.clone()))
+    from zipkv.kernels.attention_mass import attention_mass_from_scores_op
+
+    scores = torch.randn(totals.shape[0], query.shape[1], totals.shape[2], generator=g)
+    torch.library.opcheck(attention_mass_from_scores_op, (scores, lengths, real, lse, totals.clone(), stamp, newest,
+                                                          recent, free.clone()))
     torch.library.opcheck(attention_mass_and_lowest_slot_op,
                           (query, keys, lengths, real, lse, totals.clone(), stamp, newest, recent, free.clone(), 0.2))
     want_t, want_f = totals.clone(), free.clone()
@@ -176,16 +181,17 @@ def test_custom_ops_trace_and_equal_the_wrappers():
 
 def test_static_h2o_through_the_kernels_equals_the_eager_policy(monkeypatch):
     """The static h2o step with its bookkeeping in these kernels (interpreted: ~0.3 s a launch
-    here, hence one layer and few steps; the decode attention's reference gives the lse) keeps
-    what the eager policy keeps and decodes its tokens, a left-padded batch, GQA 4."""
+    here, hence one layer and few steps; the decode attention's reference gives the lse and the
+    scores) keeps what the eager policy keeps and decodes its tokens, a left-padded batch, GQA 4."""
     import zipkv
     from tiny_models import generate_new_tokens, padded_batch, tiny_model
     from zipkv.kernels import attention_mass as wrapper
 
     launches = []
     monkeypatch.setattr(wrapper, "use_triton", lambda device, impl: True)
-    real_launch = triton_mass.mass_and_choice_triton
-    monkeypatch.setattr(triton_mass, "mass_and_choice_triton", lambda *a, **k: launches.append(1) or real_launch(*a, **k))
+    real_launch = triton_mass.scores_mass_and_choice_triton
+    monkeypatch.setattr(triton_mass, "scores_mass_and_choice_triton",
+                        lambda *a, **k: launches.append(1) or real_launch(*a, **k))
     kv_heads, new = 1, 8
     model = tiny_model("llama", num_key_value_heads=kv_heads, num_hidden_layers=1)
     ids, mask = padded_batch(length=40, pad=6)
@@ -204,3 +210,54 @@ def test_static_h2o_through_the_kernels_equals_the_eager_policy(monkeypatch):
                 got = (static_layer.k_buf[b, h][held[b, h]].float() @ projection).sort().values
                 want = (keys[b, h][ok[b, h]].float() @ projection).sort().values
                 assert got.shape == want.shape and torch.allclose(got, want, atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("decode_impl", ["reference", "triton"])
+@pytest.mark.parametrize("r,n", [(1, 37), (4, 200), (8, 1100)])
+def test_mass_from_the_attention_scores_equals_the_key_pass(r, n, decode_impl):
+    """attention_mass_from_scores (the scores decode_attention wrote, its lse) = the fused key
+    pass and choice, on the kernel (interpreted) and on the reference; n 1100: two chunks;
+    the scores from the decode kernel (interpreted) or its reference."""
+    from zipkv.kernels.attention_mass import attention_mass_from_scores, attention_mass_from_scores_reference
+    from zipkv.kernels.decode_attention import decode_attention
+
+    seed, g = fresh_generator()
+    b, hkv, d = 3, 2, 64
+    query, keys, lengths, real, lse = step_inputs(g, b, hkv, r, n, d, torch.float32)
+    _, stamp, _, _, newest, recent = choice_inputs(g, b, hkv, n)
+    scores = torch.full((b, hkv * r, n), float("nan"))  # slots past the count stay unread
+    mask = visible_slots(real, lengths, n)[:, 0]
+    _, lse2 = decode_attention(query, [], keys, keys, mask=mask, scale=d ** -0.5, lengths=lengths[1:].contiguous(),
+                               return_lse=True, scores_out=scores, impl=decode_impl)
+    assert torch.isnan(scores[..., int(lengths[-1]):]).all()
+    finite = torch.isfinite(lse)
+    check_close(lse2[finite], lse[finite], f"seed={seed} lse", rtol=1e-5, atol=1e-5)
+    totals = torch.randint(0, 3, (b, hkv, n), generator=g).float()
+    want_t, want_f = totals.clone(), torch.full((b, hkv), -1)
+    attention_mass_and_lowest_slot(query, keys, lengths, real, lse, want_t, stamp, newest, recent, want_f, d ** -0.5)
+    for name, run in (("reference", attention_mass_from_scores_reference),
+                      ("kernel", lambda *a: attention_mass_from_scores(*a, impl="triton"))):
+        got_t, got_f = totals.clone(), torch.full((b, hkv), -1)
+        run(scores, lengths, real, lse, got_t, stamp, newest, recent, got_f)
+        context = f"seed={seed} r={r} n={n} {name}"
+        check_close(got_t, want_t, context, rtol=1e-5, atol=1e-6)
+        from_got = torch.full((b, hkv), -1)
+        lowest_slot_reference(got_t, stamp, real, lengths, newest, recent, from_got)
+        assert torch.equal(got_f, from_got), context
+
+
+def test_scores_out_names_what_is_wrong():
+    from zipkv.kernels.decode_attention import decode_attention
+
+    q, k = torch.zeros(1, 4, 1, 16), torch.zeros(1, 2, 8, 16)
+    with pytest.raises(ValueError, match=r"scores_out must be float32 \[B, Hq, Nf\] = \(1, 4, 8\)"):
+        decode_attention(q, [], k, k, scores_out=torch.zeros(1, 4, 7))
+    with pytest.raises(ValueError, match="one query token"):
+        decode_attention(torch.zeros(1, 4, 2, 16), [], k, k, scores_out=torch.zeros(1, 4, 8))
+    from zipkv.kernels.attention_mass import attention_mass_from_scores
+
+    with pytest.raises(ValueError, match="scores must be float32"):
+        attention_mass_from_scores(torch.zeros(1, 4, 7), torch.tensor([8], dtype=torch.int32),
+                                   torch.ones(1, 8, dtype=torch.bool), torch.zeros(1, 4, 1), torch.zeros(1, 2, 8),
+                                   torch.zeros(1, 2, 8, dtype=torch.int32), torch.tensor([7], dtype=torch.int32),
+                                   torch.tensor([2]), torch.zeros(1, 2, dtype=torch.int64))

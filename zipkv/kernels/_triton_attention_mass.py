@@ -144,6 +144,54 @@ def _mass_dot_kernel(q_ptr, sqb, sqh, lse_ptr, slb, slh, k_ptr, skb, skh, skn,
         tl.store(pn_ptr + at, best_n)
 
 
+@triton.jit(do_not_specialize=["n_last"])
+def _scores_mass_kernel(sc_ptr, scb, sch, lse_ptr, slb, slh, len_ptr, n_last, real_ptr, srb, srh, tot_ptr, stb, sth,
+                        stamp_ptr, ssb, ssh, newest_ptr, recent_ptr, pt_ptr, ps_ptr, pn_ptr, HKV, N, NB,
+                        R: tl.constexpr, RP: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """MASS + CHOOSE from the scores the decode attention wrote (scale * q.k, natural units,
+    [B, Hq, N]): p = exp(s - lse) of the R heads of KV head h, read as one [RP, BLOCK] tile per
+    block of slots (pad heads: lse +inf); per slot R x 4 bytes instead of the key's D x 2."""
+    chunk = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // HKV).to(tl.int64)
+    h = (bh % HKV).to(tl.int64)
+    n = tl.load(len_ptr + n_last)
+    heads = tl.arange(0, RP)
+    head_ok = heads < R
+    lse = tl.load(lse_ptr + b * slb + (h * R + heads) * slh, mask=head_ok, other=float("inf"))
+    lse = tl.where(lse > _NEG_INF, lse, _INF) * 1.4426950408889634
+    row = sc_ptr + b * scb + (h * R + heads) * sch
+    best_t = float("inf")
+    best_s = 2147483647
+    best_n = 0
+    limit = tl.load(newest_ptr) - tl.load(recent_ptr + b)
+    for start in range(chunk * CHUNK, tl.minimum((chunk + 1) * CHUNK, N), BLOCK):
+        offs = start + tl.arange(0, BLOCK)
+        inside = offs < N
+        real = tl.load(real_ptr + b * srb + h * srh + offs, mask=inside, other=0) != 0
+        visible = inside & (offs < n) & real
+        sc = tl.load(row[:, None] + offs[None, :], mask=head_ok[:, None] & visible[None, :], other=_NEG_INF)
+        p = tl.exp2(sc * 1.4426950408889634 - lse[:, None])  # [RP, BLOCK]; masked: exp2(-inf) = 0
+        tot_at = tot_ptr + b * stb + h * sth + offs
+        tot = tl.load(tot_at, mask=inside, other=0.0) + tl.sum(p, 0) / R
+        tl.store(tot_at, tot, mask=inside)
+        stamp = tl.load(stamp_ptr + b * ssb + h * ssh + offs, mask=inside, other=0)
+        eligible = visible & (stamp <= limit)
+        t = tl.where(eligible, tot, _INF)
+        t_min = tl.min(t, 0)
+        tied = eligible & (t == t_min)
+        s_min = tl.min(tl.where(tied, stamp, _NO_STAMP), 0)
+        n_min = tl.min(tl.where(tied & (stamp == s_min), offs, _NO_STAMP), 0)
+        better = (s_min != _NO_STAMP) & ((t_min < best_t) | ((t_min == best_t) & (s_min < best_s)))
+        best_t = tl.where(better, t_min, best_t)
+        best_s = tl.where(better, s_min, best_s)
+        best_n = tl.where(better, n_min, best_n)
+    at = bh.to(tl.int64) * NB + chunk
+    tl.store(pt_ptr + at, best_t)
+    tl.store(ps_ptr + at, best_s)
+    tl.store(pn_ptr + at, best_n)
+
+
 @triton.jit
 def _choice_merge_kernel(pt_ptr, ps_ptr, pn_ptr, free_ptr, NB, CHUNK: tl.constexpr):
     bh = tl.program_id(0)
@@ -221,3 +269,24 @@ def mass_and_choice_triton(query, keys, lengths, real, lse, totals, scaling, cho
             R=r, D=d, BLOCK=blk, MASS=mass, CHOOSE=choice is not None, num_warps=4)
     if choice is not None:
         _choice_merge_kernel[(b * hkv,)](partial_t, partial_s, partial_n, free, nb, CHUNK=MERGE_CHUNK, num_warps=4)
+
+
+SCORES_BLOCK, SCORES_CHUNK = 128, 1024  # slots per tile, slots per program
+
+
+def scores_mass_and_choice_triton(scores, lengths, real, lse, totals, stamp, newest, recent, free) -> None:
+    """attention_mass_from_scores' kernel path: `_scores_mass_kernel`, then the merge."""
+    b, hkv, n = totals.shape
+    r = scores.shape[1] // hkv
+    nb = triton.cdiv(n, SCORES_CHUNK)
+    real_u8 = real.view(torch.uint8)
+    srh = real_u8.stride(1) if real_u8.dim() == 3 else 0
+    partial_t = torch.empty(b * hkv * nb, dtype=torch.float32, device=totals.device)
+    partial_s = torch.empty(b * hkv * nb, dtype=torch.int32, device=totals.device)
+    partial_n = torch.empty(b * hkv * nb, dtype=torch.int32, device=totals.device)
+    _scores_mass_kernel[(nb, b * hkv)](
+        scores, scores.stride(0), scores.stride(1), lse, lse.stride(0), lse.stride(1), lengths, lengths.numel() - 1,
+        real_u8, real_u8.stride(0), srh, totals, totals.stride(0), totals.stride(1),
+        stamp, stamp.stride(0), stamp.stride(1), newest, recent, partial_t, partial_s, partial_n, hkv, n, nb,
+        R=r, RP=triton.next_power_of_2(r), BLOCK=SCORES_BLOCK, CHUNK=SCORES_CHUNK, num_warps=4, num_stages=3)
+    _choice_merge_kernel[(b * hkv,)](partial_t, partial_s, partial_n, free, nb, CHUNK=MERGE_CHUNK, num_warps=4)

@@ -425,8 +425,11 @@ def _fp_split(
     b, h, split, part, N, tokens_per_split, key_offset, nt_total, H, S_total,
     R: tl.constexpr, TQ: tl.constexpr, M: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, CAUSAL: tl.constexpr, F32_DOT: tl.constexpr,
+    sc_ptr, ssc_b, ssc_h, STORE_S: tl.constexpr,
 ):
-    """One split of the fp16 part: plain flash-decoding."""
+    """One split of the fp16 part: plain flash-decoding. STORE_S (Tq = 1): each query head's
+    scaled scores of these keys, natural units (scale * q.k; -inf where masked), into
+    sc_ptr [B, Hq, N] (H2O's bookkeeping reads them instead of the keys)."""
     RT: tl.constexpr = R * TQ
     offs_m = tl.arange(0, M)
     row_r = offs_m % RT
@@ -456,6 +459,9 @@ def _fp_split(
         s = tl.dot(q, tl.trans(k))
         s = _masked_scores(s, offs_n, valid_n, t, row_valid, b, key_offset, nt_total,
                            mask_ptr, smb, smt, smn, TQ, MASK_KIND, MASK_ROWS, CAUSAL)
+        if STORE_S:
+            sc_at = sc_ptr + b * ssc_b + (h * R + row_r)[:, None] * ssc_h + offs_n[None, :]
+            tl.store(sc_at, s * 0.6931471805599453, mask=row_valid[:, None] & valid_n[None, :])
         p, alpha, m_i, l_i = _online_softmax(s, m_i, l_i)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -501,6 +507,7 @@ def _decode_kernel(
     HAS_F: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_NF: tl.constexpr,
     MASK_KIND: tl.constexpr, MASK_ROWS: tl.constexpr, CAUSAL: tl.constexpr, F32_DOT: tl.constexpr,
     USE_ASM: tl.constexpr, LENS_ON_DEVICE: tl.constexpr, DQ: tl.constexpr = False,
+    sc_ptr=None, ssc_b=0, ssc_h=0, STORE_S: tl.constexpr = False,
 ):
     sid = tl.program_id(0)
     bh = tl.program_id(1)
@@ -540,7 +547,8 @@ def _decode_kernel(
                       f_k, f_sk_b, f_sk_h, f_sk_n, f_v, f_sv_b, f_sv_h, f_sv_n,
                       mask_ptr, smb, smt, smn, po_ptr, pl_ptr,
                       b, h, sid - SA - SC, part_base + sid, NF, TSF, OFFF, nt_total, H, S_total,
-                      R, TQ, M, D, BLOCK_NF, MASK_KIND, MASK_ROWS, CAUSAL, F32_DOT)
+                      R, TQ, M, D, BLOCK_NF, MASK_KIND, MASK_ROWS, CAUSAL, F32_DOT,
+                      sc_ptr, ssc_b, ssc_h, STORE_S)
 
 
 @triton.jit(do_not_specialize=["E"])
@@ -643,8 +651,13 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask4, mask_kind, scale, ca
                             num_stages: int = 2, programs_per_sm: float = 32.0, maxnreg: int | None = 128,
                             use_asm: bool | None = None, tiers_per_launch: int = 2, lengths=None,
                             dequant: bool | None = None, cuda_tiers=None, mma_ctas_per_sm: float = 4.0,
-                            mma_ring: int = 4, record: dict | None = None, return_lse: bool = False):
+                            mma_ring: int = 4, record: dict | None = None, return_lse: bool = False,
+                            scores_out: torch.Tensor | None = None):
     """Defaults are the fastest measured on the H100 (experiments/NOTES.md, v5; experiments/results/v5.json).
+
+    scores_out: None, or float32 [B, Hq, Nf] (Tq = 1): the fp16 part's scaled scores (scale *
+    q.k, natural units, -inf where masked) written by the same pass that attends over them;
+    slots past the fp16 part's count are not written.
 
     lengths: None, or int32 [len(segs) + 1] on the query's device: valid tokens of each tier
     and of the fp16 part, read by the kernel (the tensors are then capacity buffers and the
@@ -768,6 +781,9 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask4, mask_kind, scale, ca
         grid = (sa + sc + sf, b * heads)
         if grid[0] == 0:
             continue
+        store_s = f is not None and scores_out is not None
+        sc_args = dict(sc_ptr=scores_out, ssc_b=scores_out.stride(0), ssc_h=scores_out.stride(1),
+                       STORE_S=True) if store_s else {}
         kernel = _decode_kernel[grid](
             query, query.stride(0), query.stride(1), query.stride(2), qk_scale,
             *_seg_args(a[0] if a else None, dummy), *_seg_args(c[0] if c else None, dummy),
@@ -786,7 +802,7 @@ def triton_decode_attention(query, segs, k_fp, v_fp, mask4, mask_kind, scale, ca
             MASK_KIND=mask_kind, MASK_ROWS=mask_rows, CAUSAL=bool(causal),
             F32_DOT=dev.type != "cuda" and k_fp is not None and k_fp.dtype == torch.bfloat16,
             USE_ASM=(dev.type == "cuda") if use_asm is None else bool(use_asm), LENS_ON_DEVICE=lengths is not None,
-            DQ=bool(dq),
+            DQ=bool(dq), **sc_args,
             num_warps=num_warps, num_stages=num_stages, **({"maxnreg": maxnreg} if maxnreg else {}),
         )
         part_base += grid[0]

@@ -172,6 +172,45 @@ def attention_mass_and_lowest_slot(query, keys, lengths, real, lse, totals, stam
     mass_and_choice_triton(query, keys, lengths, real, lse, totals, scaling, choice=(stamp, newest, recent, free))
 
 
+def attention_mass_from_scores_reference(scores, lengths, real, lse, totals, stamp, newest, recent, free) -> None:
+    b, hkv, n = totals.shape
+    r = scores.shape[1] // hkv
+    visible = visible_slots(real, lengths, n)[:, :, None, :]  # [B, 1 or H, 1, N]
+    lse = lse[:, :, 0].float().reshape(b, hkv, r, 1)
+    s = scores.float().reshape(b, hkv, r, n)
+    p = torch.exp(s - lse).masked_fill(~(visible & torch.isfinite(lse)), 0.0).nan_to_num(0.0)
+    totals += p.sum(dim=2) / r
+    lowest_slot_reference(totals, stamp, real, lengths, newest, recent, free)
+
+
+def attention_mass_from_scores(scores, lengths, real, lse, totals, stamp, newest, recent, free,
+                               impl: str = "auto") -> None:
+    """attention_mass_and_lowest_slot from the scores the decode attention wrote instead of the
+    keys: scores float32 [B, Hq, N], scale * q . k of each slot (decode_attention(...,
+    scores_out=...), natural units; only visible slots are read), lse [B, Hq, 1] of the same
+    attention. Per slot R x 4 bytes are read where the key pass read D x 2 (at GQA 4, d 128:
+    16 bytes instead of 256)."""
+    b, hkv, n = totals.shape
+    if scores.dim() != 3 or scores.shape[0] != b or scores.shape[2] != n or scores.shape[1] % hkv \
+            or scores.dtype != torch.float32:
+        raise ValueError(f"scores must be float32 [B, k * Hkv, N] with B, Hkv, N = {b}, {hkv}, {n} "
+                         f"(got {scores.dtype} {tuple(scores.shape)})")
+    if lse.shape != (b, scores.shape[1], 1):
+        raise ValueError(f"lse must be [B, Hq, 1] = {(b, scores.shape[1], 1)} (got {tuple(lse.shape)})")
+    check_slots(totals, real, lengths, (b, hkv, n))
+    check_choice(totals, stamp, newest, recent, free)
+    if impl == "auto":
+        from . import ops
+
+        if ops.tracing():
+            return attention_mass_from_scores_op(scores, lengths, real, lse, totals, stamp, newest, recent, free)
+    if not kernel_takes(totals.device, impl, (scores, real, lse, totals, stamp), 16):
+        return attention_mass_from_scores_reference(scores, lengths, real, lse, totals, stamp, newest, recent, free)
+    from ._triton_attention_mass import scores_mass_and_choice_triton
+
+    scores_mass_and_choice_triton(scores, lengths, real, lse, totals, stamp, newest, recent, free)
+
+
 # -- custom ops (kernels/ops.py's pattern: the wrappers emit them only while dynamo traces; the
 # op's body is the wrapper's eager path)
 @mutating_op("zipkv::attention_mass", ("totals",))
@@ -194,6 +233,14 @@ def attention_mass_and_lowest_slot_op(query: torch.Tensor, keys: torch.Tensor, l
     attention_mass_and_lowest_slot(query, keys, lengths, real, lse, totals, stamp, newest, recent, free, scaling)
 
 
-__all__ = ["attention_mass", "attention_mass_and_lowest_slot", "attention_mass_and_lowest_slot_op",
+@mutating_op("zipkv::attention_mass_from_scores", ("totals", "free"))
+def attention_mass_from_scores_op(scores: torch.Tensor, lengths: torch.Tensor, real: torch.Tensor, lse: torch.Tensor,
+                                  totals: torch.Tensor, stamp: torch.Tensor, newest: torch.Tensor,
+                                  recent: torch.Tensor, free: torch.Tensor) -> None:
+    attention_mass_from_scores(scores, lengths, real, lse, totals, stamp, newest, recent, free)
+
+
+__all__ = ["attention_mass", "attention_mass_and_lowest_slot", "attention_mass_from_scores",
+           "attention_mass_from_scores_op", "attention_mass_from_scores_reference", "attention_mass_and_lowest_slot_op",
            "attention_mass_op", "attention_mass_reference", "lowest_slot", "lowest_slot_op",
            "lowest_slot_reference", "mutating_op", "visible_slots"]

@@ -81,7 +81,9 @@ def normalize_mask(mask, batch: int, tq: int, nt: int, heads: int | None = None)
 
 
 def decode_attention_reference(query, tiers=(), k_fp=None, v_fp=None, mask=None, scale=None, causal=False,
-                               return_lse: bool = False):
+                               return_lse: bool = False, scores_out=None):
+    """decode_attention in float32 PyTorch over dequantized tiers; scores_out as there (the fp16
+    part's scaled scores into its first k_fp.shape[2] slots)."""
     segs, heads = _check_inputs(query, tiers, k_fp, v_fp)
     b, hq, tq, d = query.shape
     keys, values = [], []
@@ -108,6 +110,8 @@ def decode_attention_reference(query, tiers=(), k_fp=None, v_fp=None, mask=None,
         pos = torch.arange(nt, device=s.device)
         limit = nt - tq + torch.arange(tq, device=s.device)
         s = s.masked_fill(pos[None, :] > limit[:, None], float("-inf"))
+    if scores_out is not None and k_fp is not None and k_fp.shape[2]:
+        scores_out[:, :, :k_fp.shape[2]] = s[:, :, 0, nt - k_fp.shape[2]:]
     p = torch.softmax(s, dim=-1).nan_to_num(0.0)  # a fully masked row attends nothing: 0
     out = (p @ v).to(query.dtype)
     return (out, torch.logsumexp(s, dim=-1)) if return_lse else out
@@ -170,7 +174,8 @@ def route_tiers(query, segs, mask_kind: int, mask_rows: bool, causal: bool, cuda
 
 def decode_attention(query, tiers=(), k_fp=None, v_fp=None, mask=None, scale=None, causal=False,
                      impl: str = "auto", lengths=None, record: dict | None = None, cuda_kernel: bool | None = None,
-                     mma_warps: int = 4, mma_min_blocks: int = 3, return_lse: bool = False, **tuning):
+                     mma_warps: int = 4, mma_min_blocks: int = 3, return_lse: bool = False, scores_out=None,
+                     **tuning):
     """Attention output [B, Hq, Tq, D] in query's dtype. `tiers`: PackedTier-like objects in
     key order; `k_fp`/`v_fp`: the fp16 part [B, Hkv, Nf, D] or None. `tuning` (kernel path):
     block_n, block_n_fp, num_warps, num_stages, programs_per_sm, maxnreg, use_asm, tiers_per_launch,
@@ -183,6 +188,12 @@ def decode_attention(query, tiers=(), k_fp=None, v_fp=None, mask=None, scale=Non
     needs the attention probability of a few keys (a tiered layer's window scores) gets it as
     exp(scale * q.k - lse) without a second pass over the cache.
 
+    scores_out: None, or float32 [B, Hq, Nf] for one query token (Tq = 1) and an fp16 part
+    k_fp of Nf slots (capacity): the fp16 part's scaled scores scale * q.k (natural units; -inf
+    where the mask hides a slot) written by the pass that attends over them; with `lengths`,
+    slots past the fp16 part's count are left as they were. H2O's step reads these instead of
+    the keys (kernels/attention_mass.py: attention_mass_from_scores).
+
     record: None, or a dict filled with "route" ("reference" or "kernels"), "reason" (why
     the reference, when the kernels were wanted), "cuda_tiers" (tiers the CUDA kernel read)
     and, on the kernel path, one entry per launch under "mma" and "triton"
@@ -194,6 +205,8 @@ def decode_attention(query, tiers=(), k_fp=None, v_fp=None, mask=None, scale=Non
     the capacities. The Triton kernel reads the counts on the device (nothing on the host
     changes from step to step); the reference reads them on the host."""
     segs, heads = _check_inputs(query, tiers, k_fp, v_fp)
+    if scores_out is not None:
+        _check_scores_out(scores_out, query, k_fp)
     if lengths is not None:
         _check_lengths(lengths, segs, k_fp, causal, query.device)
         if record is None and not tuning and impl == "auto" and cuda_kernel is None and mma_warps == 4 \
@@ -203,7 +216,12 @@ def decode_attention(query, tiers=(), k_fp=None, v_fp=None, mask=None, scale=Non
             if ops.tracing():  # torch.compile: one custom op (kernels/ops.py) instead of a graph break
                 tensors, bits = ops.flatten_segments(segs)
                 scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-                out, lse = ops.decode_attention_op(query, tensors, bits, k_fp, v_fp, mask, scale, lengths, return_lse)
+                if scores_out is not None:
+                    out, lse = ops.decode_attention_scores_op(query, tensors, bits, k_fp, v_fp, mask, scale, lengths,
+                                                              scores_out)
+                else:
+                    out, lse = ops.decode_attention_op(query, tensors, bits, k_fp, v_fp, mask, scale, lengths,
+                                                       return_lse)
                 return (out, lse) if return_lse else out
     reason = None
     if use_triton(query.device, impl):
@@ -217,7 +235,7 @@ def decode_attention(query, tiers=(), k_fp=None, v_fp=None, mask=None, scale=Non
             record.update(route="reference", reason=reason, cuda_tiers=0)
         if lengths is not None:
             segs, k_fp, v_fp, mask = valid_parts(segs, k_fp, v_fp, mask, lengths)
-        return decode_attention_reference(query, segs, k_fp, v_fp, mask, scale, causal, return_lse)
+        return decode_attention_reference(query, segs, k_fp, v_fp, mask, scale, causal, return_lse, scores_out)
     from ._triton_decode import triton_decode_attention
 
     b, _, tq, d = query.shape
@@ -230,7 +248,19 @@ def decode_attention(query, tiers=(), k_fp=None, v_fp=None, mask=None, scale=Non
     if record is not None:
         record.update(route="kernels", reason=None, cuda_tiers=sum(c is not None for c in cuda_tiers))
     return triton_decode_attention(query, segs, k_fp, v_fp, m4, kind, scale, causal, lengths=lengths,
-                                   cuda_tiers=cuda_tiers, record=record, return_lse=return_lse, **tuning)
+                                   cuda_tiers=cuda_tiers, record=record, return_lse=return_lse,
+                                   scores_out=scores_out, **tuning)
+
+
+def _check_scores_out(scores_out, query, k_fp) -> None:
+    b, hq, tq, _ = query.shape
+    if k_fp is None or tq != 1:
+        raise ValueError(f"scores_out needs an fp16 part (k_fp) and one query token (got k_fp "
+                         f"{'None' if k_fp is None else tuple(k_fp.shape)}, Tq {tq})")
+    want = (b, hq, k_fp.shape[2])
+    if scores_out.dtype != torch.float32 or tuple(scores_out.shape) != want or scores_out.stride(-1) != 1:
+        raise ValueError(f"scores_out must be float32 [B, Hq, Nf] = {want} with unit last stride "
+                         f"(got {scores_out.dtype} {tuple(scores_out.shape)})")
 
 
 __all__ = ["PackedSegment", "decode_attention", "decode_attention_reference", "normalize_mask", "route_tiers",

@@ -87,6 +87,27 @@ def _(query, segment_tensors, segment_bits, k_fp, v_fp, mask, scale, lengths, re
     return torch.empty_like(query, memory_format=torch.contiguous_format), lse
 
 
+@torch.library.custom_op("zipkv::decode_attention_scores", mutates_args=("scores",))
+def decode_attention_scores_op(query: torch.Tensor, segment_tensors: list[Optional[torch.Tensor]],
+                               segment_bits: list[int], k_fp: torch.Tensor, v_fp: torch.Tensor,
+                               mask: Optional[torch.Tensor], scale: float, lengths: torch.Tensor,
+                               scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """decode_attention(..., return_lse=True, scores_out=scores): the output, the lse and the fp16
+    part's scores written into `scores` (h2o's static step)."""
+    from .decode_attention import decode_attention
+
+    segments = unflatten_segments(segment_tensors, segment_bits)
+    return decode_attention(query, segments, k_fp, v_fp, mask=mask, scale=scale, lengths=lengths,
+                            return_lse=True, scores_out=scores)
+
+
+@decode_attention_scores_op.register_fake
+def _(query, segment_tensors, segment_bits, k_fp, v_fp, mask, scale, lengths, scores):
+    b, hq, tq, _ = query.shape
+    return (torch.empty_like(query, memory_format=torch.contiguous_format),
+            query.new_empty((b, hq, tq), dtype=torch.float32))
+
+
 # -- the window steps: the new token in, the window's saliency --------------------------------
 @mutating_op("zipkv::window_append", ("k_win", "v_win", "nonfinite"))
 def window_append_op(keys: torch.Tensor, values: torch.Tensor, k_win: torch.Tensor, v_win: torch.Tensor,
