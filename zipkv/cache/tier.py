@@ -18,6 +18,16 @@ from ..quant.schemes import (
 )
 
 
+def check_finite(keys: torch.Tensor, values: torch.Tensor) -> None:
+    """ValueError naming keys or values when they hold NaN/inf: both checked in one device read
+    (a prefill on a GPU stalls its queue at each read)."""
+    keys_ok, values_ok = torch.stack([torch.isfinite(keys).all(), torch.isfinite(values).all()]).tolist()
+    if not keys_ok:
+        raise ValueError("cannot quantize keys that contain NaN or inf")
+    if not values_ok:
+        raise ValueError("cannot quantize values that contain NaN or inf")
+
+
 class PackedTier:
     def __init__(
         self, bits: int, key_group_size: int | None, value_group_size: int | None, channel_separable: bool,
@@ -50,11 +60,14 @@ class PackedTier:
         group = self.key_group_size or n
         front = n % group if self.front_partial_group else 0
         parts = [(0, front), (front, n)] if front else [(0, n)]
-        keys_q = [quantize_keys_channelwise(keys[:, :, a:b], self.bits, self.key_group_size, out_dtype=param_dtypes[0])
+        check_finite(keys, values)
+        keys_q = [quantize_keys_channelwise(keys[:, :, a:b], self.bits, self.key_group_size, check_finite=False,
+                                            out_dtype=param_dtypes[0])
                   for a, b in parts]
         k_codes, k_scale, k_min = (torch.cat([q[i] for q in keys_q], 2) if front else keys_q[0][i] for i in range(3))
         v_codes, v_scale, v_min, v_channel = quantize_values_tokenwise(
-            values, self.value_bits, self.value_group_size, self.channel_separable, out_dtype=param_dtypes[1]
+            values, self.value_bits, self.value_group_size, self.channel_separable, check_finite=False,
+            out_dtype=param_dtypes[1]
         )
         start = self.num_tokens
         ends = [start + a + min((i + 1) * group, b - a) for (a, b), q in zip(parts, keys_q) for i in range(q[3])]
