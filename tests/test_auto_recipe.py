@@ -27,7 +27,7 @@ def prompt(model, cache, length=160, pad=0, batch=1):
 @pytest.mark.parametrize("target", [dict(ratio=3.0), dict(ratio=5.0), dict(bits=3.5)])
 def test_measured_ratio_meets_the_target(target):
     model = tiny_model("llama", **HEAD64)
-    cache = prompt(model, zipkv.make_cache("auto", model.config, residual_length=8, **target))
+    cache = prompt(model, zipkv.make_cache("auto", model.config, residual_length=8, stream_interval=8, **target))
     stats = cache.stats()
     wanted = target.get("ratio") or 16 / target["bits"]
     assert stats.ratio >= wanted, cache.recipe()
@@ -36,7 +36,7 @@ def test_measured_ratio_meets_the_target(target):
     assert [r["layer"] for r in rows] == [0, 1] and cache.recipe()["target_ratio"] == pytest.approx(wanted)
     # the choice spends what the target allows: a looser target never costs more error
     if target == dict(ratio=3.0):
-        tight = prompt(model, zipkv.make_cache("auto", model.config, residual_length=8, ratio=5.0))
+        tight = prompt(model, zipkv.make_cache("auto", model.config, residual_length=8, stream_interval=8, ratio=5.0))
         assert sum(r["error"] for r in rows) <= sum(r["error"] for r in tight.recipe()["layers"])
         assert stats.bytes_held > tight.stats().bytes_held
 
@@ -74,7 +74,9 @@ def bits_of(row) -> int:
 def test_the_layer_with_outlier_channels_gets_more_bits(outliers_in):
     model = tiny_model("llama", **HEAD64)
     outlier_layer(model, outliers_in)
-    rows = prompt(model, zipkv.make_cache("auto", model.config, ratio=4.0))
+    # a target between "every layer at its cheapest" and "every layer upgraded" (the waiting
+    # tokens counted: 3.5x on this 160-token prompt), so the budget decides who gets the bits
+    rows = prompt(model, zipkv.make_cache("auto", model.config, ratio=3.5, stream_interval=8))
     rows = rows.recipe()["layers"]
     assert bits_of(rows[outliers_in]) > bits_of(rows[1 - outliers_in]), rows
 
@@ -126,3 +128,21 @@ def test_reset_calibrates_again():
     cache.reset()
     assert cache.recipe()["layers"] == [None, None]
     assert prompt(model, cache).recipe() == first
+
+
+@pytest.mark.parametrize("ratio", [3.0, 4.0])
+def test_the_target_holds_while_decoding_with_the_waiting_tokens(ratio):
+    """After the prompt and at every decoding step (up to stream_interval tokens waiting
+    unquantized, then a block quantized), stats().ratio stays >= the target."""
+    model = tiny_model("llama", **HEAD64)
+    ids, mask = padded_batch(length=160)
+    cache = zipkv.make_cache("auto", model.config, ratio=ratio, stream_interval=16)
+    ratios = []
+    with torch.no_grad():
+        out = model(ids, attention_mask=mask, past_key_values=cache)
+        ratios.append(cache.stats().ratio)
+        for _ in range(20):  # past one block of 16
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            out = model(out.logits[:, -1:].argmax(-1), attention_mask=mask, past_key_values=cache)
+            ratios.append(cache.stats().ratio)
+    assert min(ratios) >= ratio, (ratios, cache.recipe())
