@@ -81,6 +81,19 @@ def _mass_kernel(q_ptr, sqb, sqh, lse_ptr, slb, slh, k_ptr, skb, skh, skn,
         tl.store(pn_ptr + at, slot)
 
 
+@triton.jit
+def _fold_choice(tot, stamp, eligible, offs, best_t, best_s, best_n):
+    """The running (total, stamp, slot) choice of a chunk, folded with one block's eligible
+    slots: the lowest total, the lowest stamp among equal totals."""
+    t = tl.where(eligible, tot, _INF)
+    t_min = tl.min(t, 0)
+    tied = eligible & (t == t_min)
+    s_min = tl.min(tl.where(tied, stamp, _NO_STAMP), 0)
+    n_min = tl.min(tl.where(tied & (stamp == s_min), offs, _NO_STAMP), 0)
+    better = (s_min != _NO_STAMP) & ((t_min < best_t) | ((t_min == best_t) & (s_min < best_s)))
+    return tl.where(better, t_min, best_t), tl.where(better, s_min, best_s), tl.where(better, n_min, best_n)
+
+
 @triton.jit(do_not_specialize=["n_last"])
 def _mass_dot_kernel(q_ptr, sqb, sqh, lse_ptr, slb, slh, k_ptr, skb, skh, skn,
                      len_ptr, n_last, real_ptr, srb, srh, tot_ptr, stb, sth,
@@ -127,16 +140,7 @@ def _mass_dot_kernel(q_ptr, sqb, sqh, lse_ptr, slb, slh, k_ptr, skb, skh, skn,
         tl.store(tot_at, tot, mask=inside)
         if CHOOSE:
             stamp = tl.load(stamp_ptr + b * ssb + h * ssh + offs, mask=inside, other=0)
-            eligible = visible & (stamp <= limit)
-            t = tl.where(eligible, tot, _INF)
-            t_min = tl.min(t, 0)
-            tied = eligible & (t == t_min)
-            s_min = tl.min(tl.where(tied, stamp, _NO_STAMP), 0)
-            n_min = tl.min(tl.where(tied & (stamp == s_min), offs, _NO_STAMP), 0)
-            better = (s_min != _NO_STAMP) & ((t_min < best_t) | ((t_min == best_t) & (s_min < best_s)))
-            best_t = tl.where(better, t_min, best_t)
-            best_s = tl.where(better, s_min, best_s)
-            best_n = tl.where(better, n_min, best_n)
+            best_t, best_s, best_n = _fold_choice(tot, stamp, visible & (stamp <= limit), offs, best_t, best_s, best_n)
     if CHOOSE:
         at = bh.to(tl.int64) * NB + chunk
         tl.store(pt_ptr + at, best_t)
@@ -176,16 +180,7 @@ def _scores_mass_kernel(sc_ptr, scb, sch, lse_ptr, slb, slh, len_ptr, n_last, re
         tot = tl.load(tot_at, mask=inside, other=0.0) + tl.sum(p, 0) / R
         tl.store(tot_at, tot, mask=inside)
         stamp = tl.load(stamp_ptr + b * ssb + h * ssh + offs, mask=inside, other=0)
-        eligible = visible & (stamp <= limit)
-        t = tl.where(eligible, tot, _INF)
-        t_min = tl.min(t, 0)
-        tied = eligible & (t == t_min)
-        s_min = tl.min(tl.where(tied, stamp, _NO_STAMP), 0)
-        n_min = tl.min(tl.where(tied & (stamp == s_min), offs, _NO_STAMP), 0)
-        better = (s_min != _NO_STAMP) & ((t_min < best_t) | ((t_min == best_t) & (s_min < best_s)))
-        best_t = tl.where(better, t_min, best_t)
-        best_s = tl.where(better, s_min, best_s)
-        best_n = tl.where(better, n_min, best_n)
+        best_t, best_s, best_n = _fold_choice(tot, stamp, visible & (stamp <= limit), offs, best_t, best_s, best_n)
     at = bh.to(tl.int64) * NB + chunk
     tl.store(pt_ptr + at, best_t)
     tl.store(ps_ptr + at, best_s)
