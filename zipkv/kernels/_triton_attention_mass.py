@@ -82,6 +82,15 @@ def _mass_kernel(q_ptr, sqb, sqh, lse_ptr, slb, slh, k_ptr, skb, skh, skn,
 
 
 @triton.jit
+def _chunk_program(HKV, len_ptr, n_last, RP: tl.constexpr):
+    """A chunk program's (chunk, b * Hkv + h, b, h as 64-bit, the slot count read on the
+    device, the RP query-head lanes)."""
+    bh = tl.program_id(1)
+    return (tl.program_id(0), bh, (bh // HKV).to(tl.int64), (bh % HKV).to(tl.int64), tl.load(len_ptr + n_last),
+            tl.arange(0, RP))
+
+
+@triton.jit
 def _fold_choice(tot, stamp, eligible, offs, best_t, best_s, best_n):
     """The running (total, stamp, slot) choice of a chunk, folded with one block's eligible
     slots: the lowest total, the lowest stamp among equal totals."""
@@ -106,13 +115,8 @@ def _mass_dot_kernel(q_ptr, sqb, sqh, lse_ptr, slb, slh, k_ptr, skb, skh, skn,
     to the product's minimum width; the pad heads and a head that attends nothing read
     lse = +inf, so their p is 0), the loop's loads pipelined; one (total, stamp, slot)
     partial per chunk."""
-    chunk = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // HKV).to(tl.int64)
-    h = (bh % HKV).to(tl.int64)
-    n = tl.load(len_ptr + n_last)
+    chunk, bh, b, h, n, heads = _chunk_program(HKV, len_ptr, n_last, RP)
     offs_d = tl.arange(0, D)
-    heads = tl.arange(0, RP)
     q = tl.load(q_ptr + b * sqb + (h * R + heads[:, None]) * sqh + offs_d[None, :], mask=heads[:, None] < R,
                 other=0.0)  # [RP, D]
     lse2 = tl.load(lse_ptr + b * slb + (h * R + heads) * slh, mask=heads < R, other=float("inf")) * 1.4426950408889634
@@ -155,12 +159,7 @@ def _scores_mass_kernel(sc_ptr, scb, sch, lse_ptr, slb, slh, len_ptr, n_last, re
     """MASS + CHOOSE from the scores the decode attention wrote (scale * q.k, natural units,
     [B, Hq, N]): p = exp(s - lse) of the R heads of KV head h, read as one [RP, BLOCK] tile per
     block of slots (pad heads: lse +inf); per slot R x 4 bytes instead of the key's D x 2."""
-    chunk = tl.program_id(0)
-    bh = tl.program_id(1)
-    b = (bh // HKV).to(tl.int64)
-    h = (bh % HKV).to(tl.int64)
-    n = tl.load(len_ptr + n_last)
-    heads = tl.arange(0, RP)
+    chunk, bh, b, h, n, heads = _chunk_program(HKV, len_ptr, n_last, RP)
     head_ok = heads < R
     lse = tl.load(lse_ptr + b * slb + (h * R + heads) * slh, mask=head_ok, other=float("inf"))
     lse = tl.where(lse > _NEG_INF, lse, _INF) * 1.4426950408889634
