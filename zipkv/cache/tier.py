@@ -16,6 +16,7 @@ from ..quant.schemes import (
     quantize_keys_channelwise,
     quantize_values_tokenwise,
 )
+from ..kernels.quantize_pack import quantize_pack_keys, quantize_pack_values
 
 
 def check_finite(keys: torch.Tensor, values: torch.Tensor) -> None:
@@ -47,6 +48,20 @@ class PackedTier:
         self.k_codes = self.k_scale = self.k_min = self.group_ends = None
         self.v_codes = self.v_scale = self.v_min = self.v_channel = self.chunk_ends = None
 
+    def _quantize_keys(self, keys, out_dtype):
+        """quant.schemes' channelwise keys; with the parameters' default dtype through the fused
+        kernel (kernels/quantize_pack.py: one launch on CUDA, the reference elsewhere)."""
+        if out_dtype is None:
+            return quantize_pack_keys(keys, self.bits, self.key_group_size, check_finite=False)
+        return quantize_keys_channelwise(keys, self.bits, self.key_group_size, check_finite=False, out_dtype=out_dtype)
+
+    def _quantize_values(self, values, out_dtype):
+        if out_dtype is None:
+            return quantize_pack_values(values, self.value_bits, self.value_group_size, self.channel_separable,
+                                        check_finite=False)
+        return quantize_values_tokenwise(values, self.value_bits, self.value_group_size, self.channel_separable,
+                                         check_finite=False, out_dtype=out_dtype)
+
     @property
     def num_tokens(self) -> int:
         return 0 if self.k_codes is None else self.k_codes.shape[2]
@@ -61,14 +76,9 @@ class PackedTier:
         front = n % group if self.front_partial_group else 0
         parts = [(0, front), (front, n)] if front else [(0, n)]
         check_finite(keys, values)
-        keys_q = [quantize_keys_channelwise(keys[:, :, a:b], self.bits, self.key_group_size, check_finite=False,
-                                            out_dtype=param_dtypes[0])
-                  for a, b in parts]
+        keys_q = [self._quantize_keys(keys[:, :, a:b], param_dtypes[0]) for a, b in parts]
         k_codes, k_scale, k_min = (torch.cat([q[i] for q in keys_q], 2) if front else keys_q[0][i] for i in range(3))
-        v_codes, v_scale, v_min, v_channel = quantize_values_tokenwise(
-            values, self.value_bits, self.value_group_size, self.channel_separable, check_finite=False,
-            out_dtype=param_dtypes[1]
-        )
+        v_codes, v_scale, v_min, v_channel = self._quantize_values(values, param_dtypes[1])
         start = self.num_tokens
         ends = [start + a + min((i + 1) * group, b - a) for (a, b), q in zip(parts, keys_q) for i in range(q[3])]
         ends = torch.tensor(ends, dtype=torch.int32)

@@ -4,9 +4,11 @@
 - `quantize_pack_values`: tokenwise values in groups of `group` channels (None: all D),
   optionally channel-separable (ZipCache CS: divide channel i by c_i = sqrt(max_t |v_ti|)).
 
-Both return exactly what zipkv.quant.schemes returns (that module is the reference): on CUDA
-through one Triton launch each (the CS factors need all tokens first: one torch amax pass),
-elsewhere through the reference itself.
+Both return exactly what zipkv.quant.schemes returns (that module is the reference; on the GPU
+codes may differ on rounding ties, tests/test_gpu_kernels.py): on CUDA through one Triton launch
+each (the CS factors need all tokens first: one torch amax pass), elsewhere through the
+reference itself. PackedTier.append (cache/tier.py) quantizes every eager block through them:
+on the H200 the reference's ~30 small ops per call were host time between a prefill's kernels.
 """
 
 from __future__ import annotations
@@ -23,21 +25,23 @@ def _triton_ok(x: torch.Tensor, bits: int) -> bool:
     return d in (32, 64, 128, 256) and x.stride(-1) == 1 and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _check(x: torch.Tensor, name: str):
+def _check(x: torch.Tensor, name: str, check_finite: bool = True):
     if x.dim() != 4:
         raise ValueError(f"{name} must be [B, H, N, D] (got shape {tuple(x.shape)})")
-    if x.is_floating_point() and x.numel() and not torch.isfinite(x).all():
+    if check_finite and x.is_floating_point() and x.numel() and not torch.isfinite(x).all():
         raise ValueError(f"cannot quantize {name} that contain NaN or inf")
 
 
-def quantize_pack_keys(keys: torch.Tensor, bits: int, group: int | None, impl: str = "auto"):
-    """(codes [B,H,N,D*bits/8] uint8, scale [B,H,G,D], min [B,H,G,D], G)."""
+def quantize_pack_keys(keys: torch.Tensor, bits: int, group: int | None, impl: str = "auto",
+                       check_finite: bool = True):
+    """(codes [B,H,N,D*bits/8] uint8, scale [B,H,G,D], min [B,H,G,D], G). check_finite=False:
+    the caller refused NaN/inf already (the check is a device read)."""
     check_bits(bits)
-    _check(keys, "keys")
+    _check(keys, "keys", check_finite)
     if group is not None and (not isinstance(group, int) or group < 1):
         raise ValueError(f"key_group_size must be a positive integer or None (got {group!r})")
     if not use_triton(keys.device, impl) or not _triton_ok(keys, bits):
-        return quantize_keys_channelwise(keys, bits, group)
+        return quantize_keys_channelwise(keys, bits, group, check_finite=False)
     from ._triton_quantize import quantize_keys
 
     n = keys.shape[2]
@@ -45,16 +49,16 @@ def quantize_pack_keys(keys: torch.Tensor, bits: int, group: int | None, impl: s
 
 
 def quantize_pack_values(values: torch.Tensor, bits: int, group: int | None, channel_separable: bool,
-                         impl: str = "auto"):
+                         impl: str = "auto", check_finite: bool = True):
     """(codes [B,H,N,D*bits/8] uint8, scale [B,H,N,D/g], min [B,H,N,D/g], factors [B,H,1,D] or None)."""
     check_bits(bits)
-    _check(values, "values")
+    _check(values, "values", check_finite)
     d = values.shape[-1]
     g = d if group is None else group
     if not isinstance(g, int) or g < 1 or d % g:
         raise ValueError(f"value_group_size must divide head_dim {d} (got {group!r})")
     if not use_triton(values.device, impl) or not _triton_ok(values, bits) or g < 4:
-        return quantize_values_tokenwise(values, bits, group, channel_separable)
+        return quantize_values_tokenwise(values, bits, group, channel_separable, check_finite=False)
     from ._triton_quantize import quantize_values
 
     out_dtype = param_dtype(values)
