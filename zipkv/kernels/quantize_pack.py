@@ -17,7 +17,7 @@ import torch
 
 from ..quant.quantizer import check_bits, param_dtype
 from ..quant.schemes import channel_factors, quantize_keys_channelwise, quantize_values_tokenwise
-from ._runtime import use_triton
+from ._runtime import sm_count, use_triton
 
 
 def _triton_ok(x: torch.Tensor, bits: int) -> bool:
@@ -32,6 +32,16 @@ def _check(x: torch.Tensor, name: str, check_finite: bool = True):
         raise ValueError(f"cannot quantize {name} that contain NaN or inf")
 
 
+def _too_few_groups(keys: torch.Tensor, group: int | None) -> bool:
+    """The fused key kernel runs one program per (row, head, token group), each looping over its
+    group's tokens: a 32K prompt quantized as one group per head at batch 1 was 8 programs on
+    132 SMs (zipkv's prefill 1.11x DynamicCache's at 32K on the H200, 1.08x through the
+    reference's parallel reductions). Fewer than two programs per SM: the reference."""
+    b, h, n, _ = keys.shape
+    groups = -(-n // group) if group else 1
+    return b * h * groups < 2 * sm_count(keys.device)
+
+
 def quantize_pack_keys(keys: torch.Tensor, bits: int, group: int | None, impl: str = "auto",
                        check_finite: bool = True):
     """(codes [B,H,N,D*bits/8] uint8, scale [B,H,G,D], min [B,H,G,D], G). check_finite=False:
@@ -40,7 +50,7 @@ def quantize_pack_keys(keys: torch.Tensor, bits: int, group: int | None, impl: s
     _check(keys, "keys", check_finite)
     if group is not None and (not isinstance(group, int) or group < 1):
         raise ValueError(f"key_group_size must be a positive integer or None (got {group!r})")
-    if not use_triton(keys.device, impl) or not _triton_ok(keys, bits):
+    if not use_triton(keys.device, impl) or not _triton_ok(keys, bits) or (impl == "auto" and _too_few_groups(keys, group)):
         return quantize_keys_channelwise(keys, bits, group, check_finite=False)
     from ._triton_quantize import quantize_keys
 
