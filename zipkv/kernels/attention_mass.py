@@ -14,6 +14,8 @@ its PyTorch reference:
   of the lowest total, the oldest (lowest stamp) among equals: the token H2O evicts.
 - attention_mass_and_lowest_slot: both in one pass (the kernel chooses per block while the
   new totals are in registers, then a small launch merges the blocks' choices).
+- attention_mass_from_scores: the same from the scores the decode attention wrote
+  (decode_attention(..., scores_out=...)) instead of the keys.
 
 Bytes per call (the kernel): the keys of the visible slots once, the totals read and
 written, the stamps read, the real mask; nothing else of size slots x head_dim. Re-reading
@@ -25,9 +27,10 @@ KV head, 8 KV heads, d 128, bf16): the decode attention reads keys and values (2
 pass the keys again (107.4 MB), totals read and written (2 x 1.7 MB), stamps (1.7 MB, int32),
 real (52 KB): 327.4 MB a layer, 10.48 GB for 32 layers; with the weights (15.0 GB) over the
 copy bandwidth (4.14 TB/s) 6.15 ms a step, 1.16x the roofline of weights + bytes held (5.31 ms).
-A floor below that needs the decode attention to hand over its scores (R x 4 bytes per slot
-and KV head written and read again, instead of 2 x D bytes of keys read), which the split-K
-kernel does not do today.
+The floor below that: the decode attention hands over its scores (R x 4 bytes per slot and
+KV head written and read again, instead of 2 x D bytes of keys read): `decode_attention(...,
+scores_out=...)` then `attention_mass_from_scores`, what the static h2o layer runs (8 x 32K
+compiled on the H200: 8.15 ms a step, was 9.26 with the key pass).
 
 Tests: tests/test_kernels_attention_mass.py (Triton interpreter), tests/test_gpu_attention_mass.py.
 """
