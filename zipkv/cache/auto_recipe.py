@@ -171,10 +171,9 @@ class AutoCache(ZipCache):
         ratio=6.4 held 5.4x at the end of a 1K-token case on Qwen2.5-1.5B.)"""
         tail = self.settings.stream_interval
         fp16_per_token = sum(b / max(n, 1) for b, n in zip(stats.fp16_bytes_per_layer, stats.tokens_per_layer))
-        full = {id(layer) for layer in layers}
         held_per_token = sum(layer.freed_bytes() / max(layer.block, 1) for layer in layers) + sum(
             b / max(n, 1) for layer, b, n in zip(self.layers, stats.fp16_bytes_per_layer, stats.tokens_per_layer)
-            if id(layer) not in full)  # window layers: their waiting tokens at fp16 cost
+            if not isinstance(layer, CalibratedLayer))  # window layers: their waiting tokens at fp16 cost
         return (stats.fp16_bytes + fp16_per_token * tail) / self.target - fixed - held_per_token * tail
 
     def recipe(self) -> dict:

@@ -204,11 +204,6 @@ class EvictingLayer(ZipkvLayer):
         )
 
     # -- what the attention function asks and hands over ---------------------------------------
-    def attention_mask(self, incoming, q_len: int, new_real: torch.Tensor | None = None) -> torch.Tensor:
-        """bool [B, 1 or H, q, K] for this forward (note_new_tokens, then forward_mask)."""
-        self.note_new_tokens(incoming, q_len, new_real)
-        return self.forward_mask
-
     def note_new_tokens(self, incoming, q_len: int, new_real: torch.Tensor | None = None) -> None:
         """This forward's q_len new tokens' padding, read from the model's mask (its last q
         columns are the new tokens, see get_mask_sizes) or given as new_real [B, q]. The mask

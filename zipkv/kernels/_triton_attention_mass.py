@@ -103,6 +103,33 @@ def _fold_choice(tot, stamp, eligible, offs, best_t, best_s, best_n):
     return tl.where(better, t_min, best_t), tl.where(better, s_min, best_s), tl.where(better, n_min, best_n)
 
 
+@triton.jit
+def _head_lse2(lse_row, heads, stride, R: tl.constexpr):
+    """The RP lanes' log-sum-exp in base 2 (lane r: query head h * R + r, lse_row at head
+    h * R): +inf for pad lanes (r >= R) and for a head that attends nothing (lse -inf), so
+    exp2(s - lse2) is 0 there."""
+    lse2 = tl.load(lse_row + heads * stride, mask=heads < R, other=float("inf")) * 1.4426950408889634
+    return tl.where(lse2 > _NEG_INF, lse2, _INF)
+
+
+@triton.jit
+def _block_slots(start, N, n, real_row, BLOCK: tl.constexpr):
+    """Slots start .. start + BLOCK: their offsets, which exist (< N) and which are visible
+    (before the device count n and real)."""
+    offs = start + tl.arange(0, BLOCK)
+    inside = offs < N
+    real = tl.load(real_row + offs, mask=inside, other=0) != 0
+    return offs, inside, inside & (offs < n) & real
+
+
+@triton.jit
+def _add_totals(tot_row, offs, inside, added):
+    """totals[offs] += added (stored), the new totals returned for the choice."""
+    tot = tl.load(tot_row + offs, mask=inside, other=0.0) + added
+    tl.store(tot_row + offs, tot, mask=inside)
+    return tot
+
+
 @triton.jit(do_not_specialize=["n_last"])
 def _mass_dot_kernel(q_ptr, sqb, sqh, lse_ptr, slb, slh, k_ptr, skb, skh, skn,
                      len_ptr, n_last, real_ptr, srb, srh, tot_ptr, stb, sth,
@@ -119,18 +146,14 @@ def _mass_dot_kernel(q_ptr, sqb, sqh, lse_ptr, slb, slh, k_ptr, skb, skh, skn,
     offs_d = tl.arange(0, D)
     q = tl.load(q_ptr + b * sqb + (h * R + heads[:, None]) * sqh + offs_d[None, :], mask=heads[:, None] < R,
                 other=0.0)  # [RP, D]
-    lse2 = tl.load(lse_ptr + b * slb + (h * R + heads) * slh, mask=heads < R, other=float("inf")) * 1.4426950408889634
-    lse2 = tl.where(lse2 > _NEG_INF, lse2, _INF)
+    lse2 = _head_lse2(lse_ptr + b * slb + h * R * slh, heads, slh, R)
     best_t = float("inf")
     best_s = 2147483647
     best_n = 0
     if CHOOSE:
         limit = tl.load(newest_ptr) - tl.load(recent_ptr + b)
     for start in range(chunk * CHUNK, tl.minimum((chunk + 1) * CHUNK, N), BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        inside = offs < N
-        real = tl.load(real_ptr + b * srb + h * srh + offs, mask=inside, other=0) != 0
-        visible = inside & (offs < n) & real
+        offs, inside, visible = _block_slots(start, N, n, real_ptr + b * srb + h * srh, BLOCK)
         k = tl.load(k_ptr + b * skb + h * skh + offs[:, None] * skn + offs_d[None, :], mask=visible[:, None],
                     other=0.0)
         if IEEE:  # float32 states (and bf16 under the interpreter, whose bf16 products are wrong)
@@ -138,10 +161,7 @@ def _mass_dot_kernel(q_ptr, sqb, sqh, lse_ptr, slb, slh, k_ptr, skb, skh, skn,
         else:
             s = tl.dot(k, tl.trans(q))
         p = tl.exp2(s * qk_scale - lse2[None, :])  # [BLOCK, RP]
-        acc = tl.sum(tl.where(visible[:, None], p, 0.0), 1)
-        tot_at = tot_ptr + b * stb + h * sth + offs
-        tot = tl.load(tot_at, mask=inside, other=0.0) + acc / R
-        tl.store(tot_at, tot, mask=inside)
+        tot = _add_totals(tot_ptr + b * stb + h * sth, offs, inside, tl.sum(tl.where(visible[:, None], p, 0.0), 1) / R)
         if CHOOSE:
             stamp = tl.load(stamp_ptr + b * ssb + h * ssh + offs, mask=inside, other=0)
             best_t, best_s, best_n = _fold_choice(tot, stamp, visible & (stamp <= limit), offs, best_t, best_s, best_n)
@@ -160,24 +180,17 @@ def _scores_mass_kernel(sc_ptr, scb, sch, lse_ptr, slb, slh, len_ptr, n_last, re
     [B, Hq, N]): p = exp(s - lse) of the R heads of KV head h, read as one [RP, BLOCK] tile per
     block of slots (pad heads: lse +inf); per slot R x 4 bytes instead of the key's D x 2."""
     chunk, bh, b, h, n, heads = _chunk_program(HKV, len_ptr, n_last, RP)
-    head_ok = heads < R
-    lse = tl.load(lse_ptr + b * slb + (h * R + heads) * slh, mask=head_ok, other=float("inf"))
-    lse = tl.where(lse > _NEG_INF, lse, _INF) * 1.4426950408889634
+    lse2 = _head_lse2(lse_ptr + b * slb + h * R * slh, heads, slh, R)
     row = sc_ptr + b * scb + (h * R + heads) * sch
     best_t = float("inf")
     best_s = 2147483647
     best_n = 0
     limit = tl.load(newest_ptr) - tl.load(recent_ptr + b)
     for start in range(chunk * CHUNK, tl.minimum((chunk + 1) * CHUNK, N), BLOCK):
-        offs = start + tl.arange(0, BLOCK)
-        inside = offs < N
-        real = tl.load(real_ptr + b * srb + h * srh + offs, mask=inside, other=0) != 0
-        visible = inside & (offs < n) & real
-        sc = tl.load(row[:, None] + offs[None, :], mask=head_ok[:, None] & visible[None, :], other=_NEG_INF)
-        p = tl.exp2(sc * 1.4426950408889634 - lse[:, None])  # [RP, BLOCK]; masked: exp2(-inf) = 0
-        tot_at = tot_ptr + b * stb + h * sth + offs
-        tot = tl.load(tot_at, mask=inside, other=0.0) + tl.sum(p, 0) / R
-        tl.store(tot_at, tot, mask=inside)
+        offs, inside, visible = _block_slots(start, N, n, real_ptr + b * srb + h * srh, BLOCK)
+        sc = tl.load(row[:, None] + offs[None, :], mask=(heads < R)[:, None] & visible[None, :], other=_NEG_INF)
+        p = tl.exp2(sc * 1.4426950408889634 - lse2[:, None])  # [RP, BLOCK]; masked: exp2(-inf) = 0
+        tot = _add_totals(tot_ptr + b * stb + h * sth, offs, inside, tl.sum(p, 0) / R)
         stamp = tl.load(stamp_ptr + b * ssb + h * ssh + offs, mask=inside, other=0)
         best_t, best_s, best_n = _fold_choice(tot, stamp, visible & (stamp <= limit), offs, best_t, best_s, best_n)
     at = bh.to(tl.int64) * NB + chunk
