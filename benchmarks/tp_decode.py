@@ -155,6 +155,10 @@ def main(argv=None) -> list[dict]:
             json.dump({"device": str(device), "world_size": world, "shapes": "tiny" if args.tiny else "llama3-8b",
                        "rows": rows}, f, indent=1)
     if mesh is not None:
+        # every rank waits for the others before the group goes: a gloo rank that tears its
+        # group down while a peer is still in a collective (or writing the JSON) aborts with
+        # "terminate called without an active exception" (seen once in CI)
+        dist.barrier()
         dist.destroy_process_group()
     return rows
 
