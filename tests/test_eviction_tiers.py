@@ -106,3 +106,30 @@ def test_zipvl_v1_pipeline_gives_each_sequence_its_own_high_tier():
     out = assign_tiers(ZipCacheScorer().score_attention(att), counts, "rest")
     assert out.high.lengths[:, 0].tolist() == counts.tolist()
     assert (out.high.lengths + out.low.lengths == 30).all() and out.evicted.total == 0
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_from_uniform_mask_equals_from_mask(seed):
+    g = torch.Generator().manual_seed(seed)
+    b, h, t = 2, 3, int(torch.randint(1, 60, (1,), generator=g))
+    count = int(torch.randint(0, t + 1, (1,), generator=g))
+    order = torch.rand(b, h, t, generator=g).argsort(-1)
+    mask = order < count  # exactly `count` True entries per (b, h), at random positions
+    fast, reference = TokenIndex.from_uniform_mask(mask, count), TokenIndex.from_mask(mask)
+    assert torch.equal(fast.indices, reference.indices) and torch.equal(fast.offsets, reference.offsets)
+    assert fast.host_lengths == reference.host_lengths and torch.equal(fast.dense(), reference.dense())
+
+
+def test_packed_store_refuses_nan_only_in_kept_tokens():
+    from zipkv.cache.eviction_store import PackedStore
+
+    keys, values = torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8, 16)
+    keep = torch.ones(1, 2, 8, dtype=torch.bool)
+    keep[:, :, 3] = False
+    keys[0, 1, 3, 5] = float("nan")  # an evicted token: never quantized, no error
+    store = PackedStore(4, None, None, False, 1, 2)
+    store.append(keys, values, keep)
+    assert store.lengths.tolist() == [[7, 7]]
+    values[0, 0, 6, 0] = float("inf")
+    with pytest.raises(ValueError, match="values that contain NaN or inf"):
+        PackedStore(4, None, None, False, 1, 2).append(keys, values, keep)

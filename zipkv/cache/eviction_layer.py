@@ -67,6 +67,7 @@ class EvictingLayer(ZipkvLayer):
         self.prompt_lse = None  # float32 [B, Hq, T]: the prompt attention's log-sum-exp, during observe
         self.parts: list = []
         self.recent_keys = self.recent_values = self.recent_real = None
+        self.recent_unpadded = True  # known on the host: recent_real is all True (no device read)
         # per recent token: summed attention of later queries [B, H, r] and how many saw it [B, 1, r]
         self.recent_score_sum = self.recent_score_count = None
         self.budget_rows = None  # int64 [B]: tokens each sequence keeps (continuous policies)
@@ -209,6 +210,10 @@ class EvictingLayer(ZipkvLayer):
         columns are the new tokens, see get_mask_sizes) or given as new_real [B, q]. The mask
         itself (forward_mask) is built only if something reads it: a causal unpadded prompt
         attends without one, and at 32K it is a 1 GiB bool tensor (5 ms a layer on the H200)."""
+        if new_real is None and not isinstance(incoming, torch.Tensor):
+            self._mask, self._mask_q = None, q_len  # no mask: no padding (recent_real's ones stay)
+            return
+        self.recent_unpadded = False  # padding possible: read recent_real when it matters
         if new_real is None:
             new_real = _new_token_padding(incoming, q_len, self.batch_size, self.device)
         self.recent_real[:, -q_len:] = new_real.to(self.device)
@@ -238,7 +243,7 @@ class EvictingLayer(ZipkvLayer):
             self.observe(query, scaling)
             return output.transpose(1, 2).contiguous(), None
         dropout = dropout if module.training else 0.0
-        if key.shape[2] == query.shape[2] and bool(self.recent_real.all()):
+        if key.shape[2] == query.shape[2] and (self.recent_unpadded or bool(self.recent_real.all())):
             # a prompt with nothing held before it and no padding: the mask is plain causal, so
             # SDPA may take its flash kernel (an explicit mask rules it out: the masked prefill
             # ran at 2.3x the plain one at 32K on the H200), GQA without copying K / V 4x
@@ -321,6 +326,7 @@ class EvictingLayer(ZipkvLayer):
         self.recent_keys = self.recent_keys.new_zeros(b, h, 0, d)
         self.recent_values = self.recent_values.new_zeros(b, h, 0, d)
         self.recent_real = self.recent_real.new_ones(b, 0)
+        self.recent_unpadded = True
         if self.policy.tracks_recent:
             self.recent_score_sum = self.recent_score_sum.new_zeros(b, h, 0)
             self.recent_score_count = self.recent_score_count.new_zeros(b, 1, 0)

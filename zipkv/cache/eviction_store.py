@@ -162,21 +162,29 @@ class PackedStore:
     def append(self, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor) -> None:
         """Quantize and append the `keep` [B, H, T] tokens of keys/values [B, H, T, D]; each
         append is one quantization group per run (no token is ever re-quantized)."""
+        # one device read for the whole batch: the kept counts of every (b, h) and whether the
+        # kept keys and values are finite (each read stalls a GPU's queue)
+        finite = torch.stack([(torch.isfinite(x).all(-1) | ~keep).all() for x in (keys, values)])
+        *flat, keys_ok, values_ok = torch.cat([keep.sum(-1).reshape(-1), finite.to(torch.int64)]).tolist()
+        for name, ok in (("keys", keys_ok), ("values", values_ok)):
+            if not ok:
+                raise ValueError(f"cannot quantize {name} that contain NaN or inf")
+        heads = keep.shape[1]
         for b in range(keep.shape[0]):
-            counts = keep[b].sum(-1).tolist()  # one device read for the checks below
+            counts = flat[b * heads : (b + 1) * heads]
             if sum(counts) == 0:
                 continue
             uniform = min(counts) == max(counts)
             if uniform and len(self.rows[b]) == 1:
-                index = TokenIndex.from_mask(keep[b : b + 1]).dense()
-                self.rows[b][0].append(_gather(keys[b : b + 1], index), _gather(values[b : b + 1], index))
+                index = TokenIndex.from_uniform_mask(keep[b : b + 1], counts[0]).dense()
+                self.rows[b][0].append(_gather(keys[b : b + 1], index), _gather(values[b : b + 1], index), checked=True)
                 continue
             if len(self.rows[b]) == 1:
                 self._split_row(b)
             for h in range(self.num_heads):
-                index = keep[b, h].nonzero(as_tuple=True)[0][None, None]
+                index = TokenIndex.from_uniform_mask(keep[b : b + 1, h : h + 1], counts[h]).dense()
                 k, v = keys[b : b + 1, h : h + 1], values[b : b + 1, h : h + 1]
-                self.rows[b][h].append(_gather(k, index), _gather(v, index))
+                self.rows[b][h].append(_gather(k, index), _gather(v, index), checked=True)
 
     @property
     def lengths(self) -> torch.Tensor:

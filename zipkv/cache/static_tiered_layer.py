@@ -96,6 +96,7 @@ class StaticTieredLayer(StaticEvictingLayer):
         self.score_sum = torch.zeros(b, h, si, dtype=torch.float32, device=self.device)
         self.score_count = torch.zeros(b, 1, si, dtype=torch.float32, device=self.device)
         self.recent_keys = self.recent_values = self.recent_real = None  # views of the window in flush()
+        self.recent_unpadded = False  # the window's padding flags live on the device: read them
         self.recent_score_sum = self.recent_score_count = None
         self.replace_all(self.parts)  # an empty window
         c = self.fp16_slots

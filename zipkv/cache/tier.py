@@ -66,16 +66,18 @@ class PackedTier:
     def num_tokens(self) -> int:
         return 0 if self.k_codes is None else self.k_codes.shape[2]
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, param_dtypes=(None, None)) -> None:
+    def append(self, keys: torch.Tensor, values: torch.Tensor, param_dtypes=(None, None), checked: bool = False) -> None:
         """Quantize and append tokens [B, H, n, D] (n may be 0). param_dtypes: the (keys',
-        values') parameter dtypes; None: chosen from the states (`param_dtype`)."""
+        values') parameter dtypes; None: chosen from the states (`param_dtype`). checked: the
+        caller has refused NaN/inf itself (in a device read it makes anyway)."""
         n = keys.shape[2]
         if n == 0:
             return
         group = self.key_group_size or n
         front = n % group if self.front_partial_group else 0
         parts = [(0, front), (front, n)] if front else [(0, n)]
-        check_finite(keys, values)
+        if not checked:
+            check_finite(keys, values)
         keys_q = [self._quantize_keys(keys[:, :, a:b], param_dtypes[0]) for a, b in parts]
         k_codes, k_scale, k_min = (torch.cat([q[i] for q in keys_q], 2) if front else keys_q[0][i] for i in range(3))
         v_codes, v_scale, v_min, v_channel = self._quantize_values(values, param_dtypes[1])

@@ -11,23 +11,36 @@ Bit widths are the cache's business; this module only says which token goes wher
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
 
-from .select import per_head_counts, rank_tokens
+from .select import NAN_SCORES, per_head_counts, rank_tokens
 from .token_index import TokenIndex
 
 EVICTED, LOW, HIGH = 0, 1, 2
 
 
-@dataclass(frozen=True)
 class TierAssignment:
-    tier_map: Tensor  # int8 [B, H, T]: HIGH / LOW / EVICTED per token
-    high: TokenIndex
-    low: TokenIndex
-    evicted: TokenIndex
+    """tier_map int8 [B, H, T]: HIGH / LOW / EVICTED per token; the per-tier TokenIndex
+    built when first read (each is a nonzero, a device read that stalls a GPU's queue, and
+    a cache that appends from the tier map itself needs none of them)."""
+
+    def __init__(self, tier_map: Tensor):
+        self.tier_map = tier_map
+
+    @cached_property
+    def high(self) -> TokenIndex:
+        return TokenIndex.from_mask(self.tier_map == HIGH)
+
+    @cached_property
+    def low(self) -> TokenIndex:
+        return TokenIndex.from_mask(self.tier_map == LOW)
+
+    @cached_property
+    def evicted(self) -> TokenIndex:
+        return TokenIndex.from_mask(self.tier_map == EVICTED)
 
     def kept(self) -> TokenIndex:
         """High and low tokens together, in logical order."""
@@ -46,28 +59,31 @@ def assign_tiers(scores: Tensor, high, low=0, *, drop_padding: bool = False) -> 
     if scores.dim() != 3:
         raise ValueError(f"scores must be [B, H, T], got shape {tuple(scores.shape)}")
     b, h, t = scores.shape
-    n_high = per_head_counts(high, b, h, scores.device, name="high")
+    n_high = per_head_counts(high, b, h, scores.device, name="high", checked=True)
     if isinstance(low, str):
         if low != "rest":
             raise ValueError(f"low={low!r}: give a token count or 'rest'")
-        n_low = t - n_high
+        n_low = (t - n_high).clamp_min(0)  # high > T is then caught as high + low > T
     else:
-        n_low = per_head_counts(low, b, h, scores.device, name="low")
+        n_low = per_head_counts(low, b, h, scores.device, name="low", checked=True)
     n_kept = n_high + n_low
-    if bool((n_kept > t).any()):
+    # every check in one device read
+    nan, high_negative, low_negative, too_many = torch.stack(
+        [torch.isnan(scores).any(), (n_high < 0).any(), (n_low < 0).any(), (n_kept > t).any()]).tolist()
+    if nan:
+        raise ValueError(NAN_SCORES)
+    for name, negative, counts in (("high", high_negative, n_high), ("low", low_negative, n_low)):
+        if negative:
+            raise ValueError(f"{name} must be >= 0, got minimum {int(counts.min())}")
+    if too_many:
         raise ValueError(
             f"high + low = {int(n_kept.max())} tokens is larger than the prompt ({t} tokens); "
             f"allowed range [0, {t}]"
         )
-    ranks = rank_tokens(scores)
+    ranks = rank_tokens(scores, checked=True)
     tier_map = torch.full((b, h, t), EVICTED, dtype=torch.int8, device=scores.device)
     tier_map[ranks < n_kept[..., None]] = LOW
     tier_map[ranks < n_high[..., None]] = HIGH
     if drop_padding:
         tier_map[torch.isneginf(scores)] = EVICTED
-    return TierAssignment(
-        tier_map,
-        TokenIndex.from_mask(tier_map == HIGH),
-        TokenIndex.from_mask(tier_map == LOW),
-        TokenIndex.from_mask(tier_map == EVICTED),
-    )
+    return TierAssignment(tier_map)

@@ -43,6 +43,22 @@ class TokenIndex:
         return cls(indices, offsets, b, h, t)
 
     @classmethod
+    def from_uniform_mask(cls, mask: Tensor, count: int) -> "TokenIndex":
+        """Index of a [B, H, T] mask whose every (b, h) row holds exactly `count` True
+        entries, a number the caller knows on the host: no device read (from_mask's nonzero
+        waits for the GPU's queue to drain). Each True entry's slot in its run is its prefix
+        count; the False entries scatter into one spill column past the end."""
+        b, h, t = mask.shape
+        slots = torch.where(mask, mask.cumsum(-1, dtype=torch.int64) - 1, count)
+        dense = torch.empty(b, h, count + 1, dtype=torch.int64, device=mask.device)
+        dense.scatter_(-1, slots, torch.arange(t, device=mask.device).expand(b, h, t))
+        index = dense[..., :count]
+        offsets = torch.arange(b * h + 1, device=mask.device, dtype=torch.int64) * count
+        out = cls(index.reshape(-1), offsets, b, h, t)
+        out.__dict__["host_lengths"] = (count,) * (b * h)  # known: no read to fill the cache
+        return out
+
+    @classmethod
     def from_dense(cls, index: Tensor, seq_len: int) -> "TokenIndex":
         """From a [B, H, n] index tensor (any order, no repeats); runs come out sorted."""
         if index.dim() != 3:

@@ -34,6 +34,8 @@ class PolicyLayer(Protocol):
 
     recent_keys / recent_values [B, Hkv, r, D], recent_real bool [B, r]: the tokens of this
     forward (tiered policies: every token since the last block split) not yet in a store;
+    recent_unpadded: True when recent_real is known on the host to be all True (no padding
+    anywhere: a policy may skip reading it);
     held_states: (keys, values) of the stores then the recent tokens, [B, Hkv, N, D];
     held_valid(): bool [B, Hkv, N] which of held_states are real;
     forward_mask: bool [B, 1 or H, q, N] the mask this forward attended with;
@@ -48,6 +50,7 @@ class PolicyLayer(Protocol):
     recent_keys: torch.Tensor
     recent_values: torch.Tensor
     recent_real: torch.Tensor
+    recent_unpadded: bool
     eviction_position: int
     parts: list
     prompt_lse: torch.Tensor | None

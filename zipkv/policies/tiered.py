@@ -100,16 +100,21 @@ class TieredPolicy(Policy):
         key), its normalized scores and the tau-important count; with important=True also
         the row's important set T for sparse prefill."""
         keys, real = layer.recent_keys, layer.recent_real
-        positions = probe_positions(real, self.probe_recent, self.probe_random, self.seed)
-        att = window_attention(query[:, :, positions], keys, real, query_positions=positions, scaling=scaling)
+        positions = probe_positions(real, self.probe_recent, self.probe_random, self.seed,
+                                    unpadded=layer.recent_unpadded)
+        att = window_attention(query[:, :, positions.to(query.device)], keys, real, query_positions=positions,
+                               scaling=scaling)
         scores = ZipCacheScorer().score_attention(att)
         shard = head_shard_of(layer)  # tensor parallel: the mass of every rank's query heads
-        high = zipvl_important_count(sum_over_heads(shard, att.probs.sum(dim=(1, 2, 3))), self.tau).to(torch.int64)
+        # the mass is a softmax's sums: >= 0, and NaN only from NaN states, which the tier
+        # split's own check refuses (NaN scores) in the same device read as its other checks
+        high = zipvl_important_count(sum_over_heads(shard, att.probs.sum(dim=(1, 2, 3))), self.tau,
+                                     checked=True).to(torch.int64)
         if self.budget is not None or self.ratio is not None:
             high = torch.minimum(high, self.row_budgets(real).to(high.device))
         selection = ZipVLSelection(positions, scores, high)
         if important:
-            recent = recent_probe_positions(real, self.probe_recent)
+            recent = recent_probe_positions(real, self.probe_recent, unpadded=layer.recent_unpadded)
             selection.important = important_set(gather_heads(shard, scores), high, real, recent)
         return selection
 

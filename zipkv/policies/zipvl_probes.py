@@ -37,28 +37,35 @@ def important_set(scores: torch.Tensor, high: torch.Tensor, real: torch.Tensor,
     return important & real.to(row.device)
 
 
-def recent_probe_positions(real: torch.Tensor, recent: int) -> torch.Tensor:
+def _first_real(real: torch.Tensor, unpadded: bool) -> int:
+    """The first position real in every row; unpadded: the caller knows there is no padding
+    (no device read)."""
+    return 0 if unpadded else int((~real).sum(1).max())
+
+
+def recent_probe_positions(real: torch.Tensor, recent: int, unpadded: bool = False) -> torch.Tensor:
     """int64 [R]: the recent probe positions, the last `recent` positions that are real in
     every row of real [B, T] (fewer when the shortest row is shorter)."""
     t = real.shape[1]
-    first_real = int((~real).sum(1).max())
+    first_real = _first_real(real, unpadded)
     return torch.arange(t - min(recent, t - first_real), t, device=real.device)
 
 
-def probe_positions(real: torch.Tensor, recent: int, random: int, seed: int) -> torch.Tensor:
-    """int64 [P]: probe query positions shared by every row: the `recent` last positions
-    plus `random` seeded positions among the earlier ones that are real in every row."""
+def probe_positions(real: torch.Tensor, recent: int, random: int, seed: int, unpadded: bool = False) -> torch.Tensor:
+    """int64 [P] on the host: probe query positions shared by every row: the `recent` last
+    positions plus `random` seeded positions among the earlier ones that are real in every
+    row (on the host, so that window_attention range-checks them without a device read)."""
     t = real.shape[1]
-    first_real = int((~real).sum(1).max())
+    first_real = _first_real(real, unpadded)
     recent_pos = torch.arange(t - min(recent, t - first_real), t)  # recent_probe_positions, on the host
     n_recent = len(recent_pos)
     pool = t - n_recent - first_real
     n_random = min(random, max(pool, 0))
     if n_random <= 0:
-        return recent_pos.to(real.device)
+        return recent_pos
     generator = torch.Generator().manual_seed(seed)
     random_pos = first_real + torch.randperm(pool, generator=generator)[:n_random]
-    return torch.cat([random_pos.sort().values, recent_pos]).to(real.device)
+    return torch.cat([random_pos.sort().values, recent_pos])
 
 
 __all__ = ["ZipVLSelection", "important_set", "probe_positions", "recent_probe_positions"]

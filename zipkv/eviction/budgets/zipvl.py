@@ -11,7 +11,7 @@ from ..scorers.base import WindowAttention
 from ..validation import check_tau
 
 
-def zipvl_important_count(attention: WindowAttention | Tensor, tau: float = 0.97) -> Tensor:
+def zipvl_important_count(attention: WindowAttention | Tensor, tau: float = 0.97, *, checked: bool = False) -> Tensor:
     """int64 [B]: smallest p with sum_{j<=p} a_sorted(j) >= tau * sum_j a_j.
 
     attention: the probes' WindowAttention (a_j = sum over probes and all query heads
@@ -20,6 +20,8 @@ def zipvl_important_count(attention: WindowAttention | Tensor, tau: float = 0.97
     change the count). Padding carries no mass and is
     never counted. tau in (0, 1]; tau = 1 counts every token with non-zero mass.
     Which tokens: the top p by the normalized score (ZipCacheScorer).
+    checked: the mass is known finite and >= 0 (a softmax's own sums), so the check's device
+    read is skipped.
     """
     tau = check_tau(tau)
     if isinstance(attention, WindowAttention):
@@ -28,7 +30,7 @@ def zipvl_important_count(attention: WindowAttention | Tensor, tau: float = 0.97
         mass = attention
     if mass.dim() != 2:
         raise ValueError(f"attention mass must be [B, T], got shape {tuple(mass.shape)}")
-    if not bool(((mass >= 0) & torch.isfinite(mass)).all()):  # one device read
+    if not checked and not bool(((mass >= 0) & torch.isfinite(mass)).all()):  # one device read
         raise ValueError("attention mass must be finite and >= 0")
     # float64 cumsum, and the total taken as its own last element, so tau = 1 stops
     # exactly at the last token with non-zero mass instead of missing it by rounding

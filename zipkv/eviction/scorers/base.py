@@ -36,20 +36,30 @@ def key_validity(attention_mask: Tensor | None, batch_size: int, seq_len: int, d
 
 def query_positions_for(num_queries: int, seq_len: int, batch_size: int, positions: Tensor | None,
                         device) -> Tensor:
-    """int64 [B, Tq] key-axis positions of the queries; default: the last Tq tokens."""
+    """int64 [B, Tq] key-axis positions of the queries; default: the last Tq tokens. Positions
+    given on the host are range-checked there, before the copy (no device read)."""
     given = positions is not None
     if not given:
         if num_queries > seq_len:
             raise ValueError(f"{num_queries} queries but only {seq_len} keys: pass query_positions")
         positions = torch.arange(seq_len - num_queries, seq_len, device=device)
+    elif not isinstance(positions, Tensor) or positions.device.type == "cpu":
+        positions = torch.as_tensor(positions, dtype=torch.int64)
+        _check_position_range(positions, seq_len)
+        given = False  # checked
     positions = torch.as_tensor(positions, device=device).to(torch.int64)
     if positions.dim() == 1:
         positions = positions[None].expand(batch_size, -1)
     if tuple(positions.shape) != (batch_size, num_queries):
         raise ValueError(f"query_positions must be [Tq={num_queries}] or [B, Tq], got {tuple(positions.shape)}")
-    if given and positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= seq_len):
-        raise ValueError(f"query_positions must lie in [0, {seq_len - 1}]")
+    if given:
+        _check_position_range(positions, seq_len)
     return positions
+
+
+def _check_position_range(positions: Tensor, seq_len: int) -> None:
+    if positions.numel() and (int(positions.min()) < 0 or int(positions.max()) >= seq_len):
+        raise ValueError(f"query_positions must lie in [0, {seq_len - 1}]")
 
 
 def visibility(query_positions: Tensor, key_valid: Tensor, query_valid: Tensor) -> Tensor:
