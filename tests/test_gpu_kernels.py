@@ -88,6 +88,25 @@ def test_quantize_pack_matches_the_quantizer(d, bits, dtype):
                          bits, f"{context} values group={group} cs={cs}")
 
 
+@gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("bits", [2, 4])
+def test_quantize_pack_keys_in_chunks_at_batch_one(bits, dtype):
+    """A batch-1 prompt's keys as one group per head (the prefill's case): the auto route splits
+    the codes into chunks over the SMs, the min / max from torch; same result as the reference."""
+    from zipkv.kernels.quantize_pack import _key_chunk, quantize_pack_keys
+    from zipkv.quant.schemes import quantize_keys_channelwise
+
+    seed, g = fresh_generator()
+    n = randint(g, 4000, 9000)
+    keys = (torch.randn(1, 8, n, 128, generator=g) * 3 + 1).to(dtype)
+    keys[0, 3, :, 11] *= 200  # an outlier channel
+    keys = keys.to(DEVICE)
+    assert _key_chunk(keys, None) is not None
+    _check_quantized(quantize_pack_keys(keys, bits, None), quantize_keys_channelwise(keys, bits, None), bits,
+                     f"seed={seed} bits={bits} {dtype} n={n} chunked")
+
+
 # ---- probe scores -----------------------------------------------------------------------
 
 def _check_scores(out, ref, context):

@@ -32,6 +32,32 @@ def test_keys_bit_exact(dtype, bits):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_keys_in_chunks_bit_exact(dtype, bits):
+    """One group per head with the min / max from torch and the codes in chunks of tokens (a
+    batch-1 prompt's path on the GPU): the same bytes as the reference."""
+    from zipkv.kernels._triton_quantize import quantize_keys
+
+    g = torch.Generator().manual_seed(20 + bits)
+    x = (torch.randn(1, 2, 77, 64, generator=g) * 3 - 1).to(dtype)
+    x[0, 1, :, 9] = -0.5  # a constant channel
+    for chunk in (32, 40, 77, 100):
+        _equal(quantize_keys(x, bits, 77, x.dtype, chunk=chunk), quantize_keys_channelwise(x, bits, None))
+    with pytest.raises(ValueError, match="one key group per head"):
+        quantize_keys(x, bits, 32, x.dtype, chunk=32)
+
+
+def test_key_chunks_only_for_one_group_and_few_programs():
+    from zipkv.kernels.quantize_pack import _key_chunk
+
+    # the interpreter counts 4 SMs: 8 programs wanted
+    assert _key_chunk(torch.empty(1, 2, 4096, 64), None) == 1024  # 2 heads -> 4 chunks each
+    assert _key_chunk(torch.empty(1, 2, 200, 64), None) is None  # one chunk of >= 256 tokens
+    assert _key_chunk(torch.empty(4, 2, 4096, 64), None) is None  # 8 programs already
+    assert _key_chunk(torch.empty(1, 2, 4096, 64), 1024) is None  # several groups
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("bits", [2, 4, 8])
 def test_values_bit_exact(dtype, bits):
     g = torch.Generator().manual_seed(10 + bits)

@@ -32,14 +32,27 @@ def _check(x: torch.Tensor, name: str, check_finite: bool = True):
         raise ValueError(f"cannot quantize {name} that contain NaN or inf")
 
 
-def _too_few_groups(keys: torch.Tensor, group: int | None) -> bool:
-    """The fused key kernel runs one program per (row, head, token group), each looping over its
-    group's tokens: a 32K prompt quantized as one group per head at batch 1 was 8 programs on
-    132 SMs (zipkv's prefill 1.11x DynamicCache's at 32K on the H200, 1.08x through the
-    reference's parallel reductions). Fewer than two programs per SM: the reference."""
+def _key_chunk(keys: torch.Tensor, group: int | None) -> int | None:
+    """Tokens per program of the fused key kernel, or None for one program per (row, head,
+    group). That kernel walks its group's tokens twice: a 32K prompt quantized as one group per
+    head at batch 1 was 8 programs on 132 SMs (zipkv's prefill 1.11x DynamicCache's at 32K on
+    the H200, 1.08x through the reference's ~30 small ops). With fewer than two programs per
+    SM and one group per head, torch's parallel reductions take the min / max and the codes
+    are split into chunks, about two programs per SM in all (at least 256 tokens each)."""
     b, h, n, _ = keys.shape
     groups = -(-n // group) if group else 1
-    return b * h * groups < 2 * sm_count(keys.device)
+    programs = 2 * sm_count(keys.device)
+    if b * h * groups >= programs or groups != 1:
+        return None
+    chunk = max(256, -(-n * b * h // programs))
+    return chunk if chunk < n else None  # one chunk: the plain kernel, without the reductions
+
+
+def _too_few_groups(keys: torch.Tensor, group: int | None) -> bool:
+    """Several groups per head but fewer than two programs per SM: the reference."""
+    b, h, n, _ = keys.shape
+    groups = -(-n // group) if group else 1
+    return groups != 1 and b * h * groups < 2 * sm_count(keys.device)
 
 
 def quantize_pack_keys(keys: torch.Tensor, bits: int, group: int | None, impl: str = "auto",
@@ -55,7 +68,8 @@ def quantize_pack_keys(keys: torch.Tensor, bits: int, group: int | None, impl: s
     from ._triton_quantize import quantize_keys
 
     n = keys.shape[2]
-    return quantize_keys(keys, bits, group or max(n, 1), param_dtype(keys))
+    chunk = _key_chunk(keys, group) if impl == "auto" else None
+    return quantize_keys(keys, bits, group or max(n, 1), param_dtype(keys), chunk=chunk)
 
 
 def quantize_pack_values(values: torch.Tensor, bits: int, group: int | None, channel_separable: bool,
