@@ -1,10 +1,11 @@
-"""Host work of each method's prefill, counted on the CPU: the aten ops one prompt forward
-dispatches (a TorchDispatchMode sees every op the GPU would launch or sync on) and the host
-reads of device values (item / tolist / bool / nonzero), per decoder layer beyond a
-DynamicCache prefill. On the GPU each op costs ~5-10 us of host time whatever its size, which is
+"""Host work of each method's prefill: the aten ops one prompt forward dispatches (a
+TorchDispatchMode sees every op the GPU would launch) and the host reads of device values
+(item / bool / nonzero / tolist), per decoder layer beyond a DynamicCache prefill. On the GPU
+each op costs ~5-10 us of host time whatever its size and each read drains the queue, which is
 what makes a short prompt's prefill host-bound:
 
     python -m experiments.count_prefill_ops --length 1024 --methods zipkv,snapkv,h2o,zipvl --top 25
+    python -m experiments.count_prefill_ops --device cuda --length 8192 --out OUT.json   # the GPU's routing
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-SYNC_OPS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.is_nonzero.default"}
+READS = {"aten._local_scalar_dense.default", "aten.nonzero.default", "aten.is_nonzero.default", "tolist"}
 
 
 class OpCounter(TorchDispatchMode):
@@ -34,9 +35,24 @@ def count(method: str, model, ids) -> collections.Counter:
     from benchmarks.headline_prefill import new_prefill_cache
 
     cache = new_prefill_cache(method, model)
+    tolist = torch.Tensor.tolist
     with torch.inference_mode(), OpCounter() as counter:
-        model(input_ids=ids, use_cache=True, logits_to_keep=1, **zipkv.cache_kwargs(cache))
+        def counted(t):  # tolist is not an op: count its device reads by hand
+            counter.ops["tolist"] += t.device.type != "cpu" or ids.device.type == "cpu"
+            return tolist(t)
+        torch.Tensor.tolist = counted
+        try:
+            model(input_ids=ids, use_cache=True, logits_to_keep=1, **zipkv.cache_kwargs(cache))
+        finally:
+            torch.Tensor.tolist = tolist
     return counter.ops
+
+
+def per_layer_extra(ops, base, layers: int, top: int) -> dict:
+    extra = {k: (v - base.get(k, 0)) / layers for k, v in ops.items() if v != base.get(k, 0)}
+    return {"extra_ops_per_layer": (sum(ops.values()) - sum(base.values())) / layers,
+            "reads_per_layer": sum(v for k, v in extra.items() if k in READS),
+            "top": dict(sorted(extra.items(), key=lambda kv: -kv[1])[:top])}
 
 
 def main(argv=None):
@@ -47,6 +63,7 @@ def main(argv=None):
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--methods", default="zipkv,snapkv,h2o,zipvl")
     ap.add_argument("--top", type=int, default=20)
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     # Llama-3-8B's head layout (32 / 8 heads of 128) on a narrow model: the ops are what matter
@@ -55,20 +72,19 @@ def main(argv=None):
                          max_position_embeddings=131072, rope_theta=500000.0)
     config._attn_implementation = "sdpa"
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config).eval()
+    dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
+    model = LlamaForCausalLM(config).to(args.device, dtype).eval()
     ids = torch.randint(0, config.vocab_size, (1, args.length), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(args.device)
+    count("dynamic", model, ids)  # warm-up: autotuning and lazy imports are not the prefill's ops
     base = count("dynamic", model, ids)
-    report = {"length": args.length, "layers": args.layers, "methods": {}}
+    report = {"length": args.length, "layers": args.layers, "device": args.device, "methods": {}}
     for method in args.methods.split(","):
-        ops = count(method, model, ids)
-        extra = {k: (v - base.get(k, 0)) / args.layers for k, v in ops.items() if v != base.get(k, 0)}
-        total = (sum(ops.values()) - sum(base.values())) / args.layers
-        syncs = sum(v for k, v in extra.items() if k in SYNC_OPS)
-        report["methods"][method] = {"extra_ops_per_layer": total, "syncs_per_layer": syncs,
-                                     "top": dict(sorted(extra.items(), key=lambda kv: -kv[1])[:args.top])}
-        print(f"{method}: {total:.0f} extra ops a layer, {syncs:.0f} host reads")
-        for k, v in sorted(extra.items(), key=lambda kv: -kv[1])[:args.top]:
-            print(f"    {v:7.1f}  {k}")
+        count(method, model, ids)
+        row = report["methods"][method] = per_layer_extra(count(method, model, ids), base, args.layers, args.top)
+        print(f"{method}: {row['extra_ops_per_layer']:.0f} extra ops a layer, {row['reads_per_layer']:.0f} host reads")
+        for name, n in row["top"].items():
+            print(f"    {n:7.1f}  {name}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(report, f, indent=1)
