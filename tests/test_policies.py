@@ -117,3 +117,17 @@ def test_after_forward_dispatches_first_forward_to_on_prefill():
 def test_select_module_imports_each_rule_from_its_budget_file():
     for rule, function in select.BUDGET_RULES.items():
         assert function.__module__.startswith("zipkv.eviction.budgets."), rule
+
+
+@pytest.mark.parametrize("kind,settings", [("budget", {"budget": 36}), ("ratio", {"ratio": 0.9}), ("small", {"ratio": 0.5})])
+def test_row_budgets_of_an_unpadded_prompt_on_the_host_equal_the_device_ones(kind, settings):
+    """The host path (the layer knows its prompt has no padding) gives the budgets and the
+    errors of the general one."""
+    policy = build_select(None, rule="uniform", scorer="snapkv", **settings)
+    real = torch.ones(3, 40, dtype=torch.bool)
+    if kind == "small":  # fewer tokens than the observation window the method always keeps
+        for unpadded in (False, True):
+            with pytest.raises(ValueError, match="fewer than the 32 tokens the method always keeps"):
+                policy.row_budgets(real, unpadded=unpadded)
+        return
+    assert torch.equal(policy.row_budgets(real, unpadded=True), policy.row_budgets(real))

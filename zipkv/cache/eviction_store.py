@@ -68,7 +68,7 @@ class Fp16Store:
     def select(cls, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, extras=None) -> "Fp16Store":
         """The `keep` [B, H, T] tokens of keys/values [B, H, T, D] (and of every extras
         tensor [B, H, T]), in logical order."""
-        index = TokenIndex.from_mask(keep)
+        index = TokenIndex.from_mask_counted(keep)
         extras = extras or {}
         if index.is_uniform:
             take = index.gather_dense

@@ -9,7 +9,7 @@ from .budgets import (CakeCascade, adakv_head_budgets, budget_from_ratio, cake_a
 from .scorers import (SCORERS, AttentionScorer, CakeScorer, DefensiveKVScorer, H2OScorer, KeyNormScorer, Scorer,
                       SnapKVScorer, StreamingLLMScorer, WindowAttention, ZipCacheScorer, make_scorer,
                       window_attention)
-from .select import rank_tokens, select_tokens
+from .select import rank_tokens, select_mask, select_tokens
 from .tiers import EVICTED, HIGH, LOW, TierAssignment, assign_tiers
 from .token_index import TokenIndex
 

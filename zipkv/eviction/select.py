@@ -62,6 +62,12 @@ def select_tokens(scores: Tensor, budget, *, drop_padding: bool = False) -> Toke
     budget: int, [B] or [B, H]. With drop_padding, -inf tokens are never held (the
     budget of a short row then shrinks and the result is ragged).
     """
+    return TokenIndex.from_mask(select_mask(scores, budget, drop_padding=drop_padding))
+
+
+def select_mask(scores: Tensor, budget, *, drop_padding: bool = False) -> Tensor:
+    """bool [B, H, T]: select_tokens' choice as a mask (what a store selects from), without
+    building the index (a nonzero: one more device read)."""
     b, h, t = _check_scores(scores)
     counts = per_head_counts(budget, b, h, scores.device, checked=True)
     # the three checks in one device read (each read stalls a GPU's queue)
@@ -77,7 +83,7 @@ def select_tokens(scores: Tensor, budget, *, drop_padding: bool = False) -> Toke
     keep = rank_tokens(scores, checked=True) < counts[..., None]
     if drop_padding:
         keep &= ~torch.isneginf(scores)
-    return TokenIndex.from_mask(keep)
+    return keep
 
 
 def _check_scores(scores: Tensor) -> tuple[int, int, int]:

@@ -43,6 +43,20 @@ class TokenIndex:
         return cls(indices, offsets, b, h, t)
 
     @classmethod
+    def from_mask_counted(cls, mask: Tensor) -> "TokenIndex":
+        """from_mask for a caller that asks is_uniform / max_length next: the run lengths are
+        read first (one device read, kept as host_lengths), and a uniform mask is indexed
+        without nonzero (a second read)."""
+        if mask.dim() != 3 or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be a bool tensor [B, H, T], got {tuple(mask.shape)} {mask.dtype}")
+        lengths = tuple(mask.sum(-1).reshape(-1).tolist())
+        if lengths and min(lengths) == max(lengths):
+            return cls.from_uniform_mask(mask, lengths[0])
+        index = cls.from_mask(mask)
+        index.__dict__["host_lengths"] = lengths
+        return index
+
+    @classmethod
     def from_uniform_mask(cls, mask: Tensor, count: int) -> "TokenIndex":
         """Index of a [B, H, T] mask whose every (b, h) row holds exactly `count` True
         entries, a number the caller knows on the host: no device read (from_mask's nonzero

@@ -105,10 +105,15 @@ class Policy:
         """The bound layers, in order (the cache that holds them is alive while they are used)."""
         return [ref() for ref in self.layer_refs]
 
-    def row_budgets(self, real: torch.Tensor) -> torch.Tensor:
+    def row_budgets(self, real: torch.Tensor, unpadded: bool = False) -> torch.Tensor:
         """int64 [B]: tokens each sequence keeps per layer, for a prompt with padding flags
         real [B, T]. A token budget larger than the prompt is an error; a sequence shorter
-        than the budget (left-padded batch) keeps all its tokens."""
+        than the budget (left-padded batch) keeps all its tokens. unpadded: the caller knows
+        every row is real (the layer's recent_unpadded): the budgets are computed and checked
+        on the host (no device read)."""
+        if unpadded:  # every row real: one budget, computed and checked on a host row
+            (budget,) = self.row_budgets(torch.ones(1, real.shape[1], dtype=torch.bool)).tolist()
+            return torch.full((real.shape[0],), budget, dtype=torch.int64, device=real.device)
         lengths = real.sum(dim=1).to(torch.int64)
         prompt = real.shape[1]
         window = min(self.protected, prompt)

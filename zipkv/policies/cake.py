@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from ..cache.eviction_store import Fp16Store
-from ..eviction import CakeCascade, cake_preference, select_tokens, window_attention
+from ..eviction import CakeCascade, cake_preference, select_mask, window_attention
 from ..parallel.reduce import sum_over_heads
 from ..parallel.shard import head_shard_of
 from .base import NEG_INF, scorer_of
@@ -39,7 +39,7 @@ class CakePolicy(SelectPolicy):
 
     def on_prefill(self, layer, query, scaling):
         keys, values, real = layer.recent_keys, layer.recent_values, layer.recent_real
-        budgets = self.row_budgets(real)
+        budgets = self.row_budgets(real, unpadded=layer.recent_unpadded)
         position = layer.eviction_position
         att = window_attention(query[:, :, -min(self.window, keys.shape[2]):], keys, real, scaling=scaling)
         scores = self.scorer.score_attention(att)
@@ -53,7 +53,7 @@ class CakePolicy(SelectPolicy):
         if self._cascades is None:
             raise RuntimeError("CAKE's cascade starts at the first layer; layers were fed out of order")
         allotted = torch.cat([c.add_layer(preference[b : b + 1]) for b, c in enumerate(self._cascades)])  # [B, l]
-        keep = select_tokens(scores, allotted[:, position].to(scores.device), drop_padding=True).to_mask()
+        keep = select_mask(scores, allotted[:, position].to(scores.device), drop_padding=True)
         layer.replace_all([Fp16Store.select(keys, values, keep, extras={"score": scores})])
         # cascading: the layers before this one shrink to their new (never larger) budgets now,
         # so the cache held after any layer stays within the total
@@ -74,7 +74,7 @@ def shrink(layer, counts: torch.Tensor) -> None:
     held = valid.sum(-1)
     if bool((held <= counts.to(held.device)[:, None]).all()):
         return
-    keep = select_tokens(scores, torch.minimum(held, counts.to(held.device)[:, None]), drop_padding=True).to_mask()
+    keep = select_mask(scores, torch.minimum(held, counts.to(held.device)[:, None]), drop_padding=True)
     layer.parts = [Fp16Store.select(keys, values, keep, extras={"score": scores})]
 
 

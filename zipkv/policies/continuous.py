@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from ..cache.eviction_store import Fp16Store
-from ..eviction import H2OScorer, StreamingLLMScorer, select_tokens
+from ..eviction import H2OScorer, StreamingLLMScorer, select_mask
 from ..eviction.validation import check_int
 from ..kernels.prefill_mass import prefill_attention_mass
 from .base import Policy, memoized
@@ -37,7 +37,7 @@ class ContinuousPolicy(Policy):
         return self.num_sinks if self.kind == "streaming_llm" else 0
 
     def on_prefill(self, layer, query, scaling):
-        layer.budget_rows = self.row_budgets(layer.recent_real)
+        layer.budget_rows = self.row_budgets(layer.recent_real, unpadded=layer.recent_unpadded)
         self.evict(layer, query, scaling, first=True)
 
     def on_decode(self, layer, query, scaling):
@@ -69,7 +69,7 @@ class ContinuousPolicy(Policy):
         else:
             scores = self._streaming.score(keys, None, valid_row)
         heads = keys.shape[1]
-        keep = select_tokens(scores, counts[:, None].expand(-1, heads), drop_padding=True).to_mask()
+        keep = select_mask(scores, counts[:, None].expand(-1, heads), drop_padding=True)
         layer.replace_all([Fp16Store.select(keys, values, keep, extras)])
 
     def _prefill_totals(self, keys, query, real, scaling, lse=None):

@@ -16,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from ..cache.eviction_store import Fp16Store
-from ..eviction import select_tokens
+from ..eviction import select_mask
 from ..eviction.budgets.adakv import adakv_layer_counts
 from ..eviction.budgets.pyramid import pyramid_layer_counts
 from ..eviction.budgets.uniform import uniform_layer_counts
@@ -59,13 +59,13 @@ class SelectPolicy(Policy):
 
     def on_prefill(self, layer, query, scaling):
         keys, values, real = layer.recent_keys, layer.recent_values, layer.recent_real
-        budgets = self.row_budgets(real)
+        budgets = self.row_budgets(real, unpadded=layer.recent_unpadded)
         scores = self.scorer.score(keys, query, real, scaling=scaling)
         # under tensor parallelism a head-wise rule (adakv) sees every rank's heads (parallel/reduce.py)
         counts = rule_counts(head_shard_of(layer), BUDGET_RULES[self.rule], scores, budgets, real,
                              layer=layer.eviction_position, num_layers=len(self.layers), window=self.protected,
                              **self.rule_params)
-        keep = select_tokens(scores, counts.to(scores.device), drop_padding=True).to_mask()
+        keep = select_mask(scores, counts.to(scores.device), drop_padding=True)
         layer.replace_all([Fp16Store.select(keys, values, keep)])
 
 

@@ -111,7 +111,7 @@ class TieredPolicy(Policy):
         high = zipvl_important_count(sum_over_heads(shard, att.probs.sum(dim=(1, 2, 3))), self.tau,
                                      checked=True).to(torch.int64)
         if self.budget is not None or self.ratio is not None:
-            high = torch.minimum(high, self.row_budgets(real).to(high.device))
+            high = torch.minimum(high, self.row_budgets(real, unpadded=layer.recent_unpadded).to(high.device))
         selection = ZipVLSelection(positions, scores, high)
         if important:
             recent = recent_probe_positions(real, self.probe_recent, unpadded=layer.recent_unpadded)
