@@ -66,6 +66,9 @@ def soak(model, method, grad: bool) -> dict:
     _, mask = padded_batch(length=48, pad=6)
     mask = mask.to(device)
     alive, marks = [], {}
+    # the garbage of earlier tests in this process goes first: the collector would otherwise free
+    # some of it during the loop (the count once fell by 15 between the marks in a long run)
+    gc.collect()
     with torch.set_grad_enabled(grad):
         for prompt in range(1, PROMPTS + 1):
             ids = torch.randint(3, 250, mask.shape, generator=g).to(device) * mask  # fresh tokens, the padding kept
@@ -89,7 +92,7 @@ def test_fifty_prompts_leave_nothing_behind(method, grad):
     model = tiny_model("llama")
     seen = soak(model, method, grad)
     assert not seen["alive"], f"{method}: the caches of prompts {seen['alive']} outlived their last reference"
-    assert seen["tensors"][1] == seen["tensors"][0], (
+    assert seen["tensors"][1] <= seen["tensors"][0], (
         f"{method} grad={grad}: {seen['tensors'][1] - seen['tensors'][0]} more live tensors after prompt {PROMPTS} "
         f"than after prompt {WARM} ({seen['tensors']})")
     growth = seen["rss"][1] - seen["rss"][0]
