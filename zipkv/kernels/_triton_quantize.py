@@ -64,8 +64,8 @@ def _keys_kernel(x_ptr, sxb, sxh, sxn, codes_ptr, scb, sch, scn, scale_ptr, min_
                  OUT_DT: tl.constexpr, IS_FP16: tl.constexpr):
     """Program (b*H + h, g, c): channelwise min/max over group g's tokens (or, with HAS_RANGE,
     read from range_ptr: float32, laid out as the scales, the highs range_hi elements after the
-    lows), then the codes of the
-    group's c-th chunk of CHUNK tokens (without a given range, one chunk: the whole group)."""
+    lows), then the codes of the group's c-th chunk of CHUNK tokens (without a given range, one
+    chunk: the whole group)."""
     bh = tl.program_id(0)
     g = tl.program_id(1)
     c = tl.program_id(2)
