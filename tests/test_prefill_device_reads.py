@@ -1,4 +1,4 @@
-"""A selection method's prefill reads few device values on the host: each read (`.item()`,
+"""A compressing method's prefill reads few device values on the host: each read (`.item()`,
 `bool(t)`, `nonzero`, `.tolist()`) stalls a GPU's queue until it drains, and at 8K a
 prefill that read ~15 values a layer ran 1.6x the plain one on the H200. Counted on the CPU
 (tests/capture_ops.py) inside each layer's update and attend: the device state is what the
@@ -14,7 +14,7 @@ from tiny_models import tiny_model
 
 # reads a layer's prefill makes today, for an unpadded prompt (most need a count on the host to
 # size what they store); a new read is a deliberate choice: raise the number in the same commit
-READS_PER_LAYER = {"zipvl": 3, "zipvl_v2": 2, "snapkv": 2, "h2o": 2}
+READS_PER_LAYER = {"zipvl": 3, "zipvl_v2": 2, "snapkv": 2, "h2o": 2, "zipkv": 1, "zipcache": 1, "auto": 2}
 SETTINGS = {"snapkv": {"ratio": 0.5}, "h2o": {"ratio": 0.5}}
 
 

@@ -338,7 +338,8 @@ class ZipCacheLayer(ZipkvLayer):
         mask = self._mark_padding(attention_mask, q_len)
         prompt_like = q_len > 1
         if prompt_like:
-            n_pad = int((~self.is_real[:, -q_len:]).sum(dim=1).max())
+            # no mask: the new tokens are all real (no device read)
+            n_pad = 0 if mask is None else int((~self.is_real[:, -q_len:]).sum(dim=1).max())
             s = self.settings
             rows = probe_positions(q_len, n_pad, s.probe_recent, s.probe_random, s.seed).to(query.device)
         else:
@@ -405,13 +406,20 @@ class ZipCacheLayer(ZipkvLayer):
         block, rest = by_age[:, :n].sort(dim=1).values, by_age[:, n:].sort(dim=1).values
         keys, values, scores, counts, is_real = self._take(block)
         keys, values = overwrite_padding(keys, values, is_real)  # a no-op where all are real (no host wait)
-        n_high = salient_count(s.salient_ratio, is_real) if s.mixed_precision and s.saliency != "none" else 0
+        # one device read for the block: the fewest real tokens of a row (salient_count's rule)
+        # and the states' finiteness, which the tiers then need not check each (a read each)
+        fewest, keys_ok, values_ok = torch.stack([is_real.sum(dim=1).min().to(torch.float32),
+                                                  torch.isfinite(keys).all(), torch.isfinite(values).all()]).tolist()
+        for name, ok in (("keys", keys_ok), ("values", values_ok)):
+            if not ok:
+                raise ValueError(f"layer {self.layer_idx}: cannot quantize {name} that contain NaN or inf")
+        n_high = round(s.salient_ratio * int(fewest)) if s.mixed_precision and s.saliency != "none" else 0
         if n_high == 0:
-            self._append(self.low, keys, values)
+            self._append(self.low, keys, values, checked=True)
         else:
             low_idx, high_idx = salient_split(scores, counts, is_real, n_high, s.saliency == "probe")
-            self._append(self.low, gather_tokens(keys, low_idx), gather_tokens(values, low_idx))
-            self._append(self.high, gather_tokens(keys, high_idx), gather_tokens(values, high_idx))
+            self._append(self.low, gather_tokens(keys, low_idx), gather_tokens(values, low_idx), checked=True)
+            self._append(self.high, gather_tokens(keys, high_idx), gather_tokens(values, high_idx), checked=True)
         is_sink = self.is_sink.gather(1, rest)
         self.keys, self.values, self.score_sum, self.score_count, self.is_real = self._take(rest)
         self.is_sink = is_sink
@@ -431,11 +439,15 @@ class ZipCacheLayer(ZipkvLayer):
             self.is_real.gather(1, index),
         )
 
-    def _append(self, tier, keys, values) -> None:
+    def _append(self, tier, keys, values, checked: bool = False) -> None:
+        """checked: the caller refused NaN / inf already (a packed tier then skips its read)."""
         if not isinstance(tier, Fp16Tier):
             keys, values = self.to_tier_basis(keys, values)
         try:
-            tier.append(keys, values)
+            if checked and isinstance(tier, PackedTier):
+                tier.append(keys, values, checked=True)
+            else:
+                tier.append(keys, values)
         except ValueError as error:
             raise ValueError(f"layer {self.layer_idx}: {error}") from error
 
