@@ -47,9 +47,11 @@ class TokenQuantLayer(ZipkvLayer):
 
     def update(self, key_states, value_states, *args, **kwargs):
         self.begin_update(key_states, value_states)
-        # NaN/inf raise before anything is stored (a quantized NaN would poison its token silently)
-        for name, states in (("key_states", key_states), ("value_states", value_states)):
-            if not torch.isfinite(states).all():
+        # NaN/inf raise before anything is stored (a quantized NaN would poison its token
+        # silently); both checked in one device read
+        finite = torch.stack([torch.isfinite(key_states).all(), torch.isfinite(value_states).all()]).tolist()
+        for name, ok in zip(("key_states", "value_states"), finite):
+            if not ok:
                 raise ValueError(f"{name} of layer {self.layer_idx} contain NaN/inf")
         first = self.tier.num_tokens == 0
         self.tier.append(key_states.detach(), value_states.detach())
