@@ -79,6 +79,17 @@ def task_weighted(rows: list[dict], field: str) -> float:
     return mean(mean(v) for v in by_task.values())
 
 
+def lm_kl(rows: list[dict]) -> float:
+    """Mean over the language-modelling tasks of each one's mean KL from the full cache's
+    next-token distribution (NaN without such rows): a steadier signal than their top-1
+    agreement, which moves in steps of 1/64 a case."""
+    by_task = defaultdict(list)
+    for r in rows:
+        if "kl" in (r.get("metrics") or {}):
+            by_task[r["task"]].append(r["metrics"]["kl"])
+    return mean(mean(v) for v in by_task.values())
+
+
 def method_table(rows: list[dict]) -> tuple[list[dict], set]:
     """The per-method rows, and the common cases: those finished by full and by every method
     that finished at least MIN_COVERAGE of full's cases (a run cut short mid-case leaves its
@@ -105,6 +116,7 @@ def method_table(rows: list[dict]) -> tuple[list[dict], set]:
             "complete": complete, "score": score, "full_score": full_score,
             "pct_of_full": score / full_score if full_score else float("nan"),
             "ratio": task_weighted(mine, "ratio"), "bytes_held": task_weighted(mine, "bytes_held"),
+            "lm_kl": lm_kl(mine),
         })
     return table, common
 
@@ -193,14 +205,17 @@ def to_markdown(acc: dict) -> str:
         f"({', '.join(acc['tasks'])}; lengths {', '.join(map(str, acc['lengths']))}); "
         + ", ".join(f"{k} {'/'.join(v)}" for k, v in acc["environment"].items()) + ".",
         "Score: mean over tasks of each task's mean on the common cases (partial: on the method's own "
-        "cases, paired with full); ratio: fp16 bytes of the same tokens / bytes held.",
+        "cases, paired with full); ratio: fp16 bytes of the same tokens / bytes held; LM KL: mean KL of the "
+        "next-token distribution from the full cache's on the language-modelling tasks' cases.",
         "",
-        "| method | role | cases | score | % of full | real ratio |",
-        "|---|---|---|---|---|---|",
+        "| method | role | cases | score | % of full | real ratio | LM KL |",
+        "|---|---|---|---|---|---|---|",
     ]
     for m in sorted(acc["methods"], key=lambda m: (-m["pct_of_full"], m["method"])):
         cases = f"{m['cases']}" + ("" if m["complete"] else " (partial)")
-        lines.append(f"| {m['method']} | {m['role']} | {cases} | {m['score']:.3f} | {_pct(m['pct_of_full'])} | {m['ratio']:.2f}x |")
+        kl = "-" if math.isnan(m.get("lm_kl", float("nan"))) else f"{m['lm_kl']:.4f}"
+        lines.append(f"| {m['method']} | {m['role']} | {cases} | {m['score']:.3f} | {_pct(m['pct_of_full'])} | "
+                     f"{m['ratio']:.2f}x | {kl} |")
     lines += ["", "## Criteria", ""]
     for c in acc["criteria"]:
         lines.append(f"- **{c['criterion']}**: {'met' if c['met'] else 'not met'}")

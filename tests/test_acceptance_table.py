@@ -60,3 +60,12 @@ def test_a_case_cut_short_drops_out_for_every_method(tmp_path):
     rows += [r for r in _rows("int4", (0.0, 0.5), 3.6) if r["case_id"] != "passkey-2"]  # the run stopped here
     acc = acceptance(_write(tmp_path, rows))
     assert acc["cases"] == 5 and all(m["complete"] and m["cases"] == 5 for m in acc["methods"])
+
+
+def test_lm_kl_is_the_mean_over_language_modelling_tasks(tmp_path):
+    rows = _rows("full", (1.0, 1.0), 1.0) + _rows("zipkv", (1.0, 0.9), 4.5)
+    for r in rows:
+        if r["task"].startswith("lm_"):
+            r["metrics"] = {"kl": 0.0 if r["method"] == "full" else 0.01 * (1 + int(r["case_id"][-1]))}
+    by = {m["method"]: m for m in acceptance(_write(tmp_path, rows))["methods"]}
+    assert abs(by["zipkv"]["lm_kl"] - 0.02) < 1e-12 and by["full"]["lm_kl"] == 0.0  # mean of 0.01, 0.02, 0.03
