@@ -223,7 +223,9 @@ class EvictingLayer(ZipkvLayer):
         """Held slots: the layer's own validity; new tokens: causal among themselves, with
         their padding."""
         old = self.held_valid()[..., :-q_len]
-        if bool((old == old[:, :1]).all()):
+        # one mask row for every head when they agree: a prompt's mask is q x K, worth a device
+        # read to shrink; a decode step's is one row a head, cheaper kept than read
+        if q_len > 1 and bool((old == old[:, :1]).all()):
             old = old[:, :1]
         causal = torch.ones(q_len, q_len, dtype=torch.bool, device=self.device).tril()
         new = causal[None, None] & self.recent_real[:, None, None, -q_len:]

@@ -60,7 +60,8 @@ class ContinuousPolicy(Policy):
                 # the held layout is [store | this forward's tokens]: the store's running
                 # totals are the `previous` of the slots before the new queries
                 previous = layer.parts[0].padded_extra("totals") if layer.parts else None
-                totals = self._h2o.accumulate(keys, query, valid_row, previous=previous, scaling=scaling)
+                totals = self._h2o.accumulate(keys, query, valid_row, previous=previous, scaling=scaling,
+                                              raw_previous=True)  # the store's own totals
             # H2O splits the budget evenly: the budget//2 most recent tokens are always kept
             after = valid_row.flip(-1).cumsum(-1).flip(-1) - 1  # real tokens after each slot
             recent = after < (layer.budget_rows.to(held.device) // 2)[:, None]

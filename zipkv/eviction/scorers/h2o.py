@@ -43,8 +43,10 @@ class H2OScorer(AttentionScorer):
 
     def accumulate(self, keys: Tensor, queries: Tensor, attention_mask: Tensor | None = None, *,
                    previous: Tensor | None = None, query_positions: Tensor | None = None,
-                   scaling: float | None = None) -> Tensor:
-        """Running totals [B, Hkv, T] (padding -inf, nothing protected).
+                   scaling: float | None = None, raw_previous: bool = False) -> Tensor:
+        """Running totals [B, Hkv, T] (padding -inf, nothing protected). raw_previous: the caller
+        knows `previous` holds raw totals (no +inf: a policy's own stored totals), so the check,
+        a device read, is skipped.
 
         previous: the totals of the first T - Tq tokens (decoding: the cache's state,
         gathered to the kept tokens); the Tq new queries sit at the last positions and
@@ -58,7 +60,7 @@ class H2OScorer(AttentionScorer):
                 raise ValueError(
                     f"previous totals must be [B={b}, Hkv={hkv}, T - Tq={t - tq}], got {tuple(previous.shape)}"
                 )
-            if bool(torch.isposinf(previous).any()):
+            if not raw_previous and bool(torch.isposinf(previous).any()):
                 raise ValueError("previous must be raw totals from accumulate(), not protected (+inf) scores")
             # finite part only: padding is re-marked from the mask below
             totals += F.pad(torch.nan_to_num(previous.to(torch.float32), neginf=0.0), (0, tq))
