@@ -25,6 +25,7 @@ from .base import ZipkvCache
 from .cache import ZipCache, checked_layer_types, require_full_attention, sliding_layer, window_layer
 from .layer import ZipCacheLayer
 from .layer_base import ZipkvLayer
+from .tier import finite_flags
 
 
 class TokenQuantLayer(ZipkvLayer):
@@ -49,8 +50,7 @@ class TokenQuantLayer(ZipkvLayer):
         self.begin_update(key_states, value_states)
         # NaN/inf raise before anything is stored (a quantized NaN would poison its token
         # silently); both checked in one device read
-        finite = torch.stack([torch.isfinite(key_states).all(), torch.isfinite(value_states).all()]).tolist()
-        for name, ok in zip(("key_states", "value_states"), finite):
+        for name, ok in zip(("key_states", "value_states"), finite_flags(key_states, value_states).tolist()):
             if not ok:
                 raise ValueError(f"{name} of layer {self.layer_idx} contain NaN/inf")
         first = self.tier.num_tokens == 0

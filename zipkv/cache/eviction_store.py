@@ -25,7 +25,7 @@ import torch
 
 from ..eviction.token_index import TokenIndex
 from .stats import tensor_bytes
-from .tier import PackedTier
+from .tier import PackedTier, refuse_nonfinite
 
 
 def right_aligned_slots(lengths: torch.Tensor, width: int) -> torch.Tensor:
@@ -166,9 +166,7 @@ class PackedStore:
         # kept keys and values are finite (each read stalls a GPU's queue)
         finite = torch.stack([(torch.isfinite(x).all(-1) | ~keep).all() for x in (keys, values)])
         *flat, keys_ok, values_ok = torch.cat([keep.sum(-1).reshape(-1), finite.to(torch.int64)]).tolist()
-        for name, ok in (("keys", keys_ok), ("values", values_ok)):
-            if not ok:
-                raise ValueError(f"cannot quantize {name} that contain NaN or inf")
+        refuse_nonfinite(keys_ok, values_ok)
         heads = keep.shape[1]
         for b in range(keep.shape[0]):
             counts = flat[b * heads : (b + 1) * heads]

@@ -28,7 +28,7 @@ from ..kernels.probe_scores import probe_scores, probe_scores_lse
 from ..quant.rotation import HadamardRotation
 from ..saliency import allowed_keys, attention_scores, probe_positions
 from .config import LOSSLESS_BITS, CompressionConfig
-from .tier import PackedTier
+from .tier import PackedTier, finite_flags, refuse_nonfinite
 
 
 class Fp16Tier:
@@ -408,11 +408,12 @@ class ZipCacheLayer(ZipkvLayer):
         keys, values = overwrite_padding(keys, values, is_real)  # a no-op where all are real (no host wait)
         # one device read for the block: the fewest real tokens of a row (salient_count's rule)
         # and the states' finiteness, which the tiers then need not check each (a read each)
-        fewest, keys_ok, values_ok = torch.stack([is_real.sum(dim=1).min().to(torch.float32),
-                                                  torch.isfinite(keys).all(), torch.isfinite(values).all()]).tolist()
-        for name, ok in (("keys", keys_ok), ("values", values_ok)):
-            if not ok:
-                raise ValueError(f"layer {self.layer_idx}: cannot quantize {name} that contain NaN or inf")
+        fewest, keys_ok, values_ok = torch.cat([is_real.sum(dim=1).min().to(torch.float32)[None],
+                                                finite_flags(keys, values).to(torch.float32)]).tolist()
+        try:
+            refuse_nonfinite(keys_ok, values_ok)
+        except ValueError as error:
+            raise ValueError(f"layer {self.layer_idx}: {error}") from error
         n_high = round(s.salient_ratio * int(fewest)) if s.mixed_precision and s.saliency != "none" else 0
         if n_high == 0:
             self._append(self.low, keys, values, checked=True)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from ..quant.rotation import HadamardRotation
-from .tier import PackedTier
+from .tier import PackedTier, finite_flags, refuse_nonfinite
 
 
 @dataclass(frozen=True)
@@ -91,12 +91,9 @@ def calibrate(query, keys, values, is_real, block: int, scaling: float, settings
         v_all = torch.cat([v_hat, values[:, :, block:].float()], 2)
         errors.append((window_attention(query, k_all, v_all, is_real, scaling) - exact).norm())
         sizes.append(tier.nbytes() + extra)
-    states = [keys[:, :, :block], values[:, :, :block]]
-    finite = [torch.isfinite(x).all().to(torch.float32) for x in states]
-    keys_ok, values_ok, norm, *errors = torch.stack([*finite, exact.norm(), *errors]).tolist()
-    for name, ok in (("keys", keys_ok), ("values", values_ok)):
-        if not ok:
-            raise ValueError(f"cannot quantize {name} that contain NaN or inf")
+    finite = finite_flags(keys[:, :, :block], values[:, :, :block]).to(torch.float32)
+    keys_ok, values_ok, norm, *errors = torch.cat([finite, torch.stack([exact.norm(), *errors])]).tolist()
+    refuse_nonfinite(keys_ok, values_ok)
     norm = norm or 1.0
     return [Measured(c, size, error / norm if math.isfinite(error) else float("inf"))
             for c, size, error in zip(options, sizes, errors)]

@@ -19,14 +19,23 @@ from ..quant.schemes import (
 from ..kernels.quantize_pack import quantize_pack_keys, quantize_pack_values
 
 
+def finite_flags(keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """bool [2] on the device: keys all finite, values all finite; a caller stacks it with what
+    else it reads, so that one device read serves all (each read stalls a GPU's queue)."""
+    return torch.stack([torch.isfinite(keys).all(), torch.isfinite(values).all()])
+
+
+def refuse_nonfinite(keys_ok, values_ok) -> None:
+    """ValueError naming keys or values when their flag (read from finite_flags) is false."""
+    for name, ok in (("keys", keys_ok), ("values", values_ok)):
+        if not ok:
+            raise ValueError(f"cannot quantize {name} that contain NaN or inf")
+
+
 def check_finite(keys: torch.Tensor, values: torch.Tensor) -> None:
     """ValueError naming keys or values when they hold NaN/inf: both checked in one device read
     (a prefill on a GPU stalls its queue at each read)."""
-    keys_ok, values_ok = torch.stack([torch.isfinite(keys).all(), torch.isfinite(values).all()]).tolist()
-    if not keys_ok:
-        raise ValueError("cannot quantize keys that contain NaN or inf")
-    if not values_ok:
-        raise ValueError("cannot quantize values that contain NaN or inf")
+    refuse_nonfinite(*finite_flags(keys, values).tolist())
 
 
 class PackedTier:

@@ -31,8 +31,7 @@ class TokenIndex:
     @classmethod
     def from_mask(cls, mask: Tensor) -> "TokenIndex":
         """Index of the True entries of a [B, H, T] mask (ascending positions per run)."""
-        if mask.dim() != 3 or mask.dtype != torch.bool:
-            raise ValueError(f"mask must be a bool tensor [B, H, T], got {tuple(mask.shape)} {mask.dtype}")
+        _check_mask(mask)
         b, h, t = mask.shape
         flat = mask.reshape(b * h, t)
         # nonzero walks row-major, so positions come out ascending inside each (b, h) row
@@ -47,8 +46,7 @@ class TokenIndex:
         """from_mask for a caller that asks is_uniform / max_length next: the run lengths are
         read first (one device read, kept as host_lengths), and a uniform mask is indexed
         without nonzero (a second read)."""
-        if mask.dim() != 3 or mask.dtype != torch.bool:
-            raise ValueError(f"mask must be a bool tensor [B, H, T], got {tuple(mask.shape)} {mask.dtype}")
+        _check_mask(mask)
         lengths = tuple(mask.sum(-1).reshape(-1).tolist())
         if lengths and min(lengths) == max(lengths):
             return cls.from_uniform_mask(mask, lengths[0])
@@ -150,3 +148,8 @@ class TokenIndex:
                 f"tensor to gather must be [B={self.batch_size}, H={self.num_heads}, "
                 f"T={self.seq_len}, ...], got {tuple(x.shape)}"
             )
+
+
+def _check_mask(mask: Tensor) -> None:
+    if mask.dim() != 3 or mask.dtype != torch.bool:
+        raise ValueError(f"mask must be a bool tensor [B, H, T], got {tuple(mask.shape)} {mask.dtype}")
