@@ -210,13 +210,11 @@ class EvictingLayer(ZipkvLayer):
         columns are the new tokens, see get_mask_sizes) or given as new_real [B, q]. The mask
         itself (forward_mask) is built only if something reads it: a causal unpadded prompt
         attends without one, and at 32K it is a 1 GiB bool tensor (5 ms a layer on the H200)."""
-        if new_real is None and not isinstance(incoming, torch.Tensor):
-            self._mask, self._mask_q = None, q_len  # no mask: no padding (recent_real's ones stay)
-            return
-        self.recent_unpadded = False  # padding possible: read recent_real when it matters
-        if new_real is None:
-            new_real = _new_token_padding(incoming, q_len, self.batch_size, self.device)
-        self.recent_real[:, -q_len:] = new_real.to(self.device)
+        if new_real is not None or isinstance(incoming, torch.Tensor):  # else no padding: the ones stay
+            self.recent_unpadded = False  # padding possible: read recent_real when it matters
+            if new_real is None:
+                new_real = _new_token_padding(incoming, q_len, self.batch_size, self.device)
+            self.recent_real[:, -q_len:] = new_real.to(self.device)
         self._mask, self._mask_q = None, q_len
 
     def _build_mask(self, q_len: int) -> torch.Tensor:
@@ -408,7 +406,7 @@ class SparsePrefillRecord:
 def _new_token_padding(incoming, q_len: int, batch: int, device) -> torch.Tensor:
     """bool [B, q]: real (not padding) flags of the new tokens, from the model's 4-D mask: the
     last query row (a real token under left padding) sees every real new token."""
-    if incoming is None or not isinstance(incoming, torch.Tensor) or incoming.dim() != 4:
+    if incoming.dim() != 4:  # (note_new_tokens calls it with a tensor only)
         return torch.ones(batch, q_len, dtype=torch.bool, device=device)
     row = incoming[:, 0, -1, -q_len:]
     if row.dtype != torch.bool:
