@@ -39,7 +39,23 @@ def repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 def masked_attention(query, key, value, mask, scaling: float, dropout: float = 0.0) -> torch.Tensor:
     """SDPA of query [B, Hq, q, D] over key / value [B, Hkv, K, D] under a bool mask [B, 1 or
-    Hkv, q, K] (the reference form: any held layout, padding, per-head budgets)."""
+    Hkv, q, K] (any held layout, padding, per-head budgets). The query heads that share a KV
+    head are folded into the query length ([B, Hkv, groups * q, D], each row keeping its mask
+    row), so K / V are read as held: repeating them per query head (the reference,
+    repeated_masked_attention) copied the whole cache `groups` times every decode step."""
+    batch, heads, length, dim = query.shape
+    groups = heads // key.shape[1]
+    if groups == 1:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, dropout_p=dropout)
+    folded = query.reshape(batch, key.shape[1], groups * length, dim)
+    rows = mask.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(mask.shape[0], mask.shape[1], groups * length,
+                                                                     mask.shape[-1])
+    out = F.scaled_dot_product_attention(folded, key, value, attn_mask=rows, scale=scaling, dropout_p=dropout)
+    return out.reshape(batch, heads, length, dim)
+
+
+def repeated_masked_attention(query, key, value, mask, scaling: float, dropout: float = 0.0) -> torch.Tensor:
+    """masked_attention's reference: K / V (and a per-head mask) repeated per query head."""
     groups = query.shape[1] // key.shape[1]
     return F.scaled_dot_product_attention(
         query, repeat_heads(key, groups), repeat_heads(value, groups),
