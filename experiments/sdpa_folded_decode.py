@@ -1,6 +1,8 @@
-"""An evicting layer's eager decode attention (cache/eviction_layer.masked_attention) with the
-query heads folded onto their KV head, against the repeated-heads reference it replaced and
-SDPA's own enable_gqa with the same mask: ms per call (CUDA events, median of --reps) and
+"""An evicting layer's eager decode attention, three forms: the repeated-heads reference
+(cache/eviction_layer.repeated_masked_attention, the product form before), the query heads
+folded onto their KV head (a query of groups x q rows; tried first, kept here) and SDPA's own
+enable_gqa with the mask (cache/eviction_layer.masked_attention now; a per-KV-head mask
+repeated per query head): ms per call (CUDA events, median of --reps) and
 the largest difference, at Llama-3-8B heads (32 query / 8 KV, 128 wide), bf16, one query token.
 
     python3 -m experiments.sdpa_folded_decode --out OUT.json
@@ -18,8 +20,13 @@ import torch.nn.functional as F
 from zipkv.cache.eviction_layer import masked_attention, repeated_masked_attention
 
 
-def gqa_masked_attention(query, key, value, mask, scaling):
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
+def folded_masked_attention(query, key, value, mask, scaling):
+    batch, heads, length, dim = query.shape
+    groups = heads // key.shape[1]
+    folded = query.reshape(batch, key.shape[1], groups * length, dim)
+    rows = mask.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(mask.shape[0], mask.shape[1], groups * length,
+                                                                     mask.shape[-1])
+    return F.scaled_dot_product_attention(folded, key, value, attn_mask=rows, scale=scaling).reshape(query.shape)
 
 
 def time_ms(fn, reps):
@@ -49,9 +56,8 @@ def main():
             mask = torch.rand(batch, heads, 1, length, device="cuda") < 0.9
             ref = repeated_masked_attention(q, k, v, mask, 128 ** -0.5)
             row = {"batch": batch, "context": length, "mask_heads": heads}
-            variants = {"repeated": repeated_masked_attention, "folded": masked_attention}
-            if heads == 1:
-                variants["sdpa_enable_gqa"] = gqa_masked_attention
+            variants = {"repeated": repeated_masked_attention, "folded": folded_masked_attention,
+                        "sdpa_enable_gqa": masked_attention}
             for name, fn in variants.items():
                 try:
                     out = fn(q, k, v, mask, 128 ** -0.5)

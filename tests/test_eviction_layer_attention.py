@@ -1,6 +1,6 @@
 """EvictingLayer's attention forms (cache/eviction_layer.py): the unmasked causal prefill
-(is_causal, GQA without copies) and the masked attention with query heads folded onto their KV
-head equal the repeated-heads reference on fresh random inputs."""
+(is_causal, GQA without copies) and the masked attention reading K / V as held (enable_gqa)
+equal the repeated-heads reference on fresh random inputs."""
 
 import torch
 
@@ -18,7 +18,7 @@ def test_causal_prefill_equals_the_masked_reference():
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (seed, (got - want).abs().max())
 
 
-def test_folded_masked_attention_equals_repeated_heads():
+def test_gqa_masked_attention_equals_repeated_heads():
     """Decode (q = 1) and multi-token forwards, masks shared by the heads or per KV head (AdaKV's
     budgets), padding rows, MHA and GQA."""
     seed = int(torch.randint(0, 2**31 - 1, ()).item())

@@ -39,19 +39,16 @@ def repeat_heads(x: torch.Tensor, groups: int) -> torch.Tensor:
 
 def masked_attention(query, key, value, mask, scaling: float, dropout: float = 0.0) -> torch.Tensor:
     """SDPA of query [B, Hq, q, D] over key / value [B, Hkv, K, D] under a bool mask [B, 1 or
-    Hkv, q, K] (any held layout, padding, per-head budgets). The query heads that share a KV
-    head are folded into the query length ([B, Hkv, groups * q, D], each row keeping its mask
-    row), so K / V are read as held: repeating them per query head (the reference,
-    repeated_masked_attention) copied the whole cache `groups` times every decode step."""
-    batch, heads, length, dim = query.shape
-    groups = heads // key.shape[1]
-    if groups == 1:
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, dropout_p=dropout)
-    folded = query.reshape(batch, key.shape[1], groups * length, dim)
-    rows = mask.unsqueeze(2).expand(-1, -1, groups, -1, -1).reshape(mask.shape[0], mask.shape[1], groups * length,
-                                                                     mask.shape[-1])
-    out = F.scaled_dot_product_attention(folded, key, value, attn_mask=rows, scale=scaling, dropout_p=dropout)
-    return out.reshape(batch, heads, length, dim)
+    Hkv, q, K] (any held layout, padding, per-head budgets), K / V read as held (enable_gqa).
+    Repeating them per query head (the reference, repeated_masked_attention) copied the whole
+    cache `groups` times every decode step: 5.35 ms against 0.29 ms at 8 x 32K on an H200
+    (experiments/sdpa_folded_decode.py). A per-KV-head mask is repeated instead (1 byte a token
+    and head against K / V's 2 x D x 2)."""
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1 and mask.shape[1] > 1:
+        mask = repeat_heads(mask, groups)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, dropout_p=dropout,
+                                          enable_gqa=groups > 1)
 
 
 def repeated_masked_attention(query, key, value, mask, scaling: float, dropout: float = 0.0) -> torch.Tensor:
