@@ -8,6 +8,11 @@ device's busy time per step. What is neither hook nor model call is transformers
 step, so that host work is not hidden behind the GPU's).
 
     python3 -m experiments.profile_generate --out OUT.json --layers 32 --batch 8 --context 4096 --new 48
+
+A method named METHOD+nnguards runs generate() with a CompileConfig that skips dynamo's guards on
+the model's modules (torch.compiler.skip_guard_on_all_nn_modules_unsafe; CUDA graphs as in
+mode "reduce-overhead"); --graph also times StaticDecoder's compiled graph step of the first
+method in the same run (benchmarks.compiled_check), the step generate() is compared with.
 """
 
 from __future__ import annotations
@@ -62,6 +67,7 @@ def main():
     ap.add_argument("--new", type=int, default=48)
     ap.add_argument("--methods", default="zipkv,full")
     ap.add_argument("--device", default="cuda")
+    ap.add_argument("--graph", action="store_true")
     args = ap.parse_args()
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -73,14 +79,24 @@ def main():
     report = {"layers": args.layers, "batch": args.batch, "context": args.context, "new": args.new,
               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__, "methods": {}}
 
-    def run(method, profile=False):
+    def compile_config(name):
+        from transformers import CompileConfig
+
+        if not name.endswith("+nnguards"):
+            return {}
+        return {"compile_config": CompileConfig(mode=None, options={
+            "triton.cudagraphs": True, "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})}
+
+    def run(name, profile=False):
+        method = name.split("+")[0]
         cache = zipkv.make_cache(method, model.config).static_for_generate(model, args.new)
         gpu, host = StepClock(device), HostClock()
         hook_ms.clear()
         call_ms.clear()
         with torch.inference_mode():
             model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=args.new, do_sample=False,
-                           logits_processor=LogitsProcessorList([gpu, host]), **zipkv.cache_kwargs(cache))
+                           logits_processor=LogitsProcessorList([gpu, host]), **zipkv.cache_kwargs(cache),
+                           **compile_config(name))
         cache.step_hook.remove()
         sync()
         return gpu.intervals_ms(), [(b - a) * 1e3 for a, b in zip(host.marks, host.marks[1:])]
@@ -112,6 +128,13 @@ def main():
         if hasattr(model, "_compiled_call"):
             del model._compiled_call
         torch._dynamo.reset()
+    if args.graph:
+        from benchmarks.compiled_check import static_decoder_run
+
+        method = args.methods.split(",")[0].split("+")[0]
+        _, ms = static_decoder_run(model, method, {}, ids, mask, args.new, True)
+        report["graph_compiled_ms"] = {method: round(ms, 4)}
+        print("StaticDecoder compiled graph step", method, round(ms, 4), "ms", flush=True)
     with open(args.out, "w") as f:
         json.dump(report, f, indent=1)
 
