@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import cuda_launch
 from .packed import PackedSegment
 
 _SOURCE = Path(__file__).with_name("mma_decode.cu")
@@ -189,4 +190,4 @@ def launch(query, seg: PackedSegment, mask_u8, smb: int, smn: int, po, pl, *, qk
             seg.num_tokens, n_dev if n_dev is not None else dummy, tokens_per_split, key_offset,
             heads, s_total, part_base, seg.k_scale.shape[2],
             seg.v_channel.shape[2] if seg.v_channel is not None else 0]
-    kernel(grid=(splits, b * heads, 1), block=(32 * warps, 1, 1), args=args)
+    cuda_launch.launch(kernel, (splits, b * heads, 1), (32 * warps, 1, 1), args)
