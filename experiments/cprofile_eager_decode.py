@@ -20,8 +20,7 @@ import time
 import torch
 
 from benchmarks.compiled_check import llama3_8b_shapes
-
-PARAMS = {"snapkv": dict(ratio=0.2), "h2o": dict(ratio=0.2)}
+from experiments.eager_generate_step import PARAMS
 
 
 def new_cache(method, config):
@@ -56,12 +55,10 @@ def decode(model, cache, ids, steps, profiler=None):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--context", type=int, default=8192)
-    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--out", required=True, help="folder for the JSON and one text profile per method")
     ap.add_argument("--methods", default="dynamic,zipkv,snapkv")
+    for name, default in (("layers", 8), ("batch", 8), ("context", 8192), ("steps", 24)):
+        ap.add_argument(f"--{name}", type=int, default=default)
     args = ap.parse_args()
     model = llama3_8b_shapes(torch.device("cuda"), args.layers)
     ids = torch.randint(3, 128000, (args.batch, args.context), device="cuda")
